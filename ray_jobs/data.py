@@ -1,0 +1,319 @@
+"""Data: load labelled reviews, split them deterministically, digest them, and encode them for the model.
+
+The same `load_splits` is used by training, tuning, the gate and the benchmarks, so that every part of
+the system agrees on which examples are train, validation and test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ray_jobs.config import DataConfig
+from ray_jobs.errors import DataError
+
+
+@dataclass(frozen=True)
+class Split:
+    texts: list[str]
+    labels: list[int]
+
+    def __post_init__(self) -> None:
+        if len(self.texts) != len(self.labels):
+            raise DataError(f"{len(self.texts)} texts but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def digest(self) -> str:
+        """Content hash (order-sensitive): two runs with equal digests saw exactly the same examples."""
+        h = hashlib.sha256()
+        for text, label in zip(self.texts, self.labels):
+            h.update(f"{label}\t{len(text)}\t".encode())
+            h.update(text.encode("utf-8", "surrogatepass"))
+        return h.hexdigest()[:16]
+
+    def take(self, indices: Sequence[int]) -> "Split":
+        return Split([self.texts[i] for i in indices], [self.labels[i] for i in indices])
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: Split
+    val: Split
+    test: Split
+
+    def digests(self) -> dict[str, str]:
+        return {"train": self.train.digest(), "val": self.val.digest(), "test": self.test.digest()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Synthetic reviews: deterministic, varied, and not solvable by counting positive words alone
+# (negation flips a phrase, "X, but Y" makes Y decide, mixed reviews end on their verdict).
+
+_SUBJECTS = [
+    "the acting", "the plot", "the script", "the soundtrack", "the cinematography", "the pacing",
+    "the dialogue", "the ending", "the lead actor", "the supporting cast", "the direction",
+    "the special effects", "the story", "the humour", "the editing", "the villain", "the score",
+    "the costumes", "the first half", "the final act",
+]
+_POS = [
+    "good", "great", "excellent", "wonderful", "superb", "brilliant", "moving", "charming", "clever",
+    "gripping", "beautiful", "delightful", "memorable", "fantastic", "engaging", "touching", "solid",
+]
+_NEG = [
+    "bad", "awful", "terrible", "boring", "dull", "weak", "clumsy", "predictable", "tedious",
+    "painful", "forgettable", "lazy", "messy", "bland", "disappointing", "poor", "lifeless",
+]
+_INTENSIFIERS = ["", "", "", "very ", "really ", "truly ", "incredibly ", "quite ", "absolutely ", "rather "]
+_FILLER = [
+    "I watched it on a rainy sunday.", "My friend recommended it last week.", "It runs a little over two hours.",
+    "The trailer gave away a few scenes.", "I saw it in a small cinema downtown.", "It is based on a novel.",
+    "The director made two films before this one.", "The theatre was half empty.", "I went in knowing nothing.",
+]
+_POS_VERDICT = [
+    "I loved it.", "Highly recommended.", "I would happily watch it again.", "One of the best films this year.",
+    "Ten out of ten.", "Go and see it.", "It was worth every minute.", "A real gem.",
+]
+_NEG_VERDICT = [
+    "I hated it.", "Avoid it.", "I want my two hours back.", "One of the worst films this year.",
+    "Two out of ten.", "Skip this one.", "It was a waste of time.", "A real mess.",
+]
+
+
+def _phrase(rng: random.Random, positive: bool) -> str:
+    """A clause about one aspect whose sentiment is `positive`; sometimes stated through negation."""
+    subject = rng.choice(_SUBJECTS)
+    intensifier = rng.choice(_INTENSIFIERS)
+    if rng.random() < 0.25:  # negated opposite word: "not boring" is positive
+        word = rng.choice(_NEG if positive else _POS)
+        neg = rng.choice(["not", "never", "hardly", "not at all"] if positive else ["not", "not really", "hardly", "never"])
+        if neg == "not at all":
+            return f"{subject} was not {word} at all"
+        return f"{subject} was {neg} {word}"
+    word = rng.choice(_POS if positive else _NEG)
+    return f"{subject} was {intensifier}{word}"
+
+
+def _review(rng: random.Random, positive: bool) -> str:
+    kind = rng.random()
+    sentences: list[str] = []
+    if rng.random() < 0.4:
+        sentences.append(rng.choice(_FILLER))
+    if kind < 0.35:  # contrast: the clause after "but" carries the label
+        sentences.append(f"{_phrase(rng, not positive).capitalize()}, but {_phrase(rng, positive)}.")
+    elif kind < 0.6:  # mixed review that ends on its verdict
+        sentences.append(f"{_phrase(rng, not positive).capitalize()}.")
+        sentences.append(f"{_phrase(rng, positive).capitalize()} and {_phrase(rng, positive)}.")
+        sentences.append(rng.choice(_POS_VERDICT if positive else _NEG_VERDICT))
+    else:
+        for _ in range(rng.randint(1, 3)):
+            sentences.append(f"{_phrase(rng, positive).capitalize()}.")
+        if rng.random() < 0.5:
+            sentences.append(rng.choice(_POS_VERDICT if positive else _NEG_VERDICT))
+    if rng.random() < 0.2:
+        sentences.append(rng.choice(_FILLER))
+    return " ".join(sentences)
+
+
+def generate_reviews(n: int, seed: int = 0) -> Split:
+    """`n` synthetic movie reviews, balanced, reproducible from `seed`."""
+    rng = random.Random(seed)
+    labels = [i % 2 for i in range(n)]
+    rng.shuffle(labels)
+    return Split([_review(rng, bool(y)) for y in labels], labels)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loaders
+
+
+def _validate_labels(labels: list, source: str) -> list[int]:
+    out: list[int] = []
+    bad: set = set()
+    for y in labels:
+        if isinstance(y, (bool, np.bool_)):
+            out.append(int(y))
+            continue
+        try:
+            v = int(y)
+            ok = v == y and v in (0, 1)
+        except (TypeError, ValueError):
+            ok = False
+        if ok:
+            out.append(v)
+        else:
+            bad.add(repr(y))
+    if bad:
+        raise DataError(f"{source}: labels must be 0 or 1; found {', '.join(sorted(bad)[:5])}")
+    return out
+
+
+def _frame_to_split(df, text_column: str, label_column: str, source: str) -> Split:
+    missing = [c for c in (text_column, label_column) if c not in df.columns]
+    if missing:
+        raise DataError(f"{source}: missing column(s) {missing}; columns present: {list(df.columns)}")
+    if len(df) == 0:
+        raise DataError(f"{source}: no rows")
+    texts = df[text_column].tolist()
+    bad_text = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+    if bad_text:
+        raise DataError(f"{source}: column '{text_column}' has {len(bad_text)} non-text value(s), e.g. row {bad_text[0]}")
+    return Split(texts, _validate_labels(df[label_column].tolist(), source))
+
+
+def load_file(path: str | Path, text_column: str = "text", label_column: str = "label") -> Split:
+    """A labelled .parquet, .csv or .jsonl file."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if not path.is_file():
+        raise DataError(f"not a file: {path}")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            df = pd.read_parquet(path)
+        elif suffix == ".csv":
+            df = pd.read_csv(path)
+        elif suffix in (".jsonl", ".json"):
+            df = pd.read_json(path, lines=True)
+        else:
+            raise DataError(f"{path}: unsupported file type '{suffix}' (use .parquet, .csv or .jsonl)")
+    except DataError:
+        raise
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: file is empty") from None
+    except Exception as err:  # pandas/pyarrow raise many types for unreadable files
+        raise DataError(f"{path}: cannot read ({type(err).__name__}: {err})") from None
+    return _frame_to_split(df, text_column, label_column, str(path))
+
+
+def load_aclimdb(path: str | Path) -> Split:
+    """The original aclImdb layout: `<path>/pos/*.txt` and `<path>/neg/*.txt` (e.g. path=aclImdb/train)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"aclImdb folder not found: {root}")
+    texts: list[str] = []
+    labels: list[int] = []
+    for label, sub in ((1, "pos"), (0, "neg")):
+        folder = root / sub
+        if not folder.is_dir():
+            raise DataError(f"{root}: expected sub-folders pos/ and neg/ (missing {sub}/)")
+        for f in sorted(folder.glob("*.txt")):
+            texts.append(f.read_text(encoding="utf-8", errors="replace"))
+            labels.append(label)
+    if not texts:
+        raise DataError(f"{root}: no .txt reviews under pos/ or neg/")
+    return Split(texts, labels)
+
+
+def load_hf(dataset_id: str, split: str, text_column: str, label_column: str) -> Split:
+    """A Hugging Face hub dataset (needs network access to the hub, or its local cache)."""
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a core dependency
+        raise DataError("data.source 'hf' needs the 'datasets' package: pip install datasets") from None
+    try:
+        ds = datasets.load_dataset(dataset_id, split=split)
+    except Exception as err:
+        raise DataError(f"cannot load hub dataset '{dataset_id}' split '{split}': {type(err).__name__}: {err}") from None
+    return _frame_to_split(ds.to_pandas(), text_column, label_column, f"{dataset_id}[{split}]")
+
+
+def load_source(cfg: DataConfig) -> tuple[Split, Split | None]:
+    """All labelled examples of the configured source, and a separate test split if the source has one."""
+    if cfg.source == "synthetic":
+        return generate_reviews(cfg.synthetic.n_samples, cfg.synthetic.seed), None
+    assert cfg.path is not None  # enforced by DataConfig
+    if cfg.source == "file":
+        return load_file(cfg.path, cfg.text_column, cfg.label_column), None
+    if cfg.source == "aclimdb":
+        return load_aclimdb(cfg.path), None
+    test = load_hf(cfg.path, cfg.hf_test_split, cfg.text_column, cfg.label_column) if cfg.hf_test_split else None
+    return load_hf(cfg.path, cfg.hf_split, cfg.text_column, cfg.label_column), test
+
+
+def split_examples(examples: Split, val_fraction: float, test_fraction: float, seed: int, carve_test: bool = True) -> Splits:
+    """Deterministic shuffled split: the same examples and seed always give the same three splits."""
+    n = len(examples)
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(n * test_fraction)) if carve_test else 0
+    n_val = int(round(n * val_fraction))
+    if n - n_test - n_val < 2 or n_val < 1 or (carve_test and n_test < 1):
+        raise DataError(f"{n} examples are too few for val_fraction={val_fraction}, test_fraction={test_fraction}")
+    test = examples.take(order[:n_test])
+    val = examples.take(order[n_test : n_test + n_val])
+    train = examples.take(order[n_test + n_val :])
+    return Splits(train=train, val=val, test=test)
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    examples, test = load_source(cfg)
+    splits = split_examples(examples, cfg.val_fraction, cfg.test_fraction, cfg.split_seed, carve_test=test is None)
+    if test is not None:
+        splits = Splits(train=splits.train, val=splits.val, test=test)
+    if cfg.max_train_samples and len(splits.train) > cfg.max_train_samples:
+        splits = Splits(train=splits.train.take(range(cfg.max_train_samples)), val=splits.val, test=splits.test)
+    return splits
+
+
+# --------------------------------------------------------------------------------------------------
+# Encoding (shared by training, evaluation and serving so that all three truncate the same way)
+
+
+def truncate_ids(ids: list[int], budget: int, strategy: str, head_fraction: float) -> list[int]:
+    """Cut a token id list to `budget` ids: its head, or its head and its tail."""
+    if len(ids) <= budget:
+        return ids
+    if strategy == "head":
+        return ids[:budget]
+    head = int(budget * head_fraction)
+    tail = budget - head
+    return ids[:head] + (ids[-tail:] if tail else [])
+
+
+def encode(tokenizer, texts: Sequence[str], max_length: int, truncation: str = "head_tail", head_fraction: float = 0.25) -> list[list[int]]:
+    """Token ids with [CLS]/[SEP], at most `max_length` long, unpadded (batches pad to their longest)."""
+    budget = max_length - 2
+    # Very long inputs are clipped by characters first: a 1 MB text must not cost a 1 MB tokenization.
+    # 40 chars per token is far above English's ~4-5, so no kept token is lost.
+    char_cap = max(1, max_length) * 40
+    clipped = [t if len(t) <= 2 * char_cap else t[:char_cap] + " " + t[-char_cap:] for t in texts]
+    raw = tokenizer(list(clipped), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    return [[cls] + truncate_ids(ids, budget, truncation, head_fraction) + [sep] for ids in raw]
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int):
+    """Pad to the longest sequence of this batch (dynamic padding), returning torch tensors."""
+    import torch
+
+    longest = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def batch_order(lengths: Sequence[int], batch_size: int, seed: int, bucketing: bool, drop_last: bool = False) -> list[list[int]]:
+    """Shuffled batches of indices. With bucketing, batches hold similar lengths (less padding) while
+    their order stays random: shuffle, sort within windows of 50 batches, cut, shuffle the batches."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths)).tolist()
+    if bucketing:
+        window = batch_size * 50
+        order = [i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lambda j: lengths[j])]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    rng.shuffle(batches)
+    return batches

