@@ -238,6 +238,23 @@ class PipelineConfig(_Strict):
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    def with_absolute_paths(self) -> "PipelineConfig":
+        """A copy whose local paths are absolute: Tune runs trials in their own working directories,
+        where a relative path would point somewhere else."""
+
+        def fix(p: str) -> str:
+            return p if "://" in p else str(Path(p).expanduser().resolve())
+
+        raw = self.model_dump(mode="json")
+        raw["train"]["storage_path"] = fix(raw["train"]["storage_path"])
+        raw["tune"]["storage_path"] = fix(raw["tune"]["storage_path"])
+        raw["registry"]["root"] = fix(raw["registry"]["root"])
+        if raw["data"]["path"] and raw["data"]["source"] in ("file", "aclimdb") and "://" not in raw["data"]["path"]:
+            raw["data"]["path"] = fix(raw["data"]["path"])
+        if raw["serve"]["model_uri"] and not raw["serve"]["model_uri"].startswith("models:/"):
+            raw["serve"]["model_uri"] = fix(raw["serve"]["model_uri"])
+        return PipelineConfig.model_validate(raw)
+
     def with_hparams(self, hparams: dict[str, Any]) -> "PipelineConfig":
         """A copy with tunable hyper-parameters (flat names such as ``lr``) applied and re-validated."""
         raw = self.model_dump(mode="json")
@@ -307,4 +324,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     for override in overrides or []:
         apply_override(raw, override)
     source = str(path) + (f" (with overrides {overrides})" if overrides else "")
-    return _validate(raw, source)
+    return _validate(raw, source).with_absolute_paths()

@@ -180,6 +180,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.load_state_dict(resume_opt["scheduler"])
         scaler.load_state_dict(resume_opt["scaler"])
 
+    resumed_from_step = state["global_step"]  # 0 for a fresh run: tests use it to prove a resume
     fault = system.get("fault")
     elapsed_before = state["elapsed_s"]
     budget = tc.time_budget_s
@@ -194,6 +195,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = _validate(model, val_seqs, val_labels, pad_id, tc.eval_batch_size, device, amp_dtype, world)
         metrics.update(
             epoch=epoch + step_in_epoch / steps_per_epoch, step=state["global_step"], train_loss=train_loss,
+            resumed_from_step=resumed_from_step,
             train_samples_per_s=samples * world / max(seconds, 1e-9), elapsed_s=elapsed(), stopped_by_budget=stopped,
         )
         with tempfile.TemporaryDirectory() as tmp:

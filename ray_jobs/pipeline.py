@@ -1,0 +1,245 @@
+"""The whole job: tune (-> train) -> register the best trial -> gate -> deploy / hot-swap -> summary.
+
+    python -m ray_jobs.pipeline --config tune_configs/quickstart.yaml
+    ray job submit --working-dir . -- python -m ray_jobs.pipeline --config tune_configs/imdb.yaml
+
+Exit codes: 0 promoted (and deployed unless --no-deploy), 3 blocked by the gate (a valid outcome),
+2 bad config or data, 1 failure (nothing promoted, no alias changed).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from ray_jobs.config import PipelineConfig
+from ray_jobs.data import Split, load_splits
+from ray_jobs.errors import ConfigError, DataError, GateError, SentimentError
+from ray_jobs.evaluate import evaluate_dir
+from ray_jobs.gate import Decision, Evaluation, decide, policy_from_config
+from ray_jobs.registry import Registry
+from ray_jobs.runtime import EXIT_BLOCKED, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, config_parser, get_logger, init_ray, load_from_args
+from ray_jobs.train import METRIC, put_data
+from ray_jobs.tune import CHECKPOINT_KEY, SearchOutcome, run_search
+
+log = get_logger("ray_jobs.pipeline")
+
+
+@dataclass
+class Outcome:
+    decision: Decision
+    version: str
+    champion_before: str | None
+    url: str | None = None
+    sample: str | None = None
+
+
+SAMPLE_REVIEW = "The plot was predictable, but the acting was wonderful and I would happily watch it again."
+
+
+def _sample_request(url: str) -> str:
+    """One real request to the live endpoint, so the run ends with proof that it answers."""
+    import httpx
+
+    r = httpx.post(f"{url}/predict", json={"text": SAMPLE_REVIEW}, timeout=30)
+    r.raise_for_status()
+    return r.text
+
+
+def _evaluate(cfg: PipelineConfig, model_dir: str, test: Split, name: str) -> Evaluation:
+    return evaluate_dir(model_dir, test, batch_size=cfg.gate.eval_batch_size, precision="fp32", name=name)
+
+
+def run_gate(reg: Registry, cfg: PipelineConfig, version: str, challenger: Evaluation, test: Split, run_id: str | None = None) -> tuple[Decision, str | None]:
+    """Decide under the registry lock and write aliases only on a promotion. The champion is read
+    and evaluated on the same test split inside the lock, and re-read before the write: a decision
+    is never taken against a stale champion or a stale stored F1. Any error leaves aliases unchanged."""
+    policy = policy_from_config(cfg.gate)
+    with reg.lock():
+        champ = reg.champion()
+        champ_eval = None
+        if champ is not None and champ != version:
+            log.info("evaluating champion version %s on the test split (%d examples)", champ, len(test))
+            champ_eval = _evaluate(cfg, reg.model_dir(champ), test, f"v{champ}")
+        decision = decide(challenger, champ_eval, policy)
+        tags = {"gate.decision": "promote" if decision.promote else "block", "gate.reason": decision.reason,
+                "gate.challenger_f1": f"{decision.challenger_f1:.6f}",
+                "gate.champion_f1": "" if decision.champion_f1 is None else f"{decision.champion_f1:.6f}",
+                "gate.champion_version": champ or "", "gate.delta": "" if decision.delta is None else f"{decision.delta:.6f}",
+                "gate.test_digest": decision.test_digest, "gate.n": decision.n, "gate.timestamp": time.time()}
+        reg.set_version_tags(version, tags)
+        if decision.promote:
+            if reg.champion() != champ:
+                raise GateError("the champion changed while the gate was deciding; no alias written")
+            reg.set_aliases(version, champ)
+            if reg.champion() != version:
+                raise GateError("the champion alias did not take the new version")
+        reg.record_history({"event": "gate", "version": version, "champion_before": champ, **decision.to_dict()})
+    if run_id:
+        reg.log_dict(run_id, {**decision.to_dict(), "version": version, "champion_before": champ}, "gate_decision.json")
+    return decision, champ
+
+
+def _plot_trials(outcome: SearchOutcome):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for t in outcome.trials:
+        xs = [r.get("epoch", i + 1) for i, r in enumerate(t.history) if METRIC in r]
+        ys = [r[METRIC] for r in t.history if METRIC in r]
+        if xs:
+            ax.plot(xs, ys, marker="o", label=f"{t.trial_id} ({t.status.lower()})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation F1")
+    ax.set_title("Tune trials")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_confusion(ev: Evaluation):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    m = np.zeros((2, 2), dtype=int)
+    for y, p in zip(ev.labels, ev.predictions):
+        m[y, p] += 1
+    fig, ax = plt.subplots(figsize=(3.5, 3.2))
+    ax.imshow(m, cmap="Blues")
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, str(m[i, j]), ha="center", va="center")
+    ax.set_xticks([0, 1], ["negative", "positive"])
+    ax.set_yticks([0, 1], ["negative", "positive"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"test F1 {ev.f1:.4f}")
+    fig.tight_layout()
+    return fig
+
+
+def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str | None = None) -> Outcome:
+    splits = load_splits(cfg.data)
+    digests = splits.digests()
+    log.info("data: %d train / %d val / %d test, digests %s", len(splits.train), len(splits.val), len(splits.test), digests)
+    reg = Registry(cfg.registry)
+    reg.ping()  # fail before hours of training, not after
+    init_ray(cfg.ray)
+    run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    run_id = reg.start_pipeline_run(cfg, digests, {k: len(getattr(splits, k)) for k in ("train", "val", "test")}, run_name)
+    status = "FAILED"
+    try:
+        meta = {"config_digest": cfg.digest(), "data_digests": digests, "pipeline_run": run_name}
+        outcome = run_search(cfg, put_data(splits.train, splits.val), meta, name=run_name, restore_path=resume_tune)
+        for t in outcome.trials:
+            reg.log_trial(run_id, f"trial-{t.trial_id}", t.hparams, t.history, t.status, t.error)
+        best = outcome.best_trial
+        assert best is not None and best.best is not None  # run_search raises otherwise
+        ckpt, val = best.best[CHECKPOINT_KEY], best.best
+        reg.log_metrics(run_id, {"best_val_f1": val[METRIC], "n_trials": len(outcome.trials),
+                                 "n_trials_failed": sum(t.status == "ERROR" for t in outcome.trials)})
+        reg.set_tags(run_id, {"best_trial": best.trial_id, "tune_experiment": outcome.experiment_path})
+        reg.log_figure(run_id, _plot_trials(outcome), "tune_trials.png")
+        log.info("best trial %s: val_f1 %.4f at epoch %.2f (%s)", best.trial_id, val[METRIC], val.get("epoch", 0), ckpt)
+
+        challenger = _evaluate(cfg, ckpt, splits.test, "challenger")
+        reg.log_metrics(run_id, {f"test_{k}": v for k, v in challenger.metrics.items()})
+        reg.log_figure(run_id, _plot_confusion(challenger), "confusion_matrix.png")
+        version = reg.register(run_id, ckpt, {
+            "test_f1": f"{challenger.f1:.6f}", "test_accuracy": f"{challenger.metrics['accuracy']:.6f}", "test_n": challenger.n,
+            "val_f1": f"{val[METRIC]:.6f}", "data_digest.test": digests["test"], "data_digest.train": digests["train"],
+            "config_digest": cfg.digest(), "pipeline_run": run_name, "trial_id": best.trial_id,
+            **{f"hp.{k}": v for k, v in best.hparams.items()},
+        })
+        reg.set_tags(run_id, {"registered_version": version})
+        decision, champ_before = run_gate(reg, cfg, version, challenger, splits.test, run_id)
+        reg.set_tags(run_id, {"gate.decision": "promote" if decision.promote else "block"})
+        log.info("%s", decision.summary())
+        result = Outcome(decision, version, champ_before)
+        if decision.promote and deploy_app:
+            from serve_app.deploy import deploy
+
+            result.url = deploy(cfg, wait_version=version)
+            log.info("serving version %s at %s", version, result.url)
+            result.sample = _sample_request(result.url)
+        status = "FINISHED"
+        return result
+    finally:
+        reg.end_run(run_id, status)
+
+
+def _print_summary(cfg: PipelineConfig, out: Outcome) -> None:
+    d = out.decision
+    champ = "none" if d.champion_f1 is None else f"v{out.champion_before} F1 {d.champion_f1:.4f}"
+    print(f"\n=== pipeline '{cfg.name}' ===")
+    print(f"registered     {cfg.registry.model_name} version {out.version}")
+    print(f"challenger     test F1 {d.challenger_f1:.4f} on {d.n} examples (digest {d.test_digest})")
+    print(f"champion       {champ}")
+    print(f"gate           {'PROMOTED' if d.promote else 'BLOCKED'}: {d.reason}")
+    if out.url:
+        print(f"endpoint       {out.url}/predict   (docs: {out.url}/docs)")
+    if out.sample:
+        print(f"sample request POST /predict {{\"text\": \"{SAMPLE_REVIEW}\"}}")
+        print(f"       answer  {out.sample}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = config_parser("Tune, register, gate and serve the sentiment classifier.")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--no-deploy", action="store_true", help="do not deploy or hot-swap the Serve app")
+    mode.add_argument("--deploy-only", action="store_true", help="only deploy (or hot-swap to) the current champion")
+    parser.add_argument("--resume-tune", metavar="EXPERIMENT_PATH", help="continue an interrupted Tune search")
+    parser.add_argument("--keep-serving", action="store_true",
+                        help="stay up (Ctrl-C stops) so the endpoint outlives the run when Ray was started in-process")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_from_args(args)
+    except ConfigError as err:
+        log.error("%s", err)
+        return EXIT_USAGE
+    try:
+        if args.deploy_only:
+            from serve_app.app import resolve_version
+            from serve_app.deploy import app_args, deploy
+
+            init_ray(cfg.ray)
+            a = app_args(cfg)
+            url = deploy(cfg, wait_version=resolve_version(a, a.model_uri))
+            print(f"endpoint       {url}/predict")
+            code = EXIT_OK
+        else:
+            out = run_pipeline(cfg, deploy_app=not args.no_deploy, resume_tune=args.resume_tune)
+            _print_summary(cfg, out)
+            code = EXIT_OK if out.decision.promote else EXIT_BLOCKED
+    except (ConfigError, DataError) as err:
+        log.error("%s", err)
+        return EXIT_USAGE
+    except SentimentError as err:
+        log.error("pipeline failed, nothing promoted: %s", err)
+        return EXIT_FAILURE
+    except Exception as err:  # noqa: BLE001 - the last line of defence prints what broke
+        log.exception("pipeline failed, nothing promoted: %s: %s", type(err).__name__, err)
+        return EXIT_FAILURE
+    if args.keep_serving:
+        print("serving until Ctrl-C ...", flush=True)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

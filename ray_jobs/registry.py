@@ -1,0 +1,393 @@
+"""The only module that talks to MLflow: tracking runs, registering versions, aliases, and the registry CLI.
+
+    python -m ray_jobs.registry --config tune_configs/quickstart.yaml status
+    python -m ray_jobs.registry --config ... compare 1 2
+    python -m ray_jobs.registry --config ... rollback
+    python -m ray_jobs.registry --config ... promote 3 --force --reason "hotfix"
+    python -m ray_jobs.registry --config ... experiments
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from ray_jobs.config import PipelineConfig, RegistryConfig
+from ray_jobs.errors import RegistryError, SentimentError
+from ray_jobs.runtime import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, absolute, get_logger
+
+log = get_logger("ray_jobs.registry")
+
+CHAMPION, PREVIOUS = "champion", "previous"
+
+
+def resolve_tracking_uri(cfg: RegistryConfig) -> str:
+    if cfg.tracking_uri:
+        return cfg.tracking_uri
+    return f"sqlite:///{absolute(cfg.root)}/mlflow.db"
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("ray", "torch", "transformers", "mlflow", "pydantic", "datasets", "tokenizers"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class Registry:
+    """MLflow tracking + model registry for one registered model. The client is created on first
+    use, so constructing a Registry touches nothing."""
+
+    def __init__(self, cfg: RegistryConfig):
+        self.cfg = cfg
+        self.uri = resolve_tracking_uri(cfg)
+        self.name = cfg.model_name
+        self._client = None
+        self._experiment_id: str | None = None
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def client(self):
+        if self._client is None:
+            import mlflow
+            from mlflow import MlflowClient
+
+            if self.uri.startswith("sqlite:///"):
+                Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            mlflow.set_tracking_uri(self.uri)
+            mlflow.set_registry_uri(self.uri)
+            self._client = MlflowClient(self.uri, self.uri)
+        return self._client
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        """Run an MLflow call, turning any failure into a RegistryError that says what failed."""
+        try:
+            return fn(*args, **kwargs)
+        except SentimentError:
+            raise
+        except Exception as err:
+            raise RegistryError(f"MLflow {what} failed at {self.uri}: {type(err).__name__}: {str(err)[:300]}") from None
+
+    def ping(self) -> None:
+        """Fail fast (RegistryError) if the tracking server / registry cannot be reached."""
+        if self.uri.startswith(("http://", "https://")):
+            # MLflow's HTTP client retries for minutes on a closed port; one quick probe decides.
+            import httpx
+
+            try:
+                httpx.get(self.uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+            except Exception as err:
+                raise RegistryError(f"MLflow server {self.uri} unreachable: {type(err).__name__}: {err}") from None
+        self._call("search", self.client.search_registered_models, max_results=1)
+
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            exp = self._call("get_experiment", self.client.get_experiment_by_name, self.cfg.experiment)
+            if exp is None:
+                location = None
+                if self.cfg.tracking_uri is None:  # embedded store: artifacts beside the database
+                    location = Path(absolute(self.cfg.root), "artifacts").as_uri()
+                self._experiment_id = self._call("create_experiment", self.client.create_experiment, self.cfg.experiment, artifact_location=location)
+            else:
+                self._experiment_id = exp.experiment_id
+        return self._experiment_id
+
+    @contextlib.contextmanager
+    def lock(self, timeout_s: float = 600) -> Iterator[None]:
+        """An exclusive lock for alias changes. Pipelines run their drivers on one host (the head node
+        under `ray job submit`), so a host file lock serialises every gate decision on this registry."""
+        if self.uri.startswith("sqlite:///"):
+            path = Path(self.uri.removeprefix("sqlite:///")).with_suffix(".gate.lock")
+        else:
+            path = Path.home() / ".cache" / "sentiment-ray" / f"{hashlib.sha256(self.uri.encode()).hexdigest()[:16]}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            deadline = time.time() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.time() > deadline:
+                        raise RegistryError(f"timed out waiting for the gate lock {path}") from None
+                    time.sleep(0.2)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------------ tracking
+    def start_run(self, run_name: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self._call("create_run", self.client.create_run, self.experiment_id(), run_name=run_name, tags=all_tags)
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self._call("set_terminated", self.client.set_terminated, run_id, status)
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self._call("log_batch", self.client.log_batch, run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if items:
+            self._call("log_batch", self.client.log_batch, run_id, metrics=items)
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self._call("log_batch", self.client.log_batch, run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+
+    def log_dict(self, run_id: str, data: Any, name: str) -> None:
+        self._call("log_dict", self.client.log_dict, run_id, data, name)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self._call("log_text", self.client.log_text, run_id, text, name)
+
+    def log_figure(self, run_id: str, figure, name: str) -> None:
+        self._call("log_figure", self.client.log_figure, run_id, figure, name)
+
+    def start_pipeline_run(self, cfg: PipelineConfig, digests: dict[str, str], counts: dict[str, int], run_name: str) -> str:
+        """The parent run of one pipeline run: config (artifact + hash), data digests, versions, commit."""
+        import yaml
+
+        tags = {"pipeline": cfg.name, "config_digest": cfg.digest(), **{f"data_digest.{k}": v for k, v in digests.items()},
+                **{f"version.{k}": v for k, v in package_versions().items()}}
+        commit = git_commit()
+        if commit:
+            tags["git_commit"] = commit
+        run_id = self.start_run(run_name, tags)
+        flat = _flatten(cfg.model_dump(mode="json"))
+        self.log_params(run_id, {k: v for k, v in flat.items() if not k.startswith("tune.search_space")})
+        self.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+        self.log_metrics(run_id, {f"n_{k}": v for k, v in counts.items()})
+        return run_id
+
+    def log_trial(self, parent_run_id: str, name: str, hparams: dict, history: list[dict], status: str, error: str | None = None) -> str:
+        """A nested run for one Tune trial: its hyper-parameters, each report's metrics (step = report
+        index), and its final status."""
+        run_id = self.start_run(name, {"trial_status": status}, parent_run_id=parent_run_id)
+        self.log_params(run_id, hparams)
+        for step, row in enumerate(history, start=1):
+            self.log_metrics(run_id, {k: v for k, v in row.items() if k.startswith(("val_", "train_")) or k == "epoch"}, step=step)
+        if error:
+            self.set_tags(run_id, {"error": error[:4000]})
+        self.end_run(run_id, "FINISHED" if status in ("TERMINATED", "STOPPED_EARLY") else "FAILED")
+        return run_id
+
+    # ------------------------------------------------------------------ registry
+    def register(self, run_id: str, model_dir: str, tags: dict[str, Any]) -> str:
+        """Log the Hugging Face folder as the run's `model` artifacts and register it as a new version."""
+        from mlflow.exceptions import MlflowException
+
+        self._call("log_artifacts", self.client.log_artifacts, run_id, model_dir, "model")
+        try:
+            self.client.get_registered_model(self.name)
+        except MlflowException:
+            self._call("create_registered_model", self.client.create_registered_model, self.name,
+                       description="DistilBERT sentiment classifier (Hugging Face folder, safetensors)")
+        run = self._call("get_run", self.client.get_run, run_id)
+        mv = self._call("create_model_version", self.client.create_model_version, self.name,
+                        source=f"{run.info.artifact_uri}/model", run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+        return str(mv.version)
+
+    def get_version(self, version: str | int):
+        return self._call(f"get_model_version {version}", self.client.get_model_version, self.name, str(version))
+
+    def alias_version(self, alias: str) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(self.name, alias).version)
+        except MlflowException as err:
+            if "RESOURCE_DOES_NOT_EXIST" in str(getattr(err, "error_code", "")) or "not found" in str(err).lower() or "does not exist" in str(err).lower():
+                return None
+            raise RegistryError(f"MLflow alias lookup failed at {self.uri}: {err}") from None
+        except Exception as err:
+            raise RegistryError(f"MLflow alias lookup failed at {self.uri}: {type(err).__name__}: {err}") from None
+
+    def champion(self) -> str | None:
+        return self.alias_version(CHAMPION)
+
+    def model_dir(self, version: str | int) -> str:
+        """A local folder holding the version's files (downloaded if the store is remote)."""
+        import mlflow
+
+        return self._call("download_artifacts", mlflow.artifacts.download_artifacts, artifact_uri=f"models:/{self.name}/{version}")
+
+    def resolve_model_dir(self, ref: str) -> str:
+        """`ref` is a local folder, a version number, models:/<name>/<version> or models:/<name>@<alias>."""
+        import mlflow
+
+        if Path(ref).is_dir():
+            return ref
+        if ref.isdigit():
+            return self.model_dir(ref)
+        if ref.startswith("models:/"):
+            return self._call(f"download {ref}", mlflow.artifacts.download_artifacts, artifact_uri=ref)
+        raise RegistryError(f"model reference '{ref}' is neither a folder, a version number nor a models:/ URI")
+
+    def set_version_tags(self, version: str, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self._call("set_model_version_tag", self.client.set_model_version_tag, self.name, str(version), k, str(v)[:5000])
+
+    def record_history(self, event: dict[str, Any]) -> None:
+        """Append a decision to the registered model's history (one tag per event, keyed by time)."""
+        key = "history." + time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f".{int(time.time() * 1e6) % 1_000_000:06d}"
+        self._call("set_registered_model_tag", self.client.set_registered_model_tag, self.name, key, json.dumps(event, default=str)[:5000])
+
+    def set_aliases(self, champion: str, previous: str | None) -> None:
+        # `previous` first: if the second write fails, the champion is unchanged (fail closed).
+        if previous is not None and previous != champion:
+            self._call("set alias", self.client.set_registered_model_alias, self.name, PREVIOUS, str(previous))
+        self._call("set alias", self.client.set_registered_model_alias, self.name, CHAMPION, str(champion))
+
+    def versions(self) -> list:
+        return sorted(self._call("search_model_versions", self.client.search_model_versions, f"name='{self.name}'"), key=lambda v: int(v.version))
+
+    def aliases(self) -> dict[str, str]:
+        rm = self._call("get_registered_model", self.client.get_registered_model, self.name)
+        return {a: str(v) for a, v in (rm.aliases or {}).items()}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def _cmd_status(reg: Registry) -> None:
+    aliases = reg.aliases()
+    by_version: dict[str, list[str]] = {}
+    for a, v in aliases.items():
+        by_version.setdefault(v, []).append(a)
+    print(f"registered model: {reg.name}  ({reg.uri})")
+    print(f"{'version':>7}  {'aliases':<18} {'test_f1':>8}  {'gate':<8} {'created':<19}  reason")
+    for v in reg.versions():
+        t = v.tags or {}
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.creation_timestamp / 1000))
+        print(f"{v.version:>7}  {','.join(sorted(by_version.get(str(v.version), []))) or '-':<18} "
+              f"{t.get('test_f1', '-'):>8}  {t.get('gate.decision', '-'):<8} {created:<19}  {t.get('gate.reason', '')}")
+
+
+def _cmd_compare(reg: Registry, a: str, b: str) -> None:
+    va, vb = reg.get_version(a), reg.get_version(b)
+    keys = sorted({k for v in (va, vb) for k in (v.tags or {}) if k.startswith(("test_", "val_", "gate.", "hp.", "data_digest"))})
+    print(f"{'':<28} {'v' + a:>22} {'v' + b:>22}")
+    for k in keys:
+        print(f"{k:<28} {str((va.tags or {}).get(k, '-'))[:22]:>22} {str((vb.tags or {}).get(k, '-'))[:22]:>22}")
+
+
+def _cmd_experiments(reg: Registry, limit: int) -> None:
+    runs = reg._call("search_runs", reg.client.search_runs, [reg.experiment_id()],
+                     filter_string="tags.pipeline != ''", order_by=["attributes.start_time DESC"], max_results=limit)
+    print(f"{'started':<19}  {'run':<34} {'status':<9} {'best_val_f1':>11} {'version':>7}  gate")
+    for r in runs:
+        if r.data.tags.get("mlflow.parentRunId"):
+            continue
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.info.start_time / 1000))
+        m, t = r.data.metrics, r.data.tags
+        best = f"{m['best_val_f1']:.4f}" if "best_val_f1" in m else "-"
+        print(f"{started:<19}  {r.info.run_name[:34]:<34} {r.info.status:<9} {best:>11} {t.get('registered_version', '-'):>7}  {t.get('gate.decision', '-')}")
+
+
+def _manual_alias_change(reg: Registry, new: str, kind: str, reason: str) -> None:
+    with reg.lock():
+        old = reg.champion()
+        reg.get_version(new)  # must exist
+        reg.set_aliases(new, old)
+        event = {"event": kind, "champion": new, "previous": old, "reason": reason, "timestamp": time.time(), "user": os.environ.get("USER", "")}
+        reg.set_version_tags(new, {"gate.decision": kind, "gate.reason": reason, "gate.timestamp": event["timestamp"]})
+        reg.record_history(event)
+    print(f"{kind}: champion is now version {new} (was {old})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from ray_jobs.config import load_config
+
+    p = argparse.ArgumentParser(description="Inspect and change the model registry (status, compare, rollback, promote, experiments).")
+    p.add_argument("--config", help="pipeline YAML (its registry section is used)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--tracking-uri", help="override registry.tracking_uri")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("status", help="versions, aliases, test F1 and gate decisions")
+    c = sub.add_parser("compare", help="two versions' metrics side by side")
+    c.add_argument("a")
+    c.add_argument("b")
+    sub.add_parser("rollback", help="champion <- previous (recorded)")
+    pr = sub.add_parser("promote", help="manually make VERSION the champion (recorded)")
+    pr.add_argument("version")
+    pr.add_argument("--force", action="store_true", required=True, help="required: this bypasses the gate")
+    pr.add_argument("--reason", required=True)
+    e = sub.add_parser("experiments", help="recent pipeline runs and their best trials")
+    e.add_argument("--limit", type=int, default=20)
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides).registry if args.config else RegistryConfig()
+        if args.tracking_uri:
+            cfg = cfg.model_copy(update={"tracking_uri": args.tracking_uri})
+        reg = Registry(cfg)
+        reg.ping()
+        if args.cmd == "status":
+            _cmd_status(reg)
+        elif args.cmd == "compare":
+            _cmd_compare(reg, args.a, args.b)
+        elif args.cmd == "experiments":
+            _cmd_experiments(reg, args.limit)
+        elif args.cmd == "rollback":
+            prev = reg.alias_version(PREVIOUS)
+            if prev is None:
+                raise RegistryError("no 'previous' version to roll back to")
+            _manual_alias_change(reg, prev, "rollback", f"rollback from version {reg.champion()}")
+        elif args.cmd == "promote":
+            _manual_alias_change(reg, args.version, "manual", args.reason)
+    except SentimentError as err:
+        log.error("%s", err)
+        return EXIT_FAILURE if isinstance(err, RegistryError) else EXIT_USAGE
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

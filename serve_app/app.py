@@ -1,0 +1,278 @@
+"""The Ray Serve application: the champion model behind autoscaled replicas with dynamic batching.
+
+    serve.run(build_app({"model_uri": "models:/sentiment-distilbert@champion"}))   # Python session
+    serve run serve_app.app:build_app model_uri=models:/sentiment-distilbert@champion   # CLI
+
+Which model a replica serves travels in `user_config`, so a new champion is swapped in by
+`reconfigure` on the running replicas (no restart, no failed request): see `serve_app.deploy`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from ray import serve
+
+from serve_app.schemas import AppArgs, BatchPrediction, BatchPredictRequest, ErrorBody, ModelInfo, Prediction, PredictRequest
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[A-Za-z0-9_.\-]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>\d+))$")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def parse_model_uri(uri: str) -> tuple[str | None, str | None, str | None]:
+    """(name, alias, version) of a models:/ URI; (None, None, None) for a local folder."""
+    m = _MODELS_URI.match(uri)
+    if m:
+        return m["name"], m["alias"], m["version"]
+    if Path(uri).is_dir():
+        return None, None, None
+    raise ValueError(f"model_uri '{uri}' is neither models:/<name>@<alias>, models:/<name>/<version> nor a local folder")
+
+
+def _registry(args: AppArgs, name: str):
+    from ray_jobs.config import RegistryConfig
+    from ray_jobs.registry import Registry
+
+    return Registry(RegistryConfig(tracking_uri=args.tracking_uri, root=args.registry_root, model_name=name))
+
+
+def resolve_version(args: AppArgs, model_uri: str) -> str:
+    """The concrete version an alias points to now ('local' for a folder)."""
+    name, alias, version = parse_model_uri(model_uri)
+    if name is None:
+        return "local"
+    if version:
+        return version
+    resolved = _registry(args, name).alias_version(alias)
+    if resolved is None:
+        raise ValueError(f"registered model '{name}' has no alias '{alias}' (has the gate promoted a model yet?)")
+    return resolved
+
+
+def load_served_model(args: AppArgs, model_uri: str, version: str):
+    """(Predictor, ModelInfo) for a concrete version, reading metadata from the registry."""
+    from serve_app.predictor import Predictor
+
+    name, alias, _ = parse_model_uri(model_uri)
+    tags: dict[str, str] = {}
+    if name is None:
+        model_dir = model_uri
+    else:
+        reg = _registry(args, name)
+        model_dir = reg.model_dir(version)
+        tags = reg.get_version(version).tags or {}
+    predictor = Predictor(model_dir, num_threads=max(1, int(args.num_cpus)), precision=args.precision)
+    f1 = tags.get("test_f1")
+    info = ModelInfo(name=name or Path(model_uri).name, version=version, alias=alias, model_uri=model_uri,
+                     test_f1=float(f1) if f1 else None, data_digest=tags.get("data_digest.test"), loaded_at=time.time())
+    return predictor, info
+
+
+async def read_json_body(request: Request, max_bytes: int) -> Any:
+    """The request's JSON body, checked in the order that keeps bad input cheap: content type,
+    size (413 before anything is parsed), UTF-8, JSON."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise ApiError(415, f"Content-Type must be application/json (got '{ctype or 'none'}')")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ApiError(413, f"body of {declared} bytes exceeds the limit of {max_bytes} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise ApiError(413, f"body exceeds the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    try:
+        text = b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ApiError(400, f"body is not valid UTF-8 ({err.reason} at byte {err.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ApiError(400, f"malformed JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+
+
+def _validated(model_cls, data: Any):
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as err:
+        parts = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in err.errors()[:5]]
+        raise ApiError(422, "; ".join(parts)) from None
+
+
+def check_text(text: str, max_chars: int, where: str = "text") -> None:
+    if not text.strip():
+        raise ApiError(422, f"{where}: must not be empty or whitespace only")
+    if len(text) > max_chars:
+        raise ApiError(422, f"{where}: {len(text)} characters exceeds the limit of {max_chars}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(422, f"{where}: contains invalid Unicode (an unpaired surrogate)") from None
+
+
+def _body_schema(model_cls) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model_cls.model_json_schema()}}}}
+
+
+api = FastAPI(
+    title="Sentiment classifier",
+    description="DistilBERT sentiment classification served by Ray Serve. Errors answer `{\"error\": ...}`.",
+    version="0.1.0",
+)
+_ERRORS = {400: {"model": ErrorBody}, 413: {"model": ErrorBody}, 415: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}}
+
+
+@api.exception_handler(ApiError)
+async def _api_error(_: Request, err: ApiError) -> JSONResponse:
+    return JSONResponse({"error": err.message}, status_code=err.status)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(_: Request, err: Exception) -> JSONResponse:
+    return JSONResponse({"error": f"internal error: {type(err).__name__}"}, status_code=500)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1})
+@serve.ingress(api)
+class SentimentService:
+    def __init__(self, args: dict[str, Any]):
+        from serve_app.metrics import ServeMetrics
+
+        self.args = AppArgs.model_validate(args)
+        self.predictor = None
+        self.info: ModelInfo | None = None
+        self.load_error: str | None = None
+        self.metrics = ServeMetrics()
+        self._swap_lock = asyncio.Lock()
+
+    # -------------------------------------------------------------- configuration and health
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply batching settings and, if the model changed, load it and swap it in. Requests in
+        flight finish on the model they started with; the next batch uses the new one."""
+        self._predict_batch.set_max_batch_size(int(user_config.get("max_batch_size", self.args.max_batch_size)))
+        self._predict_batch.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", self.args.batch_wait_timeout_s)))
+        uri = user_config.get("model_uri", self.args.model_uri)
+        version = str(user_config.get("model_version") or "")
+        async with self._swap_lock:
+            if self.info is not None and self.info.model_uri == uri and self.info.version == version:
+                return
+            try:
+                predictor, info = await asyncio.to_thread(load_served_model, self.args, uri, version or await asyncio.to_thread(resolve_version, self.args, uri))
+            except Exception as err:
+                if self.predictor is None:
+                    self.load_error = f"{type(err).__name__}: {err}"
+                    raise
+                # Keep serving the model we have: a failed swap must not take the endpoint down.
+                self.load_error = f"swap to {uri} v{version} failed: {type(err).__name__}: {err}"
+                return
+            self.predictor, self.info, self.load_error = predictor, info, None
+            self.metrics.set_model_version(info.version)
+
+    def check_health(self) -> None:
+        if self.predictor is None:
+            raise RuntimeError(self.load_error or "no model loaded")
+
+    # -------------------------------------------------------------- batching
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _predict_batch(self, texts: list[str]) -> list[dict]:
+        predictor, info = self.predictor, self.info  # one model for the whole batch, even during a swap
+        self.metrics.observe_batch(len(texts))
+        results = await asyncio.to_thread(predictor.predict, texts)
+        for r in results:
+            r["model_version"] = info.version
+        self.metrics.count_labels(r["label"] for r in results)
+        return results
+
+    async def _timed(self, endpoint: str, request: Request, handler):
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await handler()
+            status = 200
+            return response
+        except ApiError as err:
+            status = err.status
+            raise
+        finally:
+            self.metrics.observe_request(endpoint, status, time.perf_counter() - start)
+
+    # -------------------------------------------------------------- endpoints
+    @api.get("/health", responses={503: {"model": ErrorBody}})
+    async def health(self):
+        if self.predictor is None:
+            return JSONResponse({"status": "unavailable", "error": self.load_error or "no model loaded"}, status_code=503)
+        return {"status": "ok", "model_version": self.info.version}
+
+    @api.get("/model", response_model=ModelInfo, responses={503: {"model": ErrorBody}})
+    async def model(self):
+        if self.info is None:
+            raise ApiError(503, self.load_error or "no model loaded")
+        return self.info
+
+    @api.post("/predict", response_model=Prediction, responses=_ERRORS, openapi_extra=_body_schema(PredictRequest))
+    async def predict(self, request: Request):
+        async def handle():
+            req = _validated(PredictRequest, await read_json_body(request, self.args.max_body_bytes))
+            check_text(req.text, self.args.max_text_chars)
+            if self.predictor is None:
+                raise ApiError(503, self.load_error or "no model loaded")
+            return await self._predict_batch(req.text)
+
+        return await self._timed("predict", request, handle)
+
+    @api.post("/batch_predict", response_model=BatchPrediction, responses=_ERRORS, openapi_extra=_body_schema(BatchPredictRequest))
+    async def batch_predict(self, request: Request):
+        async def handle():
+            req = _validated(BatchPredictRequest, await read_json_body(request, self.args.max_body_bytes))
+            if not req.texts:
+                raise ApiError(422, "texts: must hold at least one text")
+            if len(req.texts) > self.args.max_batch_items:
+                raise ApiError(422, f"texts: {len(req.texts)} items exceeds the limit of {self.args.max_batch_items}")
+            for i, t in enumerate(req.texts):
+                check_text(t, self.args.max_text_chars, where=f"texts[{i}]")
+            if self.predictor is None:
+                raise ApiError(503, self.load_error or "no model loaded")
+            # Each text joins the dynamic batch on its own, so a big request and many small ones share batches.
+            return {"predictions": list(await asyncio.gather(*(self._predict_batch(t) for t in req.texts)))}
+
+        return await self._timed("batch_predict", request, handle)
+
+
+def user_config(args: AppArgs, model_version: str) -> dict[str, Any]:
+    return {"model_uri": args.model_uri, "model_version": model_version,
+            "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s}
+
+
+def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
+    """The typed app builder: validates `args`, resolves the model alias to a concrete version now
+    (so that a later redeploy with a new champion is a change Serve applies by `reconfigure`)."""
+    a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    version = resolve_version(a, a.model_uri)
+    max_ongoing = a.max_ongoing_requests or 2 * a.max_batch_size  # Ray's default of 5 would cap a batch at 5
+    return SentimentService.options(
+        name=f"{a.name}-model",
+        ray_actor_options={"num_cpus": a.num_cpus},
+        max_ongoing_requests=max_ongoing,
+        max_queued_requests=a.max_queued_requests,
+        autoscaling_config={
+            "min_replicas": a.min_replicas, "initial_replicas": max(1, a.min_replicas), "max_replicas": a.max_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests,
+            "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
+        },
+        user_config=user_config(a, version),
+    ).bind(a.model_dump())

@@ -1,0 +1,90 @@
+"""Deploy the champion, or hot-swap the running application to the current champion.
+
+    python -m serve_app.deploy --config tune_configs/quickstart.yaml      # deploy / hot-swap, then exit
+
+Redeploying with only `user_config` changed makes Serve call `reconfigure` on the running replicas:
+they load the new version and swap it in while requests keep being answered.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from ray_jobs.config import PipelineConfig
+from ray_jobs.errors import SentimentError
+from ray_jobs.runtime import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, config_parser, get_logger, init_ray, load_from_args
+from serve_app.schemas import AppArgs
+
+log = get_logger("ray_jobs.serve")
+
+
+def app_args(cfg: PipelineConfig) -> AppArgs:
+    s, a = cfg.serve, cfg.serve.autoscaling
+    return AppArgs(
+        model_uri=s.model_uri or f"models:/{cfg.registry.model_name}@champion",
+        tracking_uri=cfg.registry.tracking_uri, registry_root=cfg.registry.root, num_cpus=s.num_cpus,
+        max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s,
+        max_ongoing_requests=s.max_ongoing_requests, max_queued_requests=s.max_queued_requests,
+        min_replicas=a.min_replicas, max_replicas=a.max_replicas, target_ongoing_requests=a.target_ongoing_requests,
+        upscale_delay_s=a.upscale_delay_s, downscale_delay_s=a.downscale_delay_s,
+        max_text_chars=s.max_text_chars, max_batch_items=s.max_batch_items, max_body_bytes=s.max_body_bytes,
+        name=s.app_name,
+    )
+
+
+def endpoint_url(cfg: PipelineConfig) -> str:
+    host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
+    return f"http://{host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}"
+
+
+def deploy(cfg: PipelineConfig, wait_version: str | None = None, timeout_s: float = 300) -> str:
+    """Deploy (or update in place) the app serving the configured model; wait until `/model` reports
+    `wait_version` when given. Returns the endpoint URL. Ray must be initialised."""
+    import httpx
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    s = cfg.serve
+    serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s})
+    app = build_app(app_args(cfg))
+    serve.run(app, name=s.app_name, route_prefix=s.route_prefix, blocking=False)
+    url = endpoint_url(cfg)
+    deadline = time.time() + timeout_s
+    last = None
+    while time.time() < deadline:
+        try:
+            r = httpx.get(f"{url}/model", timeout=5)
+            last = r.text
+            if r.status_code == 200 and (wait_version is None or r.json().get("version") == wait_version):
+                return url
+        except httpx.HTTPError as err:
+            last = str(err)
+        time.sleep(0.5)
+    raise SentimentError(f"the Serve app did not report version {wait_version} within {timeout_s:.0f}s (last answer: {last})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = config_parser("Deploy the champion with Ray Serve, or hot-swap a running app to it.").parse_args(argv)
+    try:
+        cfg = load_from_args(args)
+    except SentimentError as err:
+        log.error("%s", err)
+        return EXIT_USAGE
+    init_ray(cfg.ray)
+    try:
+        from serve_app.app import resolve_version
+
+        version = resolve_version(app_args(cfg), app_args(cfg).model_uri)
+        url = deploy(cfg, wait_version=version)
+    except Exception as err:
+        log.error("deploy failed: %s", err)
+        return EXIT_FAILURE
+    log.info("serving version %s at %s", version, url)
+    print(url)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

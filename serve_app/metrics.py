@@ -1,0 +1,35 @@
+"""Application metrics, exported through Ray's Prometheus endpoint (prefixed `ray_` there)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+_LATENCY_BOUNDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+_BATCH_BOUNDS = [1, 2, 4, 8, 16, 32, 64, 128]
+
+
+class ServeMetrics:
+    """Created inside each replica (metrics objects belong to the process that records them)."""
+
+    def __init__(self) -> None:
+        from ray.util.metrics import Counter, Gauge, Histogram
+
+        self.requests = Counter("sentiment_requests_total", "HTTP requests by endpoint and status", tag_keys=("endpoint", "status"))
+        self.latency = Histogram("sentiment_request_latency_s", "request latency in the replica (s)", boundaries=_LATENCY_BOUNDS, tag_keys=("endpoint",))
+        self.batch_size = Histogram("sentiment_batch_size", "texts per model forward batch", boundaries=_BATCH_BOUNDS)
+        self.labels = Counter("sentiment_predictions_total", "predicted labels", tag_keys=("label",))
+        self.version = Gauge("sentiment_model_version", "registered model version served (0: a local folder)")
+
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests.inc(1, tags={"endpoint": endpoint, "status": str(status)})
+        self.latency.observe(seconds, tags={"endpoint": endpoint})
+
+    def observe_batch(self, size: int) -> None:
+        self.batch_size.observe(size)
+
+    def count_labels(self, labels: Iterable[str]) -> None:
+        for label in labels:
+            self.labels.inc(1, tags={"label": label})
+
+    def set_model_version(self, version: str) -> None:
+        self.version.set(float(version) if version.isdigit() else 0.0)
