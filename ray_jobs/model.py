@@ -132,17 +132,30 @@ def convert_bert(path: str | Path, cfg: ModelConfig):
 
 
 def train_tiny_tokenizer(texts: list[str], vocab_size: int, out_dir: str | Path):
-    """A WordPiece tokenizer trained on `texts`, saved as a DistilBERT tokenizer folder."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    """A WordPiece tokenizer built from `texts` and saved as a tokenizer folder.
+
+    The vocabulary is built here rather than by the `tokenizers` trainer, whose tie-breaking between
+    equally frequent merges varies between processes: DDP workers must all get the same vocabulary.
+    It holds the most frequent words (ties broken alphabetically) and every character, alone and as a
+    `##` continuation, so any text still tokenizes.
+    """
+    import re
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    words = Counter(w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.lower()))
+    chars = sorted({c for w in words for c in w})
+    room = max(0, vocab_size - len(specials) - 2 * len(chars))
+    frequent = [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1][:room]
+    tokens = specials + chars + [f"##{c}" for c in chars] + frequent
+    tok = Tokenizer(models.WordPiece(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    cls, sep = tokens.index("[CLS]"), tokens.index("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )

@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray_jobs.config import PipelineConfig
@@ -36,6 +36,7 @@ class Outcome:
     champion_before: str | None
     url: str | None = None
     sample: str | None = None
+    best_metrics: dict = field(default_factory=dict)
 
 
 SAMPLE_REVIEW = "The plot was predictable, but the acting was wonderful and I would happily watch it again."
@@ -165,7 +166,7 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
         decision, champ_before = run_gate(reg, cfg, version, challenger, splits.test, run_id)
         reg.set_tags(run_id, {"gate.decision": "promote" if decision.promote else "block"})
         log.info("%s", decision.summary())
-        result = Outcome(decision, version, champ_before)
+        result = Outcome(decision, version, champ_before, best_metrics=dict(val))
         if decision.promote and deploy_app:
             from serve_app.deploy import deploy
 

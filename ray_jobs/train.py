@@ -117,8 +117,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    from transformers import get_linear_schedule_with_warmup
-
     from ray_jobs.model import build_model
 
     t_start = time.time()
@@ -173,7 +171,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(groups, lr=tc.lr)
     steps_per_epoch = math.ceil(per_rank / tc.batch_size)
     total_steps = steps_per_epoch * tc.epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(tc.warmup_ratio * total_steps), total_steps)
+    # Linear warm-up and decay to zero at the last step. With a time budget the last step is the
+    # one the budget allows, re-estimated from the measured step rate (evaluations included), so
+    # the learning rate reaches zero when the clock runs out instead of being cut off mid-decay.
+    horizon = [min(total_steps, state.get("horizon", total_steps))]
+
+    def lr_factor(step: int) -> float:
+        warm = int(tc.warmup_ratio * horizon[0])
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        return max(0.0, (horizon[0] - step) / max(1, horizon[0] - warm))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     if resume_opt is not None:
         optimizer.load_state_dict(resume_opt["optimizer"])
@@ -205,7 +214,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
                 save_model(model, tokenizer, tmp, {**meta, "metrics": metrics})
                 torch.save(
-                    {"progress": {**state, "epoch": epoch, "step_in_epoch": step_in_epoch, "elapsed_s": elapsed()},
+                    {"progress": {**state, "epoch": epoch, "step_in_epoch": step_in_epoch, "elapsed_s": elapsed(), "horizon": horizon[0]},
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
                     os.path.join(tmp, STATE_FILE),
                 )
@@ -220,6 +229,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     model.train()
     stop = False
+    t_loop, start_step = time.time(), state["global_step"]
     for epoch in range(state["epoch"], tc.epochs):
         batches = batch_order(lengths, tc.batch_size, seed=tc.seed * 1000 + epoch, bucketing=tc.length_bucketing)
         skip = state["step_in_epoch"] if epoch == state["epoch"] else 0
@@ -246,6 +256,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 wlog.info("epoch %d step %d/%d loss %.4f lr %.2e", epoch + 1, step_in_epoch, steps_per_epoch,
                           loss_sum / loss_n, scheduler.get_last_lr()[0])
             # Every rank must take the same decision: rank 0's clock decides, all-reduced (max).
+            if budget is not None and state["global_step"] % 25 == 0 and state["global_step"] > start_step:
+                rate = (time.time() - t_loop) / (state["global_step"] - start_step)  # s/step, evals included
+                remaining = (budget - elapsed()) / rate
+                horizon[0] = max(state["global_step"] + 1, min(total_steps, int(state["global_step"] + 0.97 * remaining)))
             over = budget is not None and _all_reduce([float(elapsed() > budget)], world, op="max")[0] > 0
             due = tc.eval_every_steps and state["global_step"] % tc.eval_every_steps == 0 and step_in_epoch < len(batches)
             if over or due:

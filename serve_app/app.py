@@ -147,9 +147,10 @@ async def _unexpected(_: Request, err: Exception) -> JSONResponse:
     return JSONResponse({"error": f"internal error: {type(err).__name__}"}, status_code=500)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1})
-@serve.ingress(api)
-class SentimentService:
+class SentimentModel:
+    """The replica's logic. Plain class so that tests can await its batched method without a cluster;
+    `SentimentService` below is the Serve deployment built from it."""
+
     def __init__(self, args: dict[str, Any]):
         from serve_app.metrics import ServeMetrics
 
@@ -251,6 +252,9 @@ class SentimentService:
             return {"predictions": list(await asyncio.gather(*(self._predict_batch(t) for t in req.texts)))}
 
         return await self._timed("batch_predict", request, handle)
+
+
+SentimentService = serve.deployment(ray_actor_options={"num_cpus": 1})(serve.ingress(api)(SentimentModel))
 
 
 def user_config(args: AppArgs, model_version: str) -> dict[str, Any]:

@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny configs, one local Ray cluster per session, trained tiny models."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Tiny DistilBERT with a tokenizer trained on the synthetic corpus: seconds per epoch on 2 cores.
+TINY = [
+    "model.source=tiny",
+    "model.max_length=64",
+    "data.synthetic.n_samples=4000",
+    "train.epochs=6",
+    "train.batch_size=16",
+    "train.lr=3e-3",
+    "train.warmup_ratio=0.05",
+    "train.precision=fp32",
+    "train.log_every_steps=1000",
+    "tune.num_samples=2",
+    "tune.max_concurrent_trials=1",
+    "tune.search_space={}",
+    "gate.floor=0.8",
+    "ray.num_cpus=4",
+]
+
+
+def tiny_config(tmp: Path, *extra: str):
+    from ray_jobs.config import load_config
+
+    paths = [f"train.storage_path={tmp}/ray", f"tune.storage_path={tmp}/tune", f"registry.root={tmp}/mlflow"]
+    return load_config(ROOT / "tune_configs" / "quickstart.yaml", [*TINY, *paths, *extra])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for all integration tests (4 logical CPUs on 2 cores: Serve's
+    proxy/controller and Train's controller need slots beside the workers)."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False, _metrics_export_port=free_port())
+    yield ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("session")
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(ray_cluster, session_tmp):
+    """A tiny model trained with Ray Train (2 workers, DDP), shared by several tests:
+    (config, ray Result, best checkpoint path, best metrics)."""
+    from ray_jobs.data import load_splits
+    from ray_jobs.train import best_checkpoint, fit, put_data, system_settings
+
+    cfg = tiny_config(session_tmp / "trained", "train.num_workers=2")
+    splits = load_splits(cfg.data)
+    result = fit(cfg, system_settings(cfg, put_data(splits.train, splits.val), {"data_digests": splits.digests()}))
+    path, metrics = best_checkpoint(result)
+    return cfg, result, path, metrics
+
+
+@pytest.fixture(scope="session")
+def untrained_tiny(session_tmp) -> str:
+    """A tiny model folder with random weights (a deliberately bad model)."""
+    from ray_jobs.model import build_model, save_model
+
+    cfg = tiny_config(session_tmp / "untrained")
+    model, tok = build_model(cfg.model, seed=1)
+    return str(save_model(model, tok, session_tmp / "untrained-model", {"max_length": 64, "truncation": "head_tail"}))
