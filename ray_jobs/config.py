@@ -53,10 +53,10 @@ class DataConfig(_Strict):
 class TinyModelConfig(_Strict):
     """A small randomly initialised DistilBERT with a tokenizer trained on the synthetic corpus (tests)."""
 
-    dim: int = 64
+    dim: int = 128
     n_layers: int = 2
-    n_heads: int = 2
-    hidden_dim: int = 128
+    n_heads: int = 4
+    hidden_dim: int = 256
     vocab_size: int = 2000
 
 

@@ -29,8 +29,9 @@ METRIC = "val_f1"
 
 @dataclass
 class FaultInjection:
-    """Test hook: the last-ranked worker exits once (guarded by `marker`) right after reporting the
-    checkpoint of epoch `at_epoch`, so tests can prove that Ray Train resumes from that checkpoint."""
+    """Test hook: the last-ranked worker exits once (guarded by `marker`) in the middle of the epoch
+    after epoch `at_epoch` (0-based) was checkpointed, so tests can prove that Ray Train resumes from
+    that checkpoint rather than from the start."""
 
     marker: str
     at_epoch: int = 0
@@ -107,6 +108,18 @@ def _validate(model, seqs: list[list[int]], labels: list[int], pad_id: int, batc
     model.train()
     n = tp + fp + fn + tn
     return {"val_loss": loss_sum / max(n, 1), **{f"val_{k}": v for k, v in binary_metrics(tp, fp, fn, tn).items()}}
+
+
+def _inject_fault(fault: dict, rank: int, world: int, last_report: float) -> None:
+    """Test hook (see FaultInjection): the last rank exits mid-epoch, once."""
+    if rank != world - 1 or os.path.exists(fault["marker"]):
+        return
+    # Give the controller time to register the last reported checkpoint, as it would have in a
+    # real run where failures do not strike within a second of a report.
+    time.sleep(max(0.0, 3.0 - (time.time() - last_report)))
+    Path(fault["marker"]).write_text("killed once\n")
+    get_logger("ray_jobs.train.worker").warning("fault injection: worker %d exits mid-epoch", rank)
+    os._exit(1)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -228,6 +241,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return metrics
 
     model.train()
+    last_report = time.time()
     stop = False
     t_loop, start_step = time.time(), state["global_step"]
     for epoch in range(state["epoch"], tc.epochs):
@@ -260,6 +274,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 rate = (time.time() - t_loop) / (state["global_step"] - start_step)  # s/step, evals included
                 remaining = (budget - elapsed()) / rate
                 horizon[0] = max(state["global_step"] + 1, min(total_steps, int(state["global_step"] + 0.97 * remaining)))
+            if fault and epoch == fault["at_epoch"] + 1 and step_in_epoch == max(1, len(batches) // 2):
+                _inject_fault(fault, rank, world, last_report)
             over = budget is not None and _all_reduce([float(elapsed() > budget)], world, op="max")[0] > 0
             due = tc.eval_every_steps and state["global_step"] % tc.eval_every_steps == 0 and step_in_epoch < len(batches)
             if over or due:
@@ -276,10 +292,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_loss = _all_reduce([loss_sum / max(loss_n, 1)], world)[0] / world
         report(epoch + 1, 0, train_loss, samples, time.time() - t_window, stopped=False)
         state["epoch"], state["step_in_epoch"] = epoch + 1, 0
-        if fault and epoch == fault["at_epoch"] and rank == world - 1 and not os.path.exists(fault["marker"]):
-            Path(fault["marker"]).write_text("killed once\n")
-            wlog.warning("fault injection: worker %d exits after epoch %d", rank, epoch + 1)
-            os._exit(1)
+        last_report = time.time()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,82 @@
+"""Ray Train on a real local Ray cluster: DDP over 2 workers, checkpoints, resume after a worker dies, time budget."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_config
+
+pytestmark = pytest.mark.integration
+
+
+def _initial_val_loss(cfg) -> float:
+    import torch
+
+    from ray_jobs.data import encode, load_splits, pad_batch
+    from ray_jobs.model import build_model
+
+    model, tok = build_model(cfg.model, seed=cfg.train.seed)
+    model.eval()
+    val = load_splits(cfg.data).val
+    ids, mask = pad_batch(encode(tok, val.texts, cfg.model.max_length, cfg.model.truncation), tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    return torch.nn.functional.cross_entropy(logits, torch.tensor(val.labels)).item()
+
+
+def test_ddp_training_learns_and_checkpoints_load(trained_tiny):
+    from transformers import AutoModelForSequenceClassification
+
+    cfg, result, path, metrics = trained_tiny
+    assert result.metrics["epoch"] == cfg.train.epochs
+    # loss goes down (against the same model before training, on the same validation split) and the task is learnt
+    assert result.metrics["val_loss"] < 0.6 * _initial_val_loss(cfg)
+    assert result.metrics["train_loss"] < 0.5
+    assert metrics["val_f1"] > 0.9, metrics
+    folder = Path(path)
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    assert (folder / "sentiment_meta.json").is_file() and (folder / "training_state.pt").is_file()
+    model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True)
+    assert model.config.model_type == "distilbert" and model.config.num_labels == 2
+    # num_to_keep is honoured and the best checkpoint (by val_f1) is kept
+    assert len(result.best_checkpoints) <= cfg.train.num_to_keep
+
+
+def _fit_with_fault(tmp_path, max_failures):
+    from ray_jobs.data import load_splits
+    from ray_jobs.train import FaultInjection, fit, put_data, system_settings
+
+    cfg = tiny_config(tmp_path, "train.num_workers=2", "train.epochs=3", f"train.max_failures={max_failures}",
+                      "data.synthetic.n_samples=1200")
+    splits = load_splits(cfg.data)
+    marker = tmp_path / "killed"
+    system = system_settings(cfg, put_data(splits.train, splits.val), fault=FaultInjection(str(marker), at_epoch=0))
+    return fit(cfg, system), marker
+
+
+def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path):
+    result, marker = _fit_with_fault(tmp_path, max_failures=1)
+    assert marker.exists(), "the fault was not injected"
+    m = result.metrics
+    assert m["epoch"] == 3
+    steps_per_epoch = m["step"] // 3
+    # The restarted workers continued after epoch 1 (global step of its checkpoint), not from step 0.
+    assert m["resumed_from_step"] == steps_per_epoch
+
+
+def test_killed_worker_fails_the_run_without_retries(ray_cluster, tmp_path):
+    with pytest.raises(Exception):
+        _fit_with_fault(tmp_path, max_failures=0)
+
+
+def test_time_budget_stops_early_and_keeps_a_checkpoint(ray_cluster, tmp_path):
+    from ray_jobs.data import load_splits
+    from ray_jobs.train import best_checkpoint, fit, put_data, system_settings
+
+    cfg = tiny_config(tmp_path, "train.epochs=50", "train.time_budget_s=4")
+    splits = load_splits(cfg.data)
+    result = fit(cfg, system_settings(cfg, put_data(splits.train, splits.val)))
+    assert result.metrics["stopped_by_budget"] is True
+    assert result.metrics["epoch"] < 50
+    path, _ = best_checkpoint(result)
+    assert (Path(path) / "model.safetensors").is_file()
