@@ -241,23 +241,28 @@ class Registry:
     def champion(self) -> str | None:
         return self.alias_version(CHAMPION)
 
-    def model_dir(self, version: str | int) -> str:
-        """A local folder holding the version's files (downloaded if the store is remote)."""
+    def model_dir(self, version: str | int, name: str | None = None) -> str:
+        """A local folder holding the version's files (downloaded if the artifact store is remote)."""
         import mlflow
 
-        return self._call("download_artifacts", mlflow.artifacts.download_artifacts, artifact_uri=f"models:/{self.name}/{version}")
+        mv = self._call(f"get_model_version {version}", self.client.get_model_version, name or self.name, str(version))
+        return self._call("download_artifacts", mlflow.artifacts.download_artifacts, artifact_uri=mv.source, tracking_uri=self.uri)
 
     def resolve_model_dir(self, ref: str) -> str:
         """`ref` is a local folder, a version number, models:/<name>/<version> or models:/<name>@<alias>."""
-        import mlflow
+        import re
 
         if Path(ref).is_dir():
             return ref
         if ref.isdigit():
             return self.model_dir(ref)
-        if ref.startswith("models:/"):
-            return self._call(f"download {ref}", mlflow.artifacts.download_artifacts, artifact_uri=ref)
-        raise RegistryError(f"model reference '{ref}' is neither a folder, a version number nor a models:/ URI")
+        m = re.match(r"^models:/([^/@]+)(?:@([^/]+)|/(\d+))$", ref)
+        if not m:
+            raise RegistryError(f"model reference '{ref}' is neither a folder, a version number nor a models:/ URI")
+        name, alias, version = m.groups()
+        if alias:
+            version = self._call(f"alias {alias}", self.client.get_model_version_by_alias, name, alias).version
+        return self.model_dir(version, name=name)
 
     def set_version_tags(self, version: str, tags: dict[str, Any]) -> None:
         for k, v in tags.items():

@@ -60,6 +60,16 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
+def serve_port(ray_cluster) -> int:
+    """Serve's HTTP proxy, started once per session on 127.0.0.1 (its options cannot change later)."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
+@pytest.fixture(scope="session")
 def session_tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("session")
 

@@ -1,0 +1,202 @@
+"""The whole job on a real local Ray cluster, a real sqlite MLflow registry and real HTTP:
+tune -> register -> gate -> deploy / hot-swap, the registry CLI, fail-closed behaviour and races."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import tiny_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+RUN = ["train.epochs=2", "tune.num_samples=2", "tune.search_space={lr: {type: choice, values: [0.001, 0.002]}}",
+       "gate.floor=0.6", "serve.num_cpus=0.5", "serve.app_name=pipe", "serve.route_prefix=/",
+       "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1"]
+
+
+def _args(tmp, port, *extra):
+    paths = [f"train.storage_path={tmp}/ray", f"tune.storage_path={tmp}/tune", f"registry.root={tmp}/mlflow"]
+    from conftest import ROOT, TINY
+
+    sets = [x for kv in [*TINY, *paths, *RUN, f"serve.port={port}", *extra] for x in ("--set", kv)]
+    return ["--config", str(ROOT / "tune_configs/quickstart.yaml"), *sets]
+
+
+def _registry(tmp):
+    from ray_jobs.config import RegistryConfig
+    from ray_jobs.registry import Registry
+
+    return Registry(RegistryConfig(root=f"{tmp}/mlflow"))
+
+
+def test_pipeline_promotes_blocks_and_hot_swaps(serve_port, tmp_path, capsys):
+    from ray_jobs import pipeline, registry
+
+    url = f"http://127.0.0.1:{serve_port}"
+
+    # 1. First run: promoted over the floor, deployed, answers.
+    assert pipeline.main(_args(tmp_path, serve_port)) == 0
+    out = capsys.readouterr().out
+    assert "PROMOTED" in out and "answer" in out
+    assert httpx.get(f"{url}/model").json()["version"] == "1"
+    r = httpx.post(f"{url}/predict", json={"text": "The acting was wonderful and I loved it."})
+    assert r.status_code == 200 and r.json()["model_version"] == "1"
+
+    reg = _registry(tmp_path)
+    client = reg.client
+    parents = [r for r in client.search_runs([reg.experiment_id()]) if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in client.search_runs([reg.experiment_id()]) if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
+    assert all(len(client.get_metric_history(c.info.run_id, "val_f1")) >= 1 for c in children)
+    assert {c.data.params["lr"] for c in children} == {"0.001", "0.002"}
+    p = parents[0]
+    assert p.data.tags["data_digest.test"] and p.data.tags["config_digest"] and p.data.tags["version.ray"]
+    artifacts = {a.path for a in client.list_artifacts(p.info.run_id)}
+    assert {"config.yaml", "gate_decision.json", "tune_trials.png", "confusion_matrix.png", "model"} <= artifacts
+    assert reg.champion() == "1"
+    v1_f1 = float(reg.get_version("1").tags["test_f1"])
+
+    # 2. A deliberately worse model (lr=0): blocked, exit code 3, champion and endpoint unchanged.
+    assert pipeline.main(_args(tmp_path, serve_port, "train.lr=0", "tune.search_space={}", "tune.num_samples=1")) == 3
+    assert "BLOCKED" in capsys.readouterr().out
+    assert reg.champion() == "1"
+    v2 = reg.get_version("2")
+    assert v2.tags["gate.decision"] == "block" and float(v2.tags["gate.champion_f1"]) == pytest.approx(v1_f1, abs=1e-6)
+    assert httpx.get(f"{url}/model").json()["version"] == "1"
+
+    # 3. A better config, promoted and hot-swapped while requests keep flowing: no request fails.
+    failures, answers, stop = [], [], threading.Event()
+
+    def stream():
+        with httpx.Client(timeout=30) as c:
+            while not stop.is_set():
+                try:
+                    resp = c.post(f"{url}/predict", json={"text": "a dull and lifeless film"})
+                    (answers if resp.status_code == 200 else failures).append(resp.status_code if resp.status_code != 200 else resp.json()["model_version"])
+                except httpx.HTTPError as err:
+                    failures.append(repr(err))
+                time.sleep(0.02)
+
+    t = threading.Thread(target=stream)
+    t.start()
+    try:
+        code = pipeline.main(_args(tmp_path, serve_port, "train.epochs=6", "tune.search_space={}", "tune.num_samples=1"))
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        t.join()
+    assert code == 0, capsys.readouterr()
+    assert failures == []
+    assert "1" in answers and answers[-1] == "3", answers[-5:]
+    assert httpx.get(f"{url}/model").json()["version"] == "3"
+    assert reg.aliases() == {"champion": "3", "previous": "1"}
+
+    # 4. Registry CLI: status shows the decisions, rollback restores the previous champion (recorded).
+    capsys.readouterr()
+    assert registry.main(["--config", _args(tmp_path, serve_port)[1], *_args(tmp_path, serve_port)[2:], "status"]) == 0
+    status = capsys.readouterr().out
+    assert "champion" in status and "block" in status
+    assert registry.main([*_args(tmp_path, serve_port), "compare", "1", "3"]) == 0
+    assert "test_f1" in capsys.readouterr().out
+    assert registry.main([*_args(tmp_path, serve_port), "rollback"]) == 0
+    assert reg.champion() == "1" and reg.alias_version("previous") == "3"
+    assert reg.get_version("1").tags["gate.decision"] == "rollback"
+    assert registry.main([*_args(tmp_path, serve_port), "promote", "3", "--force", "--reason", "test"]) == 0
+    assert reg.champion() == "3"
+    assert registry.main([*_args(tmp_path, serve_port), "experiments"]) == 0
+    assert capsys.readouterr().out.count("pipe") >= 0
+
+
+def test_unreachable_registry_fails_closed(tmp_path, capsys):
+    from ray_jobs import pipeline
+
+    start = time.time()
+    assert pipeline.main(_args(tmp_path, 1, "registry.tracking_uri=http://127.0.0.1:1")) == 1
+    assert time.time() - start < 60  # fails before any training
+
+
+def test_bad_config_exit_code(tmp_path):
+    from ray_jobs import pipeline
+
+    assert pipeline.main(_args(tmp_path, 1, "train.epochs=zero")) == 2
+
+
+def _registered(reg, run_name, model_dir, f1_tag="0"):
+    run_id = reg.start_run(run_name)
+    return reg.register(run_id, model_dir, {"test_f1": f1_tag})
+
+
+def test_gate_race_ends_with_the_better_model(ray_cluster, tmp_path, trained_tiny, untrained_tiny):
+    """Two gate decisions racing on one registry (threads): whatever the order, the better model
+    ends as champion, because decisions are serialised and re-read the champion."""
+    from ray_jobs.data import load_splits
+    from ray_jobs.evaluate import evaluate_dir
+    from ray_jobs.pipeline import run_gate
+
+    cfg = tiny_config(tmp_path, "gate.floor=0.0")
+    reg = _registry(tmp_path)
+    test = load_splits(cfg.data).test
+    good_dir, bad_dir = trained_tiny[2], untrained_tiny
+    good_v, bad_v = _registered(reg, "good", good_dir), _registered(reg, "bad", bad_dir)
+    evals = {good_v: evaluate_dir(good_dir, test), bad_v: evaluate_dir(bad_dir, test)}
+    assert evals[good_v].f1 > evals[bad_v].f1
+    errors = []
+    barrier = threading.Barrier(2)
+
+    def gate(v):
+        try:
+            barrier.wait()
+            run_gate(_registry(tmp_path), cfg, v, evals[v], test)
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=gate, args=(v,)) for v in (bad_v, good_v)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert errors == []
+    assert reg.champion() == good_v
+
+
+def test_champion_is_reevaluated_on_a_new_test_split(ray_cluster, tmp_path, trained_tiny, untrained_tiny):
+    """The gate never trusts a stored F1: with another test split, the champion is evaluated again."""
+    from ray_jobs.data import load_splits
+    from ray_jobs.evaluate import evaluate_dir
+    from ray_jobs.pipeline import run_gate
+
+    cfg = tiny_config(tmp_path, "gate.floor=0.0")
+    reg = _registry(tmp_path)
+    good_dir = trained_tiny[2]
+    champ = _registered(reg, "champ", good_dir, f1_tag="0.999")  # a stale, wrong stored score
+    reg.set_aliases(champ, None)
+    other_test = load_splits(tiny_config(tmp_path, "data.split_seed=99", "gate.floor=0.0").data).test
+    challenger_v = _registered(reg, "chal", untrained_tiny)
+    challenger = evaluate_dir(untrained_tiny, other_test)
+    decision, before = run_gate(reg, cfg, challenger_v, challenger, other_test)
+    assert before == champ
+    expected = evaluate_dir(good_dir, other_test).f1
+    assert decision.champion_f1 == pytest.approx(expected) and decision.champion_f1 != pytest.approx(0.999)
+    assert decision.test_digest == other_test.digest()
+
+
+def test_unloadable_champion_fails_closed(ray_cluster, tmp_path, trained_tiny, untrained_tiny):
+    import shutil
+
+    from ray_jobs.data import load_splits
+    from ray_jobs.evaluate import evaluate_dir
+    from ray_jobs.pipeline import run_gate
+
+    cfg = tiny_config(tmp_path, "gate.floor=0.0")
+    reg = _registry(tmp_path)
+    champ = _registered(reg, "champ", untrained_tiny)
+    reg.set_aliases(champ, None)
+    shutil.rmtree(reg.model_dir(champ))  # the champion's files are gone
+    test = load_splits(cfg.data).test
+    chal = _registered(reg, "chal", trained_tiny[2])
+    with pytest.raises(Exception):
+        run_gate(reg, cfg, chal, evaluate_dir(trained_tiny[2], test), test)
+    assert reg.champion() == champ and reg.alias_version("previous") is None
