@@ -1,0 +1,183 @@
+"""The Serve app over real HTTP on 127.0.0.1, with a tiny model registered in a sqlite MLflow store."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+
+import httpx
+import pytest
+
+from conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+PREFIX = "/svc"
+
+
+@pytest.fixture(scope="module")
+def registered(ray_cluster, tmp_path_factory, trained_tiny):
+    """The trained tiny model registered as version 1 and made champion."""
+    from ray_jobs.config import RegistryConfig
+    from ray_jobs.registry import Registry
+
+    root = tmp_path_factory.mktemp("serve-mlflow")
+    reg = Registry(RegistryConfig(root=str(root), model_name="svc-model"))
+    run_id = reg.start_run("serve-test")
+    v = reg.register(run_id, trained_tiny[2], {"test_f1": "0.95", "data_digest.test": "abc"})
+    reg.set_aliases(v, None)
+    return reg, str(root), trained_tiny[2]
+
+
+@pytest.fixture(scope="module")
+def app_url(serve_port, registered):
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    _, root, _ = registered
+    args = {"model_uri": "models:/svc-model@champion", "registry_root": root, "precision": "fp32", "num_cpus": 0.5,
+            "max_batch_size": 16, "batch_wait_timeout_s": 0.02, "max_text_chars": 2000, "max_batch_items": 8,
+            "max_body_bytes": 4096, "min_replicas": 1, "max_replicas": 1, "name": "svc"}
+    serve.run(build_app(args), name="svc", route_prefix=PREFIX)
+    yield f"http://127.0.0.1:{serve_port}{PREFIX}"
+    serve.delete("svc")
+
+
+def test_health_model_docs(app_url):
+    assert httpx.get(f"{app_url}/health").json() == {"status": "ok", "model_version": "1"}
+    info = httpx.get(f"{app_url}/model").json()
+    assert info["name"] == "svc-model" and info["version"] == "1" and info["alias"] == "champion"
+    assert info["test_f1"] == pytest.approx(0.95) and info["data_digest"] == "abc" and info["loaded_at"] > 0
+    assert httpx.get(f"{app_url}/docs").status_code == 200
+    spec = httpx.get(f"{app_url}/openapi.json").json()
+    assert {"/predict", "/batch_predict", "/health", "/model"} <= set(spec["paths"])
+
+
+def test_predict_and_batch_predict_match_the_model(app_url, registered):
+    from serve_app.predictor import Predictor
+
+    texts = ["The plot was wonderful and the acting was superb.", "A boring, lifeless mess.", "not bad at all"]
+    expected = Predictor(registered[2], precision="fp32").predict(texts)
+    r = httpx.post(f"{app_url}/predict", json={"text": texts[0]})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["label"] == expected[0]["label"] and body["score"] == pytest.approx(expected[0]["score"], abs=1e-4)
+    assert body["model_version"] == "1" and set(body["probabilities"]) == {"positive", "negative"}
+    r = httpx.post(f"{app_url}/batch_predict", json={"texts": texts})
+    assert r.status_code == 200
+    got = r.json()["predictions"]
+    assert [g["label"] for g in got] == [e["label"] for e in expected]
+    assert [round(g["score"], 4) for g in got] == [round(e["score"], 4) for e in expected]
+
+
+def test_200_concurrent_distinct_requests_each_get_their_own_answer(app_url, registered):
+    from ray_jobs.data import generate_reviews
+    from serve_app.predictor import Predictor
+
+    texts = [f"{t} (review {i})" for i, t in enumerate(generate_reviews(200, seed=77).texts)]
+    expected = Predictor(registered[2], precision="fp32").predict(texts)
+
+    def call(t):
+        with httpx.Client(timeout=60) as c:
+            return c.post(f"{app_url}/predict", json={"text": t})
+
+    with cf.ThreadPoolExecutor(64) as pool:
+        responses = list(pool.map(call, texts))
+    assert [r.status_code for r in responses] == [200] * 200
+    for r, e in zip(responses, expected):
+        assert r.json()["label"] == e["label"]
+        assert r.json()["score"] == pytest.approx(e["score"], abs=1e-4)
+    # at least some of them were served in real batches
+    assert len({r.json()["label"] for r in responses}) == 2
+
+
+BAD_INPUTS = [
+    ("empty text", "/predict", {"json": {"text": ""}}, 422),
+    ("whitespace text", "/predict", {"json": {"text": "  \n\t "}}, 422),
+    ("text too long", "/predict", {"json": {"text": "a" * 2001}}, 422),
+    ("text is a number", "/predict", {"json": {"text": 5}}, 422),
+    ("text is null", "/predict", {"json": {"text": None}}, 422),
+    ("text is a list", "/predict", {"json": {"text": ["a"]}}, 422),
+    ("missing text", "/predict", {"json": {}}, 422),
+    ("extra field", "/predict", {"json": {"text": "ok", "debug": True}}, 422),
+    ("body is a list", "/predict", {"json": ["a"]}, 422),
+    ("malformed JSON", "/predict", {"content": b'{"text": "unterminated', "headers": {"content-type": "application/json"}}, 400),
+    ("wrong content type", "/predict", {"content": b"text=hello", "headers": {"content-type": "application/x-www-form-urlencoded"}}, 415),
+    ("no content type", "/predict", {"content": b'{"text": "hi"}'}, 415),
+    ("invalid UTF-8", "/predict", {"content": b'{"text": "\xff\xfe bad"}', "headers": {"content-type": "application/json"}}, 400),
+    ("lone surrogate", "/predict", {"content": b'{"text": "\\ud800 x"}', "headers": {"content-type": "application/json"}}, 422),
+    ("body over the cap", "/predict", {"json": {"text": "a" * 5000}}, 413),
+    ("chunked body over the cap", "/predict", {"content": iter([b'{"text": "', b"a" * 3000, b"a" * 3000, b'"}']), "headers": {"content-type": "application/json"}}, 413),
+    ("empty batch", "/batch_predict", {"json": {"texts": []}}, 422),
+    ("batch too large", "/batch_predict", {"json": {"texts": ["ok"] * 9}}, 422),
+    ("batch with an empty text", "/batch_predict", {"json": {"texts": ["ok", " "]}}, 422),
+    ("batch with a non-string", "/batch_predict", {"json": {"texts": ["ok", 3]}}, 422),
+    ("texts not a list", "/batch_predict", {"json": {"texts": "ok"}}, 422),
+    ("GET on predict", "/predict", {"method": "GET"}, 405),
+    ("unknown path", "/nope", {"method": "GET"}, 404),
+]
+
+
+@pytest.mark.parametrize("name,path,kwargs,status", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_gets_a_clear_4xx(app_url, name, path, kwargs, status):
+    kwargs = dict(kwargs)
+    method = kwargs.pop("method", "POST")
+    r = httpx.request(method, f"{app_url}{path}", timeout=30, **kwargs)
+    assert r.status_code == status, r.text
+    if status in (400, 413, 415, 422):
+        assert isinstance(r.json()["error"], str) and r.json()["error"]
+
+
+@pytest.mark.parametrize("text", ["nul \x00 inside", "emoji 😀🎬 great film", "עברית مرحبا right-to-left", "x" * 2000])
+def test_unusual_but_valid_text_is_answered(app_url, text):
+    r = httpx.post(f"{app_url}/predict", json={"text": text})
+    assert r.status_code == 200 and r.json()["label"] in ("positive", "negative")
+
+
+def test_overload_gets_fast_503_then_recovers(serve_port, registered):
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    _, root, _ = registered
+    # One slot, a queue of one, and a long batch wait: a burst must overflow.
+    args = {"model_uri": "models:/svc-model@champion", "registry_root": root, "num_cpus": 0.5, "max_batch_size": 1,
+            "max_ongoing_requests": 1, "max_queued_requests": 1, "batch_wait_timeout_s": 0.0, "min_replicas": 1,
+            "max_replicas": 1, "name": "tight"}
+    serve.run(build_app(args), name="tight", route_prefix="/tight")
+    url = f"http://127.0.0.1:{serve_port}/tight/predict"
+    try:
+        long_text = "the plot was dull and the acting was poor " * 40
+
+        def call(_):
+            with httpx.Client(timeout=60) as c:
+                start = time.perf_counter()
+                r = c.post(url, json={"text": long_text})
+                return r.status_code, time.perf_counter() - start
+
+        with cf.ThreadPoolExecutor(40) as pool:
+            results = list(pool.map(call, range(120)))
+        codes = [c for c, _ in results]
+        assert codes.count(503) > 0 and codes.count(200) > 0 and set(codes) <= {200, 503}
+        assert max(t for c, t in results if c == 503) < 5.0  # rejected fast, not after piling up
+        time.sleep(0.5)
+        assert httpx.post(url, json={"text": "fine again"}, timeout=30).status_code == 200
+    finally:
+        serve.delete("tight")
+
+
+def test_metrics_reach_prometheus(app_url, ray_cluster):
+    """Application metrics are exported on Ray's Prometheus endpoint of this node."""
+    for _ in range(5):
+        httpx.post(f"{app_url}/predict", json={"text": "metrics please"})
+    port = ray_cluster._private.worker.global_worker.node.metrics_export_port
+    deadline = time.time() + 60
+    text = ""
+    while time.time() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if "sentiment_requests_total" in text and "sentiment_batch_size" in text:
+            break
+        time.sleep(2)
+    assert "sentiment_requests_total" in text
+    assert 'endpoint="predict"' in text and "sentiment_model_version" in text and "sentiment_predictions_total" in text
