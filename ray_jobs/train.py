@@ -110,6 +110,36 @@ def _validate(model, seqs: list[list[int]], labels: list[int], pad_id: int, batc
     return {"val_loss": loss_sum / max(n, 1), **{f"val_{k}": v for k, v in binary_metrics(tp, fp, fn, tn).items()}}
 
 
+def make_optimizer(model, lr: float, weight_decay: float):
+    """AdamW without weight decay on biases and LayerNorm weights (the BERT recipe)."""
+    import torch
+
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": weight_decay},
+        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def train_step(model, ids, mask, labels: list[int], optimizer, scaler, amp_dtype, max_grad_norm: float, device):
+    """One optimizer step on one padded batch (autocast when `amp_dtype` is set; loss scaling for fp16).
+    Shared by the Ray Train loop and the benchmarks' plain PyTorch loop, so both time the same work."""
+    import torch
+
+    y = torch.tensor(labels, device=device)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    loss = torch.nn.functional.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss
+
+
 def _inject_fault(fault: dict, rank: int, world: int, last_report: float) -> None:
     """Test hook (see FaultInjection): the last rank exits mid-epoch, once."""
     if rank != world - 1 or os.path.exists(fault["marker"]):
@@ -176,12 +206,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     lengths = [len(s) for s in train_seqs]
 
     model = ray.train.torch.prepare_model(model)
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
-    groups = [
-        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": tc.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=tc.lr)
+    optimizer = make_optimizer(model, tc.lr, tc.weight_decay)
     steps_per_epoch = math.ceil(per_rank / tc.batch_size)
     total_steps = steps_per_epoch * tc.epochs
     # Linear warm-up and decay to zero at the last step. With a time budget the last step is the
@@ -251,16 +276,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step_in_epoch = skip
         for step_in_epoch, idx in enumerate(batches[skip:], start=skip + 1):
             ids, mask = pad_batch([train_seqs[i] for i in idx], pad_id)
-            y = torch.tensor([train_labels[i] for i in idx], device=device)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            loss = torch.nn.functional.cross_entropy(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
+            loss = train_step(model, ids, mask, [train_labels[i] for i in idx], optimizer, scaler, amp_dtype, tc.max_grad_norm, device)
             scheduler.step()
             state["global_step"] += 1
             loss_sum += loss.item()
