@@ -9,7 +9,6 @@ Exit codes: 0 promoted (and deployed unless --no-deploy), 3 blocked by the gate 
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
 import uuid
@@ -22,7 +21,8 @@ from ray_jobs.errors import ConfigError, DataError, GateError, SentimentError
 from ray_jobs.evaluate import evaluate_dir
 from ray_jobs.gate import Decision, Evaluation, decide, policy_from_config
 from ray_jobs.registry import Registry
-from ray_jobs.runtime import EXIT_BLOCKED, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, config_parser, get_logger, init_ray, load_from_args
+from ray_jobs.runtime import (EXIT_BLOCKED, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, config_parser, get_logger, init_ray,
+                              load_from_args, wait_until_interrupted)
 from ray_jobs.train import METRIC, put_data
 from ray_jobs.tune import CHECKPOINT_KEY, SearchOutcome, run_search
 
@@ -233,12 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     if args.keep_serving:
         print("serving until Ctrl-C ...", flush=True)
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+        wait_until_interrupted()
     return code
 
 

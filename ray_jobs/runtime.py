@@ -69,3 +69,16 @@ def init_ray(cfg: RayConfig, runtime_env: dict | None = None) -> None:
             ray.init(**kwargs)
         else:
             raise
+
+
+def wait_until_interrupted() -> None:
+    """Block until Ctrl-C or SIGTERM: keeps an in-process Ray (and its Serve app) alive."""
+    import signal
+    import time
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass

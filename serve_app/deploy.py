@@ -13,7 +13,8 @@ import time
 
 from ray_jobs.config import PipelineConfig
 from ray_jobs.errors import SentimentError
-from ray_jobs.runtime import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, config_parser, get_logger, init_ray, load_from_args
+from ray_jobs.runtime import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, config_parser, get_logger, init_ray, load_from_args,
+                              wait_until_interrupted)
 from serve_app.schemas import AppArgs
 
 log = get_logger("ray_jobs.serve")
@@ -66,7 +67,9 @@ def deploy(cfg: PipelineConfig, wait_version: str | None = None, timeout_s: floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = config_parser("Deploy the champion with Ray Serve, or hot-swap a running app to it.").parse_args(argv)
+    parser = config_parser("Deploy the champion with Ray Serve, or hot-swap a running app to it.")
+    parser.add_argument("--block", action="store_true", help="stay up until Ctrl-C/SIGTERM (containers, in-process Ray)")
+    args = parser.parse_args(argv)
     try:
         cfg = load_from_args(args)
     except SentimentError as err:
@@ -82,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         log.error("deploy failed: %s", err)
         return EXIT_FAILURE
     log.info("serving version %s at %s", version, url)
-    print(url)
+    print(url, flush=True)
+    if args.block:
+        wait_until_interrupted()
     return EXIT_OK
 
 

