@@ -266,6 +266,10 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
     """The typed app builder: validates `args`, resolves the model alias to a concrete version now
     (so that a later redeploy with a new champion is a change Serve applies by `reconfigure`)."""
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    # Replicas may run in another working directory: pin relative paths to where the app is built.
+    a = a.model_copy(update={"registry_root": str(Path(a.registry_root).resolve())})
+    if not a.model_uri.startswith("models:/"):
+        a = a.model_copy(update={"model_uri": str(Path(a.model_uri).resolve())})
     version = resolve_version(a, a.model_uri)
     max_ongoing = a.max_ongoing_requests or 2 * a.max_batch_size  # Ray's default of 5 would cap a batch at 5
     return SentimentService.options(

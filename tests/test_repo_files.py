@@ -55,3 +55,17 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert command in ci.splitlines()
     for step in ("pip install torch==2.13.0", "pip install -e '.[test]'"):
         assert step in readme and step in ci
+
+
+def test_serve_config_file_matches_serves_schema_and_app_args():
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve_app.schemas import AppArgs
+
+    raw = yaml.safe_load((ROOT / "serve_app" / "serve_config.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(raw)
+    [app] = schema.applications
+    assert app.import_path == "serve_app.app:build_app"
+    args = AppArgs.model_validate(app.args)
+    assert args.model_uri.endswith("@champion")
+    assert raw["http_options"]["host"] == "127.0.0.1"
