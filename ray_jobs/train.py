@@ -115,9 +115,10 @@ def make_optimizer(model, lr: float, weight_decay: float):
     import torch
 
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [
-        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": weight_decay},
-        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
+        {"params": [p for n, p in params if not n.endswith(no_decay)], "weight_decay": weight_decay},
+        {"params": [p for n, p in params if n.endswith(no_decay)], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=lr)
 
@@ -205,6 +206,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_labels = [val_split.labels[i] for i in val_idx]
     lengths = [len(s) for s in train_seqs]
 
+    if mc.freeze_embeddings:
+        model.distilbert.embeddings.word_embeddings.weight.requires_grad_(False)
     model = ray.train.torch.prepare_model(model)
     optimizer = make_optimizer(model, tc.lr, tc.weight_decay)
     steps_per_epoch = math.ceil(per_rank / tc.batch_size)
@@ -367,7 +370,8 @@ def best_checkpoint(result) -> tuple[str, dict[str, Any]]:
     pairs = getattr(result, "best_checkpoints", None) or []
     if not pairs:
         raise SentimentError("the training run left no checkpoint")
-    ckpt, metrics = max(pairs, key=lambda p: p[1].get(METRIC, -1.0))
+    # On a tie the later checkpoint wins: it has seen more data (and a lower learning rate).
+    ckpt, metrics = max(pairs, key=lambda p: (p[1].get(METRIC, -1.0), p[1].get("step", 0)))
     return ckpt.path, metrics
 
 

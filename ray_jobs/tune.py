@@ -38,7 +38,7 @@ class TrialRecord:
     @property
     def best(self) -> dict[str, Any] | None:
         rows = [r for r in self.history if r.get(CHECKPOINT_KEY) and r.get(METRIC) is not None]
-        return max(rows, key=lambda r: r[METRIC]) if rows else None
+        return max(rows, key=lambda r: (r[METRIC], r.get("step", 0))) if rows else None  # ties: the later one
 
 
 @dataclass

@@ -141,3 +141,12 @@ def test_load_splits_from_config_and_subsample():
     s = load_splits(cfg)
     assert len(s.train) == 50 and len(s.val) == 30 and len(s.test) == 30
     assert load_splits(cfg).digests() == s.digests()
+
+
+def test_encode_drops_html_line_breaks():
+    from ray_jobs.model import load_tokenizer, minilm_path
+
+    tok = load_tokenizer(minilm_path())
+    [a] = encode(tok, ["great film.<br /><br />loved it"], 32)
+    [b] = encode(tok, ["great film.  loved it"], 32)
+    assert a == b
