@@ -13,7 +13,6 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
 
 from ray_jobs.config import PipelineConfig
 from ray_jobs.data import Split, load_splits

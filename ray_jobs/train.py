@@ -375,21 +375,31 @@ def best_checkpoint(result) -> tuple[str, dict[str, Any]]:
     return ckpt.path, metrics
 
 
-def main(argv: list[str] | None = None) -> int:
+def start_run(args) -> tuple[PipelineConfig, Any, dict[str, Any]] | None:
+    """For the command-line entry points: config and splits loaded (None after logging the error:
+    the caller exits with EXIT_USAGE), Ray started, the data in the object store.
+    Returns (config, data reference, run metadata)."""
     from ray_jobs.data import load_splits
 
-    args = config_parser("Fine-tune the sentiment classifier with Ray Train (no search, no registry).").parse_args(argv)
     try:
         cfg = load_from_args(args)
         splits = load_splits(cfg.data)
     except SentimentError as err:
         log.error("%s", err)
-        return EXIT_USAGE
+        return None
     log.info("data: %d train / %d val / %d test examples, digests %s", len(splits.train), len(splits.val), len(splits.test), splits.digests())
     init_ray(cfg.ray)
-    meta = {"config_digest": cfg.digest(), "data_digests": splits.digests()}
+    return cfg, put_data(splits.train, splits.val), {"config_digest": cfg.digest(), "data_digests": splits.digests()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = config_parser("Fine-tune the sentiment classifier with Ray Train (no search, no registry).").parse_args(argv)
+    started = start_run(args)
+    if started is None:
+        return EXIT_USAGE
+    cfg, data_ref, meta = started
     try:
-        result = fit(cfg, system_settings(cfg, put_data(splits.train, splits.val), meta))
+        result = fit(cfg, system_settings(cfg, data_ref, meta))
         path, metrics = best_checkpoint(result)
     except Exception as err:  # Ray wraps worker errors; the message is what the user needs
         log.error("training failed: %s", err)

@@ -19,8 +19,8 @@ from typing import Any
 
 from ray_jobs.config import PipelineConfig
 from ray_jobs.errors import SentimentError
-from ray_jobs.runtime import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, absolute, config_parser, get_logger, init_ray, load_from_args
-from ray_jobs.train import METRIC, fit, hparams_of, put_data, system_settings
+from ray_jobs.runtime import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, absolute, config_parser, get_logger
+from ray_jobs.train import METRIC, fit, hparams_of, start_run, system_settings
 
 log = get_logger("ray_jobs.tune")
 
@@ -159,21 +159,15 @@ def run_search(cfg: PipelineConfig, data_ref, meta: dict[str, Any], name: str | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ray_jobs.data import load_splits
-
     parser = config_parser("Search hyper-parameters with Ray Tune (no registry, no gate).")
     parser.add_argument("--resume", metavar="EXPERIMENT_PATH", help="continue an interrupted search from its folder")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_from_args(args)
-        splits = load_splits(cfg.data)
-    except SentimentError as err:
-        log.error("%s", err)
+    started = start_run(args)
+    if started is None:
         return EXIT_USAGE
-    init_ray(cfg.ray)
+    cfg, data_ref, meta = started
     try:
-        outcome = run_search(cfg, put_data(splits.train, splits.val), {"config_digest": cfg.digest(), "data_digests": splits.digests()},
-                             restore_path=args.resume)
+        outcome = run_search(cfg, data_ref, meta, restore_path=args.resume)
     except Exception as err:
         log.error("search failed: %s", err)
         return EXIT_FAILURE

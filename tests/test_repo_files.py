@@ -69,3 +69,11 @@ def test_serve_config_file_matches_serves_schema_and_app_args():
     args = AppArgs.model_validate(app.args)
     assert args.model_uri.endswith("@champion")
     assert raw["http_options"]["host"] == "127.0.0.1"
+
+
+def test_ruff_is_clean():
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff not installed")
+    r = subprocess.run([ruff, "check", "ray_jobs", "serve_app", "benchmarks", "tests"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
