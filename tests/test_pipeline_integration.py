@@ -13,7 +13,8 @@ from conftest import tiny_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-RUN = ["train.epochs=2", "tune.num_samples=2", "tune.search_space={lr: {type: choice, values: [0.001, 0.002]}}",
+# A grid (not a random choice) so that the two trials are sure to differ.
+RUN = ["train.epochs=2", "tune.num_samples=1", "tune.search_space={lr: {type: grid, values: [0.001, 0.002]}}",
        "gate.floor=0.6", "serve.num_cpus=0.5", "serve.app_name=pipe", "serve.route_prefix=/",
        "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1"]
 
