@@ -20,9 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ray_jobs.config import ModelConfig  # noqa: E402
+from ray_jobs.gate import f1_counts  # noqa: E402
 from ray_jobs.data import batch_order, encode, generate_reviews, pad_batch, split_examples  # noqa: E402
 from ray_jobs.model import build_model, save_model  # noqa: E402
 from ray_jobs.train import autocast_dtype, make_optimizer, train_step  # noqa: E402
@@ -49,12 +51,8 @@ def learn(precision: str, epochs: int = 6) -> dict:
     from serve_app.predictor import Predictor
 
     probs = Predictor(out, precision=precision, device="cuda").predict_proba(splits.val.texts)
-    preds = probs.argmax(1)
     labels = splits.val.labels
-    tp = sum(1 for p, y in zip(preds, labels) if p == 1 and y == 1)
-    fp = sum(1 for p, y in zip(preds, labels) if p == 1 and y == 0)
-    fn = sum(1 for p, y in zip(preds, labels) if p == 0 and y == 1)
-    f1 = 2 * tp / max(1, 2 * tp + fp + fn)
+    f1 = f1_counts(np.asarray(labels), probs.argmax(1))["f1"]
     return {"precision": precision, "amp_dtype": str(amp), "first_loss": sum(losses[:20]) / 20, "last_loss": sum(losses[-20:]) / 20,
             "val_f1": f1, "seconds": time.time() - t0, "model_dir": str(out), "val_texts": len(labels)}
 

@@ -209,12 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         if args.deploy_only:
-            from serve_app.app import resolve_version
-            from serve_app.deploy import app_args, deploy
+            from serve_app.deploy import deploy_champion
 
-            init_ray(cfg.ray)
-            a = app_args(cfg)
-            url = deploy(cfg, wait_version=resolve_version(a, a.model_uri))
+            _, url = deploy_champion(cfg)
             print(f"endpoint       {url}/predict")
             code = EXIT_OK
         else:

@@ -199,7 +199,7 @@ class SentimentModel:
         self.metrics.count_labels(r["label"] for r in results)
         return results
 
-    async def _timed(self, endpoint: str, request: Request, handler):
+    async def _timed(self, endpoint: str, handler):
         start = time.perf_counter()
         status = 500
         try:
@@ -234,7 +234,7 @@ class SentimentModel:
                 raise ApiError(503, self.load_error or "no model loaded")
             return await self._predict_batch(req.text)
 
-        return await self._timed("predict", request, handle)
+        return await self._timed("predict", handle)
 
     @api.post("/batch_predict", response_model=BatchPrediction, responses=_ERRORS, openapi_extra=_body_schema(BatchPredictRequest))
     async def batch_predict(self, request: Request):
@@ -251,7 +251,7 @@ class SentimentModel:
             # Each text joins the dynamic batch on its own, so a big request and many small ones share batches.
             return {"predictions": list(await asyncio.gather(*(self._predict_batch(t) for t in req.texts)))}
 
-        return await self._timed("batch_predict", request, handle)
+        return await self._timed("batch_predict", handle)
 
 
 SentimentService = serve.deployment(ray_actor_options={"num_cpus": 1})(serve.ingress(api)(SentimentModel))

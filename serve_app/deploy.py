@@ -66,6 +66,17 @@ def deploy(cfg: PipelineConfig, wait_version: str | None = None, timeout_s: floa
     raise SentimentError(f"the Serve app did not report version {wait_version} within {timeout_s:.0f}s (last answer: {last})")
 
 
+def deploy_champion(cfg: PipelineConfig) -> tuple[str, str]:
+    """Start Ray if needed, deploy (or hot-swap to) the configured model and wait until it serves.
+    Returns (version, endpoint URL)."""
+    from serve_app.app import resolve_version
+
+    init_ray(cfg.ray)
+    args = app_args(cfg)
+    version = resolve_version(args, args.model_uri)
+    return version, deploy(cfg, wait_version=version)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = config_parser("Deploy the champion with Ray Serve, or hot-swap a running app to it.")
     parser.add_argument("--block", action="store_true", help="stay up until Ctrl-C/SIGTERM (containers, in-process Ray)")
@@ -75,12 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     except SentimentError as err:
         log.error("%s", err)
         return EXIT_USAGE
-    init_ray(cfg.ray)
     try:
-        from serve_app.app import resolve_version
-
-        version = resolve_version(app_args(cfg), app_args(cfg).model_uri)
-        url = deploy(cfg, wait_version=version)
+        version, url = deploy_champion(cfg)
     except Exception as err:
         log.error("deploy failed: %s", err)
         return EXIT_FAILURE
