@@ -160,6 +160,7 @@ class SentimentModel:
         self.load_error: str | None = None
         self.metrics = ServeMetrics()
         self._swap_lock = asyncio.Lock()
+        self._batches = self._batched_items = 0
 
     # -------------------------------------------------------------- configuration and health
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -184,6 +185,11 @@ class SentimentModel:
             self.predictor, self.info, self.load_error = predictor, info, None
             self.metrics.set_model_version(info.version)
 
+    def batch_stats(self) -> dict[str, int]:
+        """Batches run and texts in them since start (exact, for load tests through a handle:
+        `serve.get_deployment_handle(...).batch_stats.remote()`; Prometheus has the histogram)."""
+        return {"batches": self._batches, "items": self._batched_items}
+
     def check_health(self) -> None:
         if self.predictor is None:
             raise RuntimeError(self.load_error or "no model loaded")
@@ -193,6 +199,8 @@ class SentimentModel:
     async def _predict_batch(self, texts: list[str]) -> list[dict]:
         predictor, info = self.predictor, self.info  # one model for the whole batch, even during a swap
         self.metrics.observe_batch(len(texts))
+        self._batches += 1
+        self._batched_items += len(texts)
         results = await asyncio.to_thread(predictor.predict, texts)
         for r in results:
             r["model_version"] = info.version
@@ -232,7 +240,9 @@ class SentimentModel:
             check_text(req.text, self.args.max_text_chars)
             if self.predictor is None:
                 raise ApiError(503, self.load_error or "no model loaded")
-            return await self._predict_batch(req.text)
+            # A ready JSONResponse skips FastAPI's re-validation and re-encoding of an answer our own
+            # code built (the schema stays in /docs): less work on the event loop per request.
+            return JSONResponse(await self._predict_batch(req.text))
 
         return await self._timed("predict", handle)
 
@@ -249,7 +259,7 @@ class SentimentModel:
             if self.predictor is None:
                 raise ApiError(503, self.load_error or "no model loaded")
             # Each text joins the dynamic batch on its own, so a big request and many small ones share batches.
-            return {"predictions": list(await asyncio.gather(*(self._predict_batch(t) for t in req.texts)))}
+            return JSONResponse({"predictions": list(await asyncio.gather(*(self._predict_batch(t) for t in req.texts)))})
 
         return await self._timed("batch_predict", handle)
 

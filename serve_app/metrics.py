@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from typing import Iterable
 
 _LATENCY_BOUNDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
@@ -28,8 +29,9 @@ class ServeMetrics:
         self.batch_size.observe(size)
 
     def count_labels(self, labels: Iterable[str]) -> None:
-        for label in labels:
-            self.labels.inc(1, tags={"label": label})
+        # One record per label and batch, not per text: each record is a call into Ray's metrics agent.
+        for label, n in collections.Counter(labels).items():
+            self.labels.inc(n, tags={"label": label})
 
     def set_model_version(self, version: str) -> None:
         self.version.set(float(version) if version.isdigit() else 0.0)

@@ -83,6 +83,7 @@ def test_batched_method_awaited_directly_with_concurrent_calls(model_dir, monkey
     got = asyncio.run(run())
     sizes = [c.args[0] for c in observed.call_args_list]
     assert sum(sizes) == len(texts) and max(sizes) > 1 and max(sizes) <= 8, sizes
+    assert svc.batch_stats() == {"batches": len(sizes), "items": len(texts)}
     for g, e in zip(got, expected):
         assert g["label"] == e["label"] and g["score"] == pytest.approx(e["score"], abs=1e-4)
         assert g["model_version"] == "local"
