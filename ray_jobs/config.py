@@ -220,9 +220,19 @@ class ServeConfig(_Strict):
 
 
 class RayConfig(_Strict):
-    # None: connect to a running local cluster if there is one (or RAY_ADDRESS), else start one in-process.
+    # None: connect to a running local cluster if there is one (or RAY_ADDRESS), else start one in-process;
+    # "local": always start a new one in-process.
     address: str | None = None
     num_cpus: int | None = Field(None, ge=1, description="only when starting a local cluster")
+    # How HTTP reaches the Serve replicas. Ray reads this from environment variables when the cluster
+    # starts, so it applies to a cluster this process starts; for `ray start`/`ray up` clusters export
+    # the variables (`runtime.SERVE_INGRESS_ENV`) before `ray start`. See README "Serving modes".
+    #   proxy:   Serve's Python proxy on serve.port (Ray's default).
+    #   direct:  RAY_SERVE_THROUGHPUT_OPTIMIZED=1: the proxy stays on serve.port, and each replica also
+    #            serves HTTP itself on a port of its own (30000 and up) on serve.host.
+    #   haproxy: direct + RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy on serve.port in front of the replicas;
+    #            Ray then binds the replica ports on all interfaces (needed across nodes).
+    serve_ingress: Literal["proxy", "direct", "haproxy"] = "proxy"
 
 
 class PipelineConfig(_Strict):

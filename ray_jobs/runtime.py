@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ray_jobs.config import PipelineConfig, RayConfig, load_config
+from ray_jobs.errors import ConfigError
 
 # Exit codes of every `python -m ray_jobs.*` command.
 EXIT_OK = 0  # success (pipeline: the challenger was promoted)
@@ -49,6 +50,27 @@ def absolute(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
+# The environment each `ray.serve_ingress` mode needs when the Ray cluster starts.
+SERVE_INGRESS_ENV: dict[str, dict[str, str]] = {
+    "proxy": {},
+    "direct": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+}
+
+
+def apply_serve_ingress(mode: str) -> dict[str, str]:
+    """Put the variables of `mode` into this process's environment, from where a Ray cluster started
+    by this process passes them to its workers. A variable the shell already set to another value
+    is a configuration error, not something to override silently."""
+    env = SERVE_INGRESS_ENV[mode]
+    for key, value in env.items():
+        have = os.environ.get(key)
+        if have is not None and have != value:
+            raise ConfigError(f"ray.serve_ingress={mode} needs {key}={value}, but the environment sets {key}={have}")
+        os.environ[key] = value
+    return env
+
+
 def init_ray(cfg: RayConfig, runtime_env: dict | None = None) -> None:
     """Connect to the configured cluster, a running local cluster (`ray start`) or RAY_ADDRESS;
     else start one in this process. Keeps the dashboard on: Tune needs it to release the
@@ -57,6 +79,11 @@ def init_ray(cfg: RayConfig, runtime_env: dict | None = None) -> None:
 
     if ray.is_initialized():
         return
+    if apply_serve_ingress(cfg.serve_ingress) and (cfg.address not in (None, "local") or os.environ.get("RAY_ADDRESS")):
+        get_logger("ray_jobs.runtime").warning(
+            "ray.serve_ingress=%s only takes effect on a cluster started with %s in its environment "
+            "(this process connects to an existing cluster)", cfg.serve_ingress,
+            " ".join(f"{k}={v}" for k, v in SERVE_INGRESS_ENV[cfg.serve_ingress].items()))
     kwargs: dict = {"address": cfg.address, "runtime_env": runtime_env, "include_dashboard": True, "log_to_driver": True}
     if cfg.num_cpus is not None:
         kwargs["num_cpus"] = cfg.num_cpus

@@ -81,3 +81,23 @@ def test_with_hparams_revalidates():
     with pytest.raises(ConfigError):
         cfg.with_hparams({"batch_size": -1})
     assert cfg.digest() != cfg.with_hparams({"lr": 1e-4}).digest()
+
+
+def test_serve_ingress_modes_set_ray_environment(monkeypatch):
+    import os
+
+    from ray_jobs.runtime import apply_serve_ingress
+
+    # A private copy: the variables must not leak into the test session's Ray cluster.
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")})
+    assert apply_serve_ingress("proxy") == {} and not any(k.startswith("RAY_SERVE_") for k in os.environ)
+    apply_serve_ingress("direct")
+    assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
+    apply_serve_ingress("haproxy")
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "0"  # the user's shell says otherwise: an error, not an override
+    with pytest.raises(ConfigError, match="RAY_SERVE_THROUGHPUT_OPTIMIZED=1"):
+        apply_serve_ingress("direct")
+    assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
+    with pytest.raises(ConfigError, match="ray.serve_ingress"):
+        load_config(ROOT / "tune_configs/quickstart.yaml", ["ray.serve_ingress=nginx"])

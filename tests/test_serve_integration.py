@@ -180,3 +180,54 @@ def test_metrics_reach_prometheus(app_url, ray_cluster):
         time.sleep(2)
     assert "sentiment_requests_total" in text
     assert 'endpoint="predict"' in text and "sentiment_model_version" in text and "sentiment_predictions_total" in text
+
+
+@pytest.mark.slow
+def test_direct_ingress_mode_serves_on_the_proxy_and_the_replica_port(tmp_path, trained_tiny):
+    """`ray.serve_ingress=direct` reaches a cluster that `serve_app.deploy` starts itself (a second,
+    private Ray cluster in a subprocess): the app answers through Serve's proxy on serve.port and
+    directly on the replica's own port, with the same prediction."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT, TINY, free_port
+
+    port = free_port()
+    sets = [*TINY, "ray.num_cpus=2", "ray.address=local", "ray.serve_ingress=direct", f"serve.port={port}",
+            f"serve.model_uri={trained_tiny[2]}", "serve.num_cpus=0.5", "serve.app_name=direct",
+            "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1", f"registry.root={tmp_path}/mlflow"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_SERVE_")}
+    proc = subprocess.Popen([sys.executable, "-m", "serve_app.deploy", "--config", str(ROOT / "tune_configs/quickstart.yaml"),
+                             *[x for kv in sets for x in ("--set", kv)], "--block"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        url = ""
+        for line in proc.stdout:  # deploy prints the endpoint once /model answers
+            if line.startswith("http://"):
+                url = line.strip()
+                break
+        assert url == f"http://127.0.0.1:{port}", f"deploy exited with {proc.poll()} before printing its endpoint"
+        direct = None
+        for p in range(30000, 30100):  # Serve allocates direct-ingress ports from 30000 up
+            try:
+                if httpx.get(f"http://127.0.0.1:{p}/health", timeout=1).status_code == 200:
+                    direct = p
+                    break
+            except httpx.HTTPError:
+                continue
+        assert direct is not None, "no replica port answered /health"
+        text = {"text": "A moving, beautifully acted film."}
+        via_proxy = httpx.post(f"{url}/predict", json=text, timeout=30)
+        via_replica = httpx.post(f"http://127.0.0.1:{direct}/predict", json=text, timeout=30)
+        assert via_proxy.status_code == via_replica.status_code == 200
+        assert via_proxy.json()["label"] == via_replica.json()["label"]
+        assert via_proxy.json()["score"] == pytest.approx(via_replica.json()["score"], abs=1e-5)
+        assert httpx.post(f"http://127.0.0.1:{direct}/predict", json={"text": " "}).status_code == 422
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
