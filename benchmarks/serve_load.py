@@ -1,19 +1,32 @@
-"""Serving load test on loopback: a closed-loop HTTP load generator (bounded in requests and time) that
+"""Serving load test on loopback: a closed-loop HTTP load generator (bounded in requests and time)
 sweeps concurrency against, in one run and on the same model:
-  1. the Ray Serve app with dynamic batching,
-  2. the same app with batching off (max batch 1),
-  3. a plain one-process FastAPI server running the model per request (the seed's design),
-and next to them the in-process batched forward of the same model (the upper bound, no HTTP).
+  1. the Ray Serve app with dynamic batching, behind Serve's default Python proxy,
+  2. the same app with Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: the
+     replica serves HTTP itself, "direct ingress"; the client talks to the replica's port),
+  3. the same app behind Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1, port as in 1),
+  4. the app with batching off (max batch 1, default proxy),
+  5. a plain one-process FastAPI server running the model per request (the seed's design),
+next to the in-process batched forward of the same model (the upper bound, no HTTP).
 
-    python benchmarks/serve_load.py                          # synthetic reviews, 128-token model
+    python benchmarks/serve_load.py                                   # synthetic reviews, 128-token model
     python benchmarks/serve_load.py --levels 1 8 32 64 128 --seconds 10
+    python benchmarks/serve_load.py --data ../shared/data/sst2/dev.parquet   # real sentences
+
+Every model server gets 1 core (1 torch thread) of the machine's 2; the load generator, the proxy
+and Ray's own processes share the other. Each Serve variant runs in its own Ray cluster (the
+Serve modes are environment variables read when Ray starts). Mean batch sizes are exact counts
+read from the replica through a handle. The upper bound is measured right before and right after
+every load level (these shared machines drift by +-30% within minutes); each level is reported as a
+share of the mean of its two readings.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,10 +35,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import httpx  # noqa: E402
-
-from ray_jobs.config import ModelConfig  # noqa: E402
-from ray_jobs.data import generate_reviews  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+SERVE_PORT = 18080
 
 PLAIN_SERVER = '''
 import sys, torch
@@ -46,68 +57,269 @@ def health():
     return {{"status": "ok"}}
 '''
 
+SERVE_VARIANTS = {
+    # name: (environment for the Ray cluster, max batch size (None: --max-batch-size), how the client reaches the app)
+    "serve-batched": ({}, None, "proxy"),
+    "serve-batched-direct": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, None, "direct"),
+    "serve-batched-haproxy": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}, None, "proxy"),
+    "serve-unbatched": ({}, 1, "proxy"),
+}
 
-async def closed_loop(url: str, texts: list[str], concurrency: int, seconds: float, max_requests: int) -> dict:
+
+# ------------------------------------------------------------------------------------ load generator
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, bool]:
+    """Send one HTTP/1.1 request on a kept-alive connection; read the whole answer. (status, server closes)"""
+    writer.write(request)
+    line = await reader.readline()
+    if not line:
+        raise ConnectionError("connection closed by the server")
+    status = int(line.split(b" ", 2)[1])
+    length, chunked, close = 0, False, False
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b"\n", b""):
+            break
+        key, _, value = line.partition(b":")
+        key, value = key.strip().lower(), value.strip().lower()
+        if key == b"content-length":
+            length = int(value)
+        elif key == b"transfer-encoding" and b"chunked" in value:
+            chunked = True
+        elif key == b"connection" and value == b"close":
+            close = True
+    if chunked:
+        while True:
+            size = int((await reader.readline()).split(b";")[0], 16)
+            await reader.readexactly(size + 2)
+            if size == 0:
+                break
+    elif length:
+        await reader.readexactly(length)
+    return status, close
+
+
+async def closed_loop(host: str, port: int, path: str, texts: list[str], concurrency: int, seconds: float, max_requests: int) -> dict:
+    """`concurrency` clients on their own kept-alive connections, each sending its next request when the
+    last one is answered. A bare asyncio HTTP/1.1 client: a full HTTP library would spend more of the
+    shared cores than the servers it measures."""
+    bodies = [json.dumps({"text": t}).encode() for t in texts]
+    requests = [(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(b)}\r\n\r\n").encode() + b for b in bodies]
     latencies: list[float] = []
-    errors = 0
-    sent = 0
+    errors = sent = 0
     deadline = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
-        async def worker(k: int) -> None:
-            nonlocal errors, sent
-            i = k
-            while time.perf_counter() < deadline and sent < max_requests:
-                sent += 1
-                t0 = time.perf_counter()
-                try:
-                    r = await client.post(url, json={"text": texts[i % len(texts)]})
-                    if r.status_code == 200:
-                        latencies.append(time.perf_counter() - t0)
-                    else:
-                        errors += 1
-                except httpx.HTTPError:
-                    errors += 1
-                i += concurrency
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(k) for k in range(concurrency)))
-        elapsed = time.perf_counter() - t0
+    async def client(k: int) -> None:
+        nonlocal errors, sent
+        i, conn = k, None
+        while time.perf_counter() < deadline and sent < max_requests:
+            sent += 1
+            t0 = time.perf_counter()
+            try:
+                if conn is None:
+                    conn = await asyncio.open_connection(host, port)
+                    conn[1].get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                status, close = await asyncio.wait_for(_exchange(*conn, requests[i % len(requests)]), 60)
+                if status == 200:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors += 1
+                if close:
+                    conn[1].close()
+                    conn = None
+            except (OSError, ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, IndexError):
+                errors += 1
+                if conn is not None:
+                    conn[1].close()
+                conn = None
+            i += concurrency
+        if conn is not None:
+            conn[1].close()
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(client(k) for k in range(concurrency)))
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     latencies.sort()
 
     def pct(q: float) -> float:
         return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
 
-    return {"req_s": len(latencies) / elapsed, "p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99), "errors": errors, "n": len(latencies)}
+    return {"req_s": len(latencies) / elapsed, "p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99), "errors": errors,
+            "n": len(latencies), "client_cpu": cpu / elapsed}
 
 
-def batch_stats(metrics_port: int, app: str) -> tuple[float, float]:
-    """(sum, count) of the batch-size histogram on Ray's Prometheus endpoint. One app runs at a
-    time, so all series are summed (`app` is kept for the call sites' readability)."""
-    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
-    s = c = 0.0
-    for line in text.splitlines():
-        if line.startswith("ray_sentiment_batch_size_sum"):
-            s += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("ray_sentiment_batch_size_count"):
-            c += float(line.rsplit(" ", 1)[1])
-    return s, c
+def run_async(coro):
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
-def in_process_upper_bound(model_dir: str, texts: list[str], precision: str, batch: int = 32) -> float:
-    import torch
+def run_load(host: str, port: int, path: str, texts: list[str], level: int, args) -> dict:
+    return run_async(closed_loop(host, port, path, texts, level, args.seconds, args.max_requests))
 
-    from serve_app.predictor import Predictor
 
-    torch.set_num_threads(1)
-    p = Predictor(model_dir, num_threads=1, precision=precision, batch_size=batch)
-    p.predict(texts[:batch])
-    t0 = time.perf_counter()
-    n = 0
-    while time.perf_counter() - t0 < 10:
-        p.predict(texts[n % len(texts): n % len(texts) + batch] or texts[:batch])
-        n += batch
-    return n / (time.perf_counter() - t0)
+def show(name: str, level: int, r: dict) -> None:
+    print(f"{name:>22} c={level:<4} {r['req_s']:7.1f} req/s  p50 {r['p50']:7.1f} ms  p95 {r['p95']:7.1f}  p99 {r['p99']:7.1f}  "
+          f"errors {r['errors']}  mean batch {r['mean_batch']:.1f}  client CPU {r['client_cpu']:.0%}  "
+          f"= {r['of_bound']:.0%} of the upper bound ({r['upper_bound']:.0f} req/s around it)", flush=True)
+
+
+def wait_http(url: str, timeout_s: float = 120) -> None:
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout_s:.0f}s")
+
+
+def direct_port(app_name: str) -> int:
+    """The port the ingress replica listens on in direct-ingress mode (Serve allocates it from 30000 up)."""
+    import httpx
+
+    for port in range(30000, 30100):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/{app_name}/health", timeout=1).status_code == 200:
+                return port
+        except httpx.HTTPError:
+            continue
+    raise RuntimeError("no direct-ingress replica port answered /health in 30000-30099")
+
+
+# ------------------------------------------------------------------------------------ one Serve variant
+def serve_variant_main(args) -> int:
+    """Child process: one Ray cluster, one Serve app, the concurrency sweep; JSON to args.child_out."""
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    name = args.child
+    _, mbs, access = SERVE_VARIANTS[name]
+    mbs = mbs or args.max_batch_size
+    texts = json.loads(Path(args.child_texts).read_text())
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
+    serve.run(build_app({"model_uri": args.child_model, "precision": args.precision, "num_cpus": 1, "max_batch_size": mbs,
+                         "batch_wait_timeout_s": args.batch_wait_ms / 1000 if mbs > 1 else 0.0,
+                         "max_ongoing_requests": max(2 * mbs, 8), "max_queued_requests": -1,
+                         "min_replicas": 1, "max_replicas": 1, "name": name}),
+              name=name, route_prefix=f"/{name}")
+    port = direct_port(name) if access == "direct" else SERVE_PORT
+    wait_http(f"http://127.0.0.1:{port}/{name}/health")
+    handle = serve.get_deployment_handle(f"{name}-model", app_name=name)
+    out = {}
+
+    # One event loop for the whole sweep: in throughput-optimized mode a handle's router lives in
+    # the loop that first uses it.
+    bound = UpperBound(args.child_model, texts, args.precision, args.max_batch_size)
+
+    async def sweep() -> None:
+        for level in args.levels:
+            before = await handle.batch_stats.remote()
+            b0 = bound.measure()  # the replica is idle while the bound is measured
+            r = await closed_loop("127.0.0.1", port, f"/{name}/predict", texts, level, args.seconds, args.max_requests)
+            b1 = bound.measure()
+            after = await handle.batch_stats.remote()
+            r["mean_batch"] = (after["items"] - before["items"]) / max(1, after["batches"] - before["batches"])
+            r["upper_bound"] = (b0 + b1) / 2
+            r["of_bound"] = r["req_s"] / r["upper_bound"]
+            out[level] = r
+            show(name, level, r)
+
+    run_async(sweep())
+    Path(args.child_out).write_text(json.dumps(out))
+    ray.shutdown()  # the parent stops the cluster (`ray stop`); Serve goes with it
+    return 0
+
+
+def run_serve_variant(name: str, model_dir: str, texts_file: Path, tmp: Path, args) -> dict[int, dict] | None:
+    env, _, _ = SERVE_VARIANTS[name]
+    out = tmp / f"{name}.json"
+    cmd = [sys.executable, __file__, "--child", name, "--child-model", model_dir, "--child-texts", str(texts_file),
+           "--child-out", str(out), "--levels", *map(str, args.levels), "--seconds", str(args.seconds),
+           "--max-requests", str(args.max_requests), "--precision", args.precision,
+           "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms)]
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    proc = subprocess.run(cmd, env={**os.environ, **env}, timeout=1800)
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    if proc.returncode != 0 or not out.exists():
+        print(f"{name}: failed (exit {proc.returncode}); left out of the table", flush=True)
+        return None
+    return {int(k): v for k, v in json.loads(out.read_text()).items()}
+
+
+# ------------------------------------------------------------------------------------ baselines
+class UpperBound:
+    """The in-process batched forward of the same model, 1 thread, no HTTP: the ceiling for any server.
+    These shared machines drift by +-30% within minutes, so it is measured right before and right after
+    each load level, and each level is compared with the mean of its two readings."""
+
+    def __init__(self, model_dir: str, texts: list[str], precision: str, batch: int):
+        import torch
+
+        from serve_app.predictor import Predictor
+
+        torch.set_num_threads(1)
+        self.p = Predictor(model_dir, num_threads=1, precision=precision, batch_size=batch)
+        self.texts, self.batch = texts, batch
+        self.p.predict(texts[:batch])
+
+    def measure(self, seconds: float = 5.0) -> float:
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds:
+            start = n % len(self.texts)
+            self.p.predict(self.texts[start: start + self.batch] or self.texts[: self.batch])
+            n += self.batch
+        return n / (time.perf_counter() - t0)
+
+
+def bracketed(bound: UpperBound, load) -> dict:
+    before = bound.measure()
+    r = load()
+    after = bound.measure()
+    r["upper_bound"] = (before + after) / 2
+    r["of_bound"] = r["req_s"] / r["upper_bound"]
+    return r
+
+
+def fastapi_per_request(model_dir: str, texts: list[str], tmp: Path, args, bound: UpperBound) -> dict[int, dict]:
+    server = tmp / "plain_server.py"
+    server.write_text(PLAIN_SERVER.format(root=str(ROOT), model=model_dir, precision=args.precision))
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "plain_server:app", "--host", "127.0.0.1", "--port", "18081",
+                             "--log-level", "warning"], cwd=tmp, env={**os.environ, "PYTHONPATH": str(tmp)})
+    out = {}
+    try:
+        wait_http("http://127.0.0.1:18081/health")
+        for level in args.levels:
+            r = bracketed(bound, lambda: run_load("127.0.0.1", 18081, "/predict", texts, level, args))
+            r["mean_batch"] = 1.0
+            out[level] = r
+            show("fastapi-per-request", level, r)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return out
+
+
+def load_texts(args) -> list[str]:
+    if args.data:
+        from ray_jobs.data import load_file
+
+        texts = load_file(args.data, text_column=args.text_column).texts
+    else:
+        from ray_jobs.data import generate_reviews
+
+        texts = generate_reviews(4000, seed=11).texts
+    # Distinct texts: no cache anywhere can answer a repeat.
+    return [f"{t} (#{i})" for i, t in enumerate(texts)]
 
 
 def main() -> int:
@@ -117,81 +329,55 @@ def main() -> int:
     ap.add_argument("--max-requests", type=int, default=5000, help="per concurrency level")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--batch-wait-ms", type=float, default=5.0)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--data", help="texts to send (a labelled .parquet/.csv/.jsonl); default: synthetic reviews")
+    ap.add_argument("--text-column", default="text")
+    ap.add_argument("--only", nargs="+", choices=[*SERVE_VARIANTS, "fastapi-per-request"], help="run these servers only")
+    ap.add_argument("--out", help="also write the results as JSON to this file")
+    for hidden in ("--child", "--child-model", "--child-texts", "--child-out"):
+        ap.add_argument(hidden, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        return serve_variant_main(args)
 
-    import ray
-    from ray import serve
-
+    from ray_jobs.config import ModelConfig
     from ray_jobs.model import build_model, save_model
-    from serve_app.app import build_app
 
     tmp = Path(tempfile.mkdtemp())
     model, tok = build_model(ModelConfig(source="bert", name="minilm"))
-    model_dir = str(save_model(model, tok, tmp / "model", {"max_length": 128, "truncation": "head_tail"}))
-    texts = [f"{t} (#{i})" for i, t in enumerate(generate_reviews(4000, seed=11).texts)]
-    print(f"model: 384-wide 6-layer DistilBERT, max_length 128, precision {args.precision}; one replica = 1 CPU; 2 cores in all", flush=True)
+    model_dir = str(save_model(model, tok, tmp / "model", {"max_length": args.max_length, "truncation": "head_tail"}))
+    texts = load_texts(args)
+    texts_file = tmp / "texts.json"
+    texts_file.write_text(json.dumps(texts))
+    print(f"model: 384-wide 6-layer DistilBERT, max_length {args.max_length}, precision {args.precision}; "
+          f"{len(texts)} distinct texts from {args.data or 'the synthetic generator'}; each server 1 core of {os.cpu_count()}", flush=True)
 
-    upper = in_process_upper_bound(model_dir, texts, args.precision, args.max_batch_size)
-    print(f"in-process batched forward (batch {args.max_batch_size}, 1 thread): {upper:.1f} req/s", flush=True)
-
-    metrics_port = 18090
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
-    port = 18080
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    wanted = args.only or [*SERVE_VARIANTS, "fastapi-per-request"]
     results: dict[str, dict[int, dict]] = {}
-    variants = {"serve-batched": args.max_batch_size, "serve-unbatched": 1}
-    for name, mbs in variants.items():
-        serve.run(build_app({"model_uri": model_dir, "precision": args.precision, "num_cpus": 1, "max_batch_size": mbs,
-                             "batch_wait_timeout_s": 0.005 if mbs > 1 else 0.0, "max_ongoing_requests": max(2 * mbs, 8),
-                             "max_queued_requests": -1, "min_replicas": 1, "max_replicas": 1, "name": name}),
-                  name=name, route_prefix=f"/{name}")
-        url = f"http://127.0.0.1:{port}/{name}/predict"
-        results[name] = {}
-        for level in args.levels:
-            before = batch_stats(metrics_port, name)
-            r = asyncio.run(closed_loop(url, texts, level, args.seconds, args.max_requests))
-            time.sleep(11)  # Ray exports metrics every ~10 s
-            after = batch_stats(metrics_port, name)
-            r["mean_batch"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
-            results[name][level] = r
-            print(f"{name:>16} c={level:<4} {r['req_s']:7.1f} req/s  p50 {r['p50']:7.1f} ms  p95 {r['p95']:7.1f}  p99 {r['p99']:7.1f}  "
-                  f"errors {r['errors']}  mean batch {r['mean_batch']:.1f}", flush=True)
-        serve.delete(name)
-    serve.shutdown()
-    ray.shutdown()
-
-    # The seed's design: one uvicorn process, the model run per request.
-    server = tmp / "plain_server.py"
-    server.write_text(PLAIN_SERVER.format(root=str(Path(__file__).resolve().parents[1]), model=model_dir, precision=args.precision))
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "plain_server:app", "--host", "127.0.0.1", "--port", "18081", "--log-level", "warning"],
-                            cwd=tmp, env={**os.environ, "PYTHONPATH": str(tmp)})
-    try:
-        for _ in range(120):
-            try:
-                if httpx.get("http://127.0.0.1:18081/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        results["fastapi-per-request"] = {}
-        for level in args.levels:
-            r = asyncio.run(closed_loop("http://127.0.0.1:18081/predict", texts, level, args.seconds, args.max_requests))
-            r["mean_batch"] = 1.0
-            results["fastapi-per-request"][level] = r
-            print(f"{'fastapi-per-request':>16} c={level:<4} {r['req_s']:7.1f} req/s  p50 {r['p50']:7.1f} ms  p95 {r['p95']:7.1f}  "
-                  f"p99 {r['p99']:7.1f}  errors {r['errors']}", flush=True)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-    print(f"\nin-process upper bound: {upper:.1f} req/s\n")
-    print("| server | clients | req/s | p50 ms | p95 ms | p99 ms | errors | mean batch |\n|---|---|---|---|---|---|---|---|")
+    for name in SERVE_VARIANTS:
+        if name in wanted:
+            r = run_serve_variant(name, model_dir, texts_file, tmp, args)
+            if r:
+                results[name] = r
+    if "fastapi-per-request" in wanted:
+        bound = UpperBound(model_dir, texts, args.precision, args.max_batch_size)
+        results["fastapi-per-request"] = fastapi_per_request(model_dir, texts, tmp, args, bound)
+    print()
+    print("| server | clients | req/s | p50 ms | p95 ms | p99 ms | errors | mean batch | upper bound around it | of bound |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     for name, per in results.items():
         for level, r in per.items():
-            print(f"| {name} | {level} | {r['req_s']:.1f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | {r['errors']} | {r['mean_batch']:.1f} |")
-    if 64 in results["serve-batched"]:
-        b, f = results["serve-batched"][64], results["fastapi-per-request"][64]
-        print(f"\nat 64 clients: batched Serve = {b['req_s'] / f['req_s']:.2f}x the per-request server, "
-              f"{b['req_s'] / upper:.0%} of the in-process upper bound, p99 {b['p99']:.0f} ms")
+            print(f"| {name} | {level} | {r['req_s']:.1f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | {r['errors']} | "
+                  f"{r['mean_batch']:.1f} | {r['upper_bound']:.0f} | {r['of_bound']:.0%} |")
+    base = results.get("fastapi-per-request", {}).get(64)
+    for name in ("serve-batched", "serve-batched-direct", "serve-batched-haproxy"):
+        b = results.get(name, {}).get(64)
+        if b:
+            vs = f"{b['req_s'] / base['req_s']:.2f}x the per-request server ({b['of_bound'] / base['of_bound']:.2f}x in share of the bound), " if base else ""
+            print(f"at 64 clients, {name}: {vs}{b['of_bound']:.0%} of the in-process upper bound, p99 {b['p99']:.0f} ms")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"machine": f"{os.cpu_count()} CPUs", "results": results}, indent=1))
     return 0
 
 
