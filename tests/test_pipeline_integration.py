@@ -3,6 +3,7 @@ tune -> register -> gate -> deploy / hot-swap, the registry CLI, fail-closed beh
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -107,10 +108,17 @@ def test_pipeline_promotes_blocks_and_hot_swaps(serve_port, tmp_path, capsys):
     assert registry.main([*_args(tmp_path, serve_port), "rollback"]) == 0
     assert reg.champion() == "1" and reg.alias_version("previous") == "3"
     assert reg.get_version("1").tags["gate.decision"] == "rollback"
+    # The rollback moved the alias only; `--deploy-only` hot-swaps the running app to that champion.
+    assert httpx.get(f"{url}/model").json()["version"] == "3"
+    assert pipeline.main([*_args(tmp_path, serve_port), "--deploy-only"]) == 0
+    assert httpx.get(f"{url}/model").json()["version"] == "1"
+    capsys.readouterr()
     assert registry.main([*_args(tmp_path, serve_port), "promote", "3", "--force", "--reason", "test"]) == 0
     assert reg.champion() == "3"
     assert registry.main([*_args(tmp_path, serve_port), "experiments"]) == 0
-    assert capsys.readouterr().out.count("pipe") >= 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\d{4}-\d\d-\d\d ", line)]
+    assert len(rows) == 3, rows  # one parent run per pipeline run, with its version and gate decision
+    assert sum(line.rstrip().endswith("promote") for line in rows) == 2 and sum(line.rstrip().endswith("block") for line in rows) == 1, rows
 
 
 def test_unreachable_registry_fails_closed(tmp_path, capsys):
