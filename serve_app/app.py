@@ -13,6 +13,7 @@ import asyncio
 import json
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,11 @@ async def _unexpected(_: Request, err: Exception) -> JSONResponse:
     return JSONResponse({"error": f"internal error: {type(err).__name__}"}, status_code=500)
 
 
+def _timed_predict(predictor, texts: list[str]) -> tuple[list[dict], float]:
+    start = time.perf_counter()
+    return predictor.predict(texts), time.perf_counter() - start
+
+
 class SentimentModel:
     """The replica's logic. Plain class so that tests can await its batched method without a cluster;
     `SentimentService` below is the Serve deployment built from it."""
@@ -161,13 +167,22 @@ class SentimentModel:
         self.metrics = ServeMetrics()
         self._swap_lock = asyncio.Lock()
         self._batches = self._batched_items = 0
+        # One thread runs every forward pass: the replica computes one batch at a time. Two batches
+        # are in flight (`max_concurrent_batches=2`): the next one waits on this thread and starts the
+        # moment the current one ends, instead of after the event loop has sent the current batch's
+        # answers (measured: ~28 ms idle per batch, 13%, with one batch in flight).
+        self._forward = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self._in_flight = 0
+        self._wait_s = self.args.batch_wait_timeout_s  # the configured wait, for an idle model
+        self._forward_s = 0.0  # moving average of one forward pass
 
     # -------------------------------------------------------------- configuration and health
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply batching settings and, if the model changed, load it and swap it in. Requests in
         flight finish on the model they started with; the next batch uses the new one."""
         self._predict_batch.set_max_batch_size(int(user_config.get("max_batch_size", self.args.max_batch_size)))
-        self._predict_batch.set_batch_wait_timeout_s(float(user_config.get("batch_wait_timeout_s", self.args.batch_wait_timeout_s)))
+        self._wait_s = float(user_config.get("batch_wait_timeout_s", self.args.batch_wait_timeout_s))
+        self._set_wait(self._wait_s)
         uri = user_config.get("model_uri", self.args.model_uri)
         version = str(user_config.get("model_version") or "")
         async with self._swap_lock:
@@ -185,6 +200,10 @@ class SentimentModel:
             self.predictor, self.info, self.load_error = predictor, info, None
             self.metrics.set_model_version(info.version)
 
+    def _set_wait(self, seconds: float) -> None:
+        self.batch_wait_s = seconds
+        self._predict_batch.set_batch_wait_timeout_s(seconds)
+
     def batch_stats(self) -> dict[str, int]:
         """Batches run and texts in them since start (exact, for load tests through a handle:
         `serve.get_deployment_handle(...).batch_stats.remote()`; Prometheus has the histogram)."""
@@ -195,13 +214,23 @@ class SentimentModel:
             raise RuntimeError(self.load_error or "no model loaded")
 
     # -------------------------------------------------------------- batching
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
     async def _predict_batch(self, texts: list[str]) -> list[dict]:
         predictor, info = self.predictor, self.info  # one model for the whole batch, even during a swap
         self.metrics.observe_batch(len(texts))
         self._batches += 1
         self._batched_items += len(texts)
-        results = await asyncio.to_thread(predictor.predict, texts)
+        # While the model computes, the batch behind it may gather requests for most of that time:
+        # with the configured short wait it would leave with a handful and keep batches small.
+        self._in_flight += 1
+        self._set_wait(max(self._wait_s, 0.8 * self._forward_s))
+        try:
+            results, seconds = await asyncio.get_running_loop().run_in_executor(self._forward, _timed_predict, predictor, texts)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._set_wait(self._wait_s)
+        self._forward_s = seconds if not self._forward_s else 0.8 * self._forward_s + 0.2 * seconds
         for r in results:
             r["model_version"] = info.version
         self.metrics.count_labels(r["label"] for r in results)
