@@ -201,7 +201,7 @@ class SentimentModel:
             self.metrics.set_model_version(info.version)
 
     def _set_wait(self, seconds: float) -> None:
-        self.batch_wait_s = seconds
+        self.current_wait_s = seconds  # what the batch queue uses now (tests read it)
         self._predict_batch.set_batch_wait_timeout_s(seconds)
 
     def batch_stats(self) -> dict[str, int]:

@@ -87,7 +87,7 @@ def test_batched_method_awaited_directly_with_concurrent_calls(model_dir, monkey
     # Forward passes were timed (they size the wait of a batch queued behind a running one), and with
     # the model idle again the configured wait is in force.
     assert svc._forward_s > 0 and svc._in_flight == 0
-    assert svc.batch_wait_s == pytest.approx(0.05)
+    assert svc.current_wait_s == pytest.approx(0.05)
     for g, e in zip(got, expected):
         assert g["label"] == e["label"] and g["score"] == pytest.approx(e["score"], abs=1e-4)
         assert g["model_version"] == "local"
