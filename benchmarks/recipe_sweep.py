@@ -58,26 +58,24 @@ def parse_variant(text: str) -> dict:
     return v
 
 
-class MeanPooled:
-    """Wraps DistilBertForSequenceClassification to classify from the masked mean of the last hidden
+def mean_pooled(model):
+    """`model` (DistilBertForSequenceClassification) classifying from the masked mean of the last hidden
     states (how all-MiniLM-L6-v2 was pre-trained) instead of the [CLS] position."""
+    import torch
 
-    def __new__(cls, model):
-        import torch
+    class MeanPooled(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
 
-        class _M(torch.nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
+        def forward(self, input_ids, attention_mask):
+            h = self.m.distilbert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            w = attention_mask.unsqueeze(-1).to(h.dtype)
+            pooled = (h * w).sum(1) / w.sum(1).clamp(min=1)
+            x = self.m.dropout(torch.relu(self.m.pre_classifier(pooled)))
+            return SimpleNamespace(logits=self.m.classifier(x))
 
-            def forward(self, input_ids, attention_mask):
-                h = self.m.distilbert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-                w = attention_mask.unsqueeze(-1).to(h.dtype)
-                pooled = (h * w).sum(1) / w.sum(1).clamp(min=1)
-                x = self.m.dropout(torch.relu(self.m.pre_classifier(pooled)))
-                return SimpleNamespace(logits=self.m.classifier(x))
-
-        return _M(model)
+    return MeanPooled(model)
 
 
 def scores(model, seqs, labels, pad_id, device, amp_dtype, batch_size=128) -> dict:
@@ -104,7 +102,7 @@ def build(cfg, v: dict, device):
     if v["freeze"]:
         model.distilbert.embeddings.word_embeddings.weight.requires_grad_(False)
     if v["pooling"] == "mean":
-        model = MeanPooled(model)
+        model = mean_pooled(model)
     return model.to(device), tok
 
 

@@ -180,19 +180,6 @@ def wait_http(url: str, timeout_s: float = 120) -> None:
     raise RuntimeError(f"{url} did not answer 200 within {timeout_s:.0f}s")
 
 
-def direct_port(app_name: str) -> int:
-    """The port the ingress replica listens on in direct-ingress mode (Serve allocates it from 30000 up)."""
-    import httpx
-
-    for port in range(30000, 30100):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/{app_name}/health", timeout=1).status_code == 200:
-                return port
-        except httpx.HTTPError:
-            continue
-    raise RuntimeError("no direct-ingress replica port answered /health in 30000-30099")
-
-
 # ------------------------------------------------------------------------------------ one Serve variant
 def serve_variant_main(args) -> int:
     """Child process: one Ray cluster, one Serve app, the concurrency sweep; JSON to args.child_out."""
@@ -200,6 +187,7 @@ def serve_variant_main(args) -> int:
     from ray import serve
 
     from serve_app.app import build_app
+    from serve_app.deploy import direct_ingress_port
 
     name = args.child
     _, mbs, access = SERVE_VARIANTS[name]
@@ -212,7 +200,7 @@ def serve_variant_main(args) -> int:
                          "max_ongoing_requests": max(2 * mbs, 8), "max_queued_requests": -1,
                          "min_replicas": 1, "max_replicas": 1, "name": name}),
               name=name, route_prefix=f"/{name}")
-    port = direct_port(name) if access == "direct" else SERVE_PORT
+    port = direct_ingress_port(f"/{name}") if access == "direct" else SERVE_PORT
     wait_http(f"http://127.0.0.1:{port}/{name}/health")
     handle = serve.get_deployment_handle(f"{name}-model", app_name=name)
     out = {}

@@ -39,6 +39,20 @@ def endpoint_url(cfg: PipelineConfig) -> str:
     return f"http://{host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}"
 
 
+def direct_ingress_port(route: str = "", host: str = "127.0.0.1") -> int:
+    """The port an ingress replica serves HTTP on in `ray.serve_ingress: direct` mode: Serve allocates
+    it from 30000 up and logs it; this finds the first one answering `{route}/health`."""
+    import httpx
+
+    for port in range(30000, 30100):
+        try:
+            if httpx.get(f"http://{host}:{port}{route.rstrip('/')}/health", timeout=1).status_code == 200:
+                return port
+        except httpx.HTTPError:
+            continue
+    raise SentimentError(f"no direct-ingress replica on {host}:30000-30099 answered {route.rstrip('/')}/health")
+
+
 def deploy(cfg: PipelineConfig, wait_version: str | None = None, timeout_s: float = 300) -> str:
     """Deploy (or update in place) the app serving the configured model; wait until `/model` reports
     `wait_version` when given. Returns the endpoint URL. Ray must be initialised."""

@@ -193,6 +193,7 @@ def test_direct_ingress_mode_serves_on_the_proxy_and_the_replica_port(tmp_path, 
     import sys
 
     from conftest import ROOT, TINY, free_port
+    from serve_app.deploy import direct_ingress_port
 
     port = free_port()
     sets = [*TINY, "ray.num_cpus=2", "ray.address=local", "ray.serve_ingress=direct", f"serve.port={port}",
@@ -209,15 +210,7 @@ def test_direct_ingress_mode_serves_on_the_proxy_and_the_replica_port(tmp_path, 
                 url = line.strip()
                 break
         assert url == f"http://127.0.0.1:{port}", f"deploy exited with {proc.poll()} before printing its endpoint"
-        direct = None
-        for p in range(30000, 30100):  # Serve allocates direct-ingress ports from 30000 up
-            try:
-                if httpx.get(f"http://127.0.0.1:{p}/health", timeout=1).status_code == 200:
-                    direct = p
-                    break
-            except httpx.HTTPError:
-                continue
-        assert direct is not None, "no replica port answered /health"
+        direct = direct_ingress_port()  # the replica's own port (Serve allocates from 30000 up)
         text = {"text": "A moving, beautifully acted film."}
         via_proxy = httpx.post(f"{url}/predict", json=text, timeout=30)
         via_replica = httpx.post(f"http://127.0.0.1:{direct}/predict", json=text, timeout=30)
