@@ -210,7 +210,7 @@ class ServeConfig(_Strict):
     num_cpus: float = Field(1, gt=0)
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
-    max_ongoing_requests: int | None = Field(None, ge=1, description="default: 2 x max_batch_size")
+    max_ongoing_requests: int | None = Field(None, ge=1, description="default: 4 x max_batch_size")
     max_queued_requests: int = Field(256, ge=-1)
     request_timeout_s: float = Field(30, gt=0)
     max_text_chars: int = Field(20000, ge=1)

@@ -13,7 +13,6 @@ import asyncio
 import json
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 
+from serve_app.model_worker import ModelWorker, ModelWorkerError
 from serve_app.schemas import AppArgs, BatchPrediction, BatchPredictRequest, ErrorBody, ModelInfo, Prediction, PredictRequest
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[A-Za-z0-9_.\-]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>\d+))$")
@@ -64,9 +64,8 @@ def resolve_version(args: AppArgs, model_uri: str) -> str:
 
 
 def load_served_model(args: AppArgs, model_uri: str, version: str):
-    """(Predictor, ModelInfo) for a concrete version, reading metadata from the registry."""
-    from serve_app.predictor import Predictor
-
+    """(ModelWorker, ModelInfo) for a concrete version, reading metadata from the registry. The model
+    runs in a process of its own (see serve_app.model_worker for why)."""
     name, alias, _ = parse_model_uri(model_uri)
     tags: dict[str, str] = {}
     if name is None:
@@ -75,7 +74,7 @@ def load_served_model(args: AppArgs, model_uri: str, version: str):
         reg = _registry(args, name)
         model_dir = reg.model_dir(version)
         tags = reg.get_version(version).tags or {}
-    predictor = Predictor(model_dir, num_threads=max(1, int(args.num_cpus)), precision=args.precision)
+    predictor = ModelWorker(model_dir, num_threads=max(1, int(args.num_cpus)), precision=args.precision)
     f1 = tags.get("test_f1")
     info = ModelInfo(name=name or Path(model_uri).name, version=version, alias=alias, model_uri=model_uri,
                      test_f1=float(f1) if f1 else None, data_digest=tags.get("data_digest.test"), loaded_at=time.time())
@@ -148,11 +147,6 @@ async def _unexpected(_: Request, err: Exception) -> JSONResponse:
     return JSONResponse({"error": f"internal error: {type(err).__name__}"}, status_code=500)
 
 
-def _timed_predict(predictor, texts: list[str]) -> tuple[list[dict], float]:
-    start = time.perf_counter()
-    return predictor.predict(texts), time.perf_counter() - start
-
-
 class SentimentModel:
     """The replica's logic. Plain class so that tests can await its batched method without a cluster;
     `SentimentService` below is the Serve deployment built from it."""
@@ -167,11 +161,11 @@ class SentimentModel:
         self.metrics = ServeMetrics()
         self._swap_lock = asyncio.Lock()
         self._batches = self._batched_items = 0
-        # One thread runs every forward pass: the replica computes one batch at a time. Two batches
-        # are in flight (`max_concurrent_batches=2`): the next one waits on this thread and starts the
-        # moment the current one ends, instead of after the event loop has sent the current batch's
-        # answers (measured: ~28 ms idle per batch, 13%, with one batch in flight).
-        self._forward = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self._forward_total_s = 0.0
+        # The model process computes one batch at a time. Two batches are in flight
+        # (`max_concurrent_batches=2`): the next one is already queued there and starts the moment the
+        # current one ends, instead of after the event loop has sent the current batch's answers
+        # (measured: ~28 ms idle per batch, 13%, with one batch in flight).
         self._in_flight = 0
         self._wait_s = self.args.batch_wait_timeout_s  # the configured wait, for an idle model
         self._forward_s = 0.0  # moving average of one forward pass
@@ -197,21 +191,35 @@ class SentimentModel:
                 # Keep serving the model we have: a failed swap must not take the endpoint down.
                 self.load_error = f"swap to {uri} v{version} failed: {type(err).__name__}: {err}"
                 return
-            self.predictor, self.info, self.load_error = predictor, info, None
+            old, self.predictor, self.info, self.load_error = self.predictor, predictor, info, None
             self.metrics.set_model_version(info.version)
+            if old is not None:
+                # Batches already handed to the old model finish on it (no await lies between a batch
+                # taking `self.predictor` and submitting to it), then its process leaves.
+                asyncio.get_running_loop().run_in_executor(None, old.close)
 
     def _set_wait(self, seconds: float) -> None:
         self.current_wait_s = seconds  # what the batch queue uses now (tests read it)
         self._predict_batch.set_batch_wait_timeout_s(seconds)
 
-    def batch_stats(self) -> dict[str, int]:
-        """Batches run and texts in them since start (exact, for load tests through a handle:
-        `serve.get_deployment_handle(...).batch_stats.remote()`; Prometheus has the histogram)."""
-        return {"batches": self._batches, "items": self._batched_items}
+    def batch_stats(self) -> dict[str, float]:
+        """Batches run, texts in them and seconds spent in forward passes since start (exact, for load
+        tests through a handle: `serve.get_deployment_handle(...).batch_stats.remote()`; Prometheus
+        has the histogram). Forward seconds against wall time tell an idle model from a slow one."""
+        return {"batches": self._batches, "items": self._batched_items, "forward_s": self._forward_total_s}
 
     def check_health(self) -> None:
         if self.predictor is None:
             raise RuntimeError(self.load_error or "no model loaded")
+        if not self.predictor.alive():
+            # Serve replaces an unhealthy replica: that is how a dead model process comes back.
+            raise RuntimeError(f"model process {self.predictor.pid} has exited")
+
+    def __del__(self) -> None:
+        # Serve calls this when it stops the replica. (Without it the model process would still leave,
+        # on end-of-file, when this process exits.)
+        if getattr(self, "predictor", None) is not None:
+            self.predictor.close()
 
     # -------------------------------------------------------------- batching
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
@@ -225,11 +233,12 @@ class SentimentModel:
         self._in_flight += 1
         self._set_wait(max(self._wait_s, 0.8 * self._forward_s))
         try:
-            results, seconds = await asyncio.get_running_loop().run_in_executor(self._forward, _timed_predict, predictor, texts)
+            results, seconds = await asyncio.wrap_future(predictor.submit(texts))
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._set_wait(self._wait_s)
+        self._forward_total_s += seconds
         self._forward_s = seconds if not self._forward_s else 0.8 * self._forward_s + 0.2 * seconds
         for r in results:
             r["model_version"] = info.version
@@ -246,6 +255,11 @@ class SentimentModel:
         except ApiError as err:
             status = err.status
             raise
+        except ModelWorkerError as err:
+            # The model process died under this request: the replica is unhealthy now and Serve
+            # replaces it; the client may retry.
+            status = 503
+            raise ApiError(503, f"model unavailable, the replica is restarting: {err}") from None
         finally:
             self.metrics.observe_request(endpoint, status, time.perf_counter() - start)
 
@@ -310,7 +324,11 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
     if not a.model_uri.startswith("models:/"):
         a = a.model_copy(update={"model_uri": str(Path(a.model_uri).resolve())})
     version = resolve_version(a, a.model_uri)
-    max_ongoing = a.max_ongoing_requests or 2 * a.max_batch_size  # Ray's default of 5 would cap a batch at 5
+    # Ray's default of 5 would cap a batch at 5. Room for two batches in flight and one gathering
+    # behind them, and more: requests beyond it wait in the caller's router, which backs off and
+    # retries; measured (serve_load.py, default proxy, 128 clients) 2x the batch collapsed to
+    # 13 req/s with batches of 5, 4x the batch gave 168 req/s with batches of 25.
+    max_ongoing = a.max_ongoing_requests or 4 * a.max_batch_size
     return SentimentService.options(
         name=f"{a.name}-model",
         ray_actor_options={"num_cpus": a.num_cpus},

@@ -83,10 +83,11 @@ def test_batched_method_awaited_directly_with_concurrent_calls(model_dir, monkey
     got = asyncio.run(run())
     sizes = [c.args[0] for c in observed.call_args_list]
     assert sum(sizes) == len(texts) and max(sizes) > 1 and max(sizes) <= 8, sizes
-    assert svc.batch_stats() == {"batches": len(sizes), "items": len(texts)}
+    stats = svc.batch_stats()
+    assert (stats["batches"], stats["items"]) == (len(sizes), len(texts))
     # Forward passes were timed (they size the wait of a batch queued behind a running one), and with
     # the model idle again the configured wait is in force.
-    assert svc._forward_s > 0 and svc._in_flight == 0
+    assert 0 < stats["forward_s"] and svc._forward_s > 0 and svc._in_flight == 0
     assert svc.current_wait_s == pytest.approx(0.05)
     for g, e in zip(got, expected):
         assert g["label"] == e["label"] and g["score"] == pytest.approx(e["score"], abs=1e-4)

@@ -166,6 +166,55 @@ def test_overload_gets_fast_503_then_recovers(serve_port, registered):
         serve.delete("tight")
 
 
+def _model_process(model_dir: str) -> int | None:
+    """The pid of the model process serving `model_dir` (its command line names the folder)."""
+    import os
+
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"serve_app.model_worker" in argv and model_dir.encode() in argv:
+            return int(pid)
+    return None
+
+
+def test_a_killed_model_process_gets_503s_then_serve_replaces_the_replica(serve_port, trained_tiny, tmp_path):
+    import os
+    import shutil
+    import signal
+
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    model_dir = str(shutil.copytree(trained_tiny[2], tmp_path / "model-to-kill"))  # a folder no other app serves
+    serve.run(build_app({"model_uri": model_dir, "num_cpus": 0.5, "min_replicas": 1, "max_replicas": 1, "name": "kill"}),
+              name="kill", route_prefix="/kill")
+    url = f"http://127.0.0.1:{serve_port}/kill"
+    try:
+        assert httpx.post(f"{url}/predict", json={"text": "fine"}, timeout=30).status_code == 200
+        first = _model_process(model_dir)
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        codes = set()
+        deadline = time.time() + 120
+        while time.time() < deadline:  # a new replica, with a model process of its own, answers again
+            r = httpx.post(f"{url}/predict", json={"text": "still there?"}, timeout=30)
+            codes.add(r.status_code)
+            if r.status_code == 200 and _model_process(model_dir) not in (None, first):
+                break
+            assert r.status_code == 503 and "error" in r.json(), (r.status_code, r.text)  # never a 500
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"no recovery within 120 s (status codes seen: {sorted(codes)})")
+        assert 503 in codes  # the dead process was noticed, not just raced past
+    finally:
+        serve.delete("kill")
+
+
 def test_metrics_reach_prometheus(app_url, ray_cluster):
     """Application metrics are exported on Ray's Prometheus endpoint of this node."""
     for _ in range(5):
