@@ -14,10 +14,13 @@ next to the in-process batched forward of the same model (the upper bound, no HT
 
 Every model server gets 1 core (1 torch thread) of the machine's 2; the load generator, the proxy
 and Ray's own processes share the other. Each Serve variant runs in its own Ray cluster (the
-Serve modes are environment variables read when Ray starts). Mean batch sizes are exact counts
-read from the replica through a handle. The upper bound is measured right before and right after
-every load level (these shared machines drift by +-30% within minutes); each level is reported as a
-share of the mean of its two readings.
+Serve modes are environment variables read when Ray starts) with the app's default
+max_ongoing_requests for the batched app (4 x max batch size), the same for every variant. Mean batch
+sizes and the replica's forward seconds are exact counts read through a handle: "model busy" (forward
+seconds over wall time) and "forward speed" (texts per forward second over the bound) split a gap to
+the bound into an idle model and a slowed one. The upper bound is measured right before and right
+after every load level (these shared machines drift by +-30% within minutes); each level is reported
+as a share of the mean of its two readings.
 """
 
 from __future__ import annotations
@@ -145,7 +148,7 @@ async def closed_loop(host: str, port: int, path: str, texts: list[str], concurr
         return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
 
     return {"req_s": len(latencies) / elapsed, "p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99), "errors": errors,
-            "n": len(latencies), "client_cpu": cpu / elapsed}
+            "n": len(latencies), "client_cpu": cpu / elapsed, "elapsed": elapsed}
 
 
 def run_async(coro):
@@ -163,7 +166,9 @@ def run_load(host: str, port: int, path: str, texts: list[str], level: int, args
 def show(name: str, level: int, r: dict) -> None:
     print(f"{name:>22} c={level:<4} {r['req_s']:7.1f} req/s  p50 {r['p50']:7.1f} ms  p95 {r['p95']:7.1f}  p99 {r['p99']:7.1f}  "
           f"errors {r['errors']}  mean batch {r['mean_batch']:.1f}  client CPU {r['client_cpu']:.0%}  "
-          f"= {r['of_bound']:.0%} of the upper bound ({r['upper_bound']:.0f} req/s around it)", flush=True)
+          f"= {r['of_bound']:.0%} of the upper bound ({r['upper_bound']:.0f} req/s around it)"
+          + (f"; model busy {r['model_busy']:.0%}, forward at {r['forward_of_bound']:.0%} of the bound's speed" if "model_busy" in r else ""),
+          flush=True)
 
 
 def wait_http(url: str, timeout_s: float = 120) -> None:
@@ -197,7 +202,7 @@ def serve_variant_main(args) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
     serve.run(build_app({"model_uri": args.child_model, "precision": args.precision, "num_cpus": 1, "max_batch_size": mbs,
                          "batch_wait_timeout_s": args.batch_wait_ms / 1000 if mbs > 1 else 0.0,
-                         "max_ongoing_requests": max(2 * mbs, 8), "max_queued_requests": -1,
+                         "max_ongoing_requests": args.max_ongoing_requests or 4 * args.max_batch_size, "max_queued_requests": -1,
                          "min_replicas": 1, "max_replicas": 1, "name": name}),
               name=name, route_prefix=f"/{name}")
     port = direct_ingress_port(f"/{name}") if access == "direct" else SERVE_PORT
@@ -216,9 +221,14 @@ def serve_variant_main(args) -> int:
             r = await closed_loop("127.0.0.1", port, f"/{name}/predict", texts, level, args.seconds, args.max_requests)
             b1 = bound.measure()
             after = await handle.batch_stats.remote()
-            r["mean_batch"] = (after["items"] - before["items"]) / max(1, after["batches"] - before["batches"])
+            items, forward_s = after["items"] - before["items"], after["forward_s"] - before["forward_s"]
+            r["mean_batch"] = items / max(1, after["batches"] - before["batches"])
             r["upper_bound"] = (b0 + b1) / 2
             r["of_bound"] = r["req_s"] / r["upper_bound"]
+            # The gap to the bound, split in two: the share of the time the model computed at all, and
+            # how fast it computed then (texts per forward-second against the bound, which also batches).
+            r["model_busy"] = forward_s / r["elapsed"]
+            r["forward_of_bound"] = items / max(forward_s, 1e-9) / r["upper_bound"]
             out[level] = r
             show(name, level, r)
 
@@ -234,7 +244,8 @@ def run_serve_variant(name: str, model_dir: str, texts_file: Path, tmp: Path, ar
     cmd = [sys.executable, __file__, "--child", name, "--child-model", model_dir, "--child-texts", str(texts_file),
            "--child-out", str(out), "--levels", *map(str, args.levels), "--seconds", str(args.seconds),
            "--max-requests", str(args.max_requests), "--precision", args.precision,
-           "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms)]
+           "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
+           *(["--max-ongoing-requests", str(args.max_ongoing_requests)] if args.max_ongoing_requests else [])]
     subprocess.run(["ray", "stop", "--force"], capture_output=True)
     proc = subprocess.run(cmd, env={**os.environ, **env}, timeout=1800)
     subprocess.run(["ray", "stop", "--force"], capture_output=True)
@@ -318,6 +329,7 @@ def main() -> int:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
+    ap.add_argument("--max-ongoing-requests", type=int, help="per replica, the same for every Serve variant (default: the app's default for the batched one, 4 x max batch size)")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--data", help="texts to send (a labelled .parquet/.csv/.jsonl); default: synthetic reviews")
     ap.add_argument("--text-column", default="text")
