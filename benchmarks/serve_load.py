@@ -151,6 +151,42 @@ async def closed_loop(host: str, port: int, path: str, texts: list[str], concurr
             "n": len(latencies), "client_cpu": cpu / elapsed, "elapsed": elapsed}
 
 
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by each process on this machine, by name (Linux /proc; {} elsewhere).
+    Taken around a load level, it shows where the cores went: the model process, the replica's HTTP
+    and RPC handling, Serve's proxy, the load generator."""
+    out: dict[str, float] = {}
+    if not os.path.isdir("/proc"):
+        return out
+    tick = os.sysconf("SC_CLK_TCK")
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"serve_app.model_worker" in argv:
+            name = "model process"
+        elif int(pid) == os.getpid():
+            name = "load generator"
+        else:
+            arg0 = argv[0].decode(errors="replace")
+            # Ray names its workers "ray::ServeReplica:<app>:<deployment>", "ray::ProxyActor", ...
+            name = "ray::" + arg0[5:].split(":")[0].split(" ")[0] if arg0.startswith("ray::") else arg0.split(" ")[0].split("/")[-1]
+            name = name or stat[stat.index("(") + 1: stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_shares(before: dict[str, float], after: dict[str, float], seconds: float, top: int = 6) -> dict[str, float]:
+    """Cores used per process name between two `cpu_seconds()` readings, the busiest first."""
+    used = {k: (v - before.get(k, 0.0)) / seconds for k, v in after.items()}
+    return dict(sorted(((k, round(v, 2)) for k, v in used.items() if v >= 0.01), key=lambda kv: -kv[1])[:top])
+
+
 def run_async(coro):
     try:
         import uvloop
@@ -167,7 +203,8 @@ def show(name: str, level: int, r: dict) -> None:
     print(f"{name:>22} c={level:<4} {r['req_s']:7.1f} req/s  p50 {r['p50']:7.1f} ms  p95 {r['p95']:7.1f}  p99 {r['p99']:7.1f}  "
           f"errors {r['errors']}  mean batch {r['mean_batch']:.1f}  client CPU {r['client_cpu']:.0%}  "
           f"= {r['of_bound']:.0%} of the upper bound ({r['upper_bound']:.0f} req/s around it)"
-          + (f"; model busy {r['model_busy']:.0%}, forward at {r['forward_of_bound']:.0%} of the bound's speed" if "model_busy" in r else ""),
+          + (f"; model busy {r['model_busy']:.0%}, forward at {r['forward_of_bound']:.0%} of the bound's speed" if "model_busy" in r else "")
+          + ("\n" + " " * 31 + "cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu"].items()) if r.get("cpu") else ""),
           flush=True)
 
 
@@ -218,7 +255,9 @@ def serve_variant_main(args) -> int:
         for level in args.levels:
             before = await handle.batch_stats.remote()
             b0 = bound.measure()  # the replica is idle while the bound is measured
+            cpu0 = cpu_seconds()
             r = await closed_loop("127.0.0.1", port, f"/{name}/predict", texts, level, args.seconds, args.max_requests)
+            r["cpu"] = cpu_shares(cpu0, cpu_seconds(), r["elapsed"])
             b1 = bound.measure()
             after = await handle.batch_stats.remote()
             items, forward_s = after["items"] - before["items"], after["forward_s"] - before["forward_s"]
