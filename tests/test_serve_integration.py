@@ -181,6 +181,7 @@ def _model_process(model_dir: str) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_a_killed_model_process_gets_503s_then_serve_replaces_the_replica(serve_port, trained_tiny, tmp_path):
     import os
     import shutil
