@@ -274,3 +274,85 @@ def test_direct_ingress_mode_serves_on_the_proxy_and_the_replica_port(tmp_path, 
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.mark.slow
+def test_haproxy_ingress_hot_swaps_with_zero_failed_requests(tmp_path, trained_tiny, untrained_tiny):
+    """The fastest serving mode keeps the hot-swap promise: a `ray start` cluster started with the
+    `haproxy` environment, `serve_app.deploy` onto it, then a second deploy with another model while a
+    stream of requests goes through HAProxy on serve.port: no request fails, and afterwards the app
+    answers with the new model."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import threading
+
+    from conftest import ROOT, TINY, free_port
+    from ray_jobs.runtime import SERVE_INGRESS_ENV
+    from serve_app.predictor import Predictor
+
+    gcs, port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_SERVE_")}
+    env.update(SERVE_INGRESS_ENV["haproxy"])
+    # --block: the cluster's processes are this one's to stop (SIGTERM), leaving the tests' own cluster
+    # alone. A temp dir of its own (short: Ray puts sockets under it): `ray start` records its address
+    # there, not in /tmp/ray, where a later `ray.init()` on this machine would try to join it.
+    temp_dir = tempfile.mkdtemp(prefix="ray-hs-", dir="/tmp")
+    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=false",
+                             "--disable-usage-stats", f"--temp-dir={temp_dir}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def deploy(model_dir: str) -> None:
+        sets = [*TINY, f"ray.address=127.0.0.1:{gcs}", "ray.serve_ingress=haproxy", f"serve.port={port}",
+                f"serve.model_uri={model_dir}", "serve.num_cpus=0.5", "serve.app_name=hs",
+                "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1", f"registry.root={tmp_path}/mlflow"]
+        done = subprocess.run([sys.executable, "-m", "serve_app.deploy", "--config", str(ROOT / "tune_configs/quickstart.yaml"),
+                               *[x for kv in sets for x in ("--set", kv)]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    url = f"http://127.0.0.1:{port}"
+    text = "a dull and lifeless film, but the ending was wonderful"
+    old, new = (Predictor(m, precision="auto").predict([text])[0] for m in (trained_tiny[2], untrained_tiny))
+    try:
+        for _ in range(60):  # the head takes a few seconds to accept drivers
+            if subprocess.run(["ray", "status", f"--address=127.0.0.1:{gcs}"], env=env, capture_output=True).returncode == 0:
+                break
+            time.sleep(1)
+        deploy(trained_tiny[2])
+        assert httpx.get(f"{url}/model", timeout=10).json()["model_uri"] == trained_tiny[2]
+
+        failures, answers, stop = [], [], threading.Event()
+
+        def stream():
+            with httpx.Client(timeout=30) as c:
+                while not stop.is_set():
+                    try:
+                        r = c.post(f"{url}/predict", json={"text": text})
+                        (answers if r.status_code == 200 else failures).append(r.json()["score"] if r.status_code == 200 else r.status_code)
+                    except httpx.HTTPError as err:
+                        failures.append(repr(err))
+                    time.sleep(0.02)
+
+        t = threading.Thread(target=stream)
+        t.start()
+        try:
+            deploy(untrained_tiny)  # returns once the app answers (the swap may still be under way)
+            deadline = time.time() + 60
+            while httpx.get(f"{url}/model", timeout=10).json()["model_uri"] != untrained_tiny and time.time() < deadline:
+                time.sleep(0.2)
+            time.sleep(1.0)
+        finally:
+            stop.set()
+            t.join()
+        assert failures == []
+        assert answers[0] == pytest.approx(old["score"], abs=1e-3) and answers[-1] == pytest.approx(new["score"], abs=1e-3)
+        assert httpx.get(f"{url}/model", timeout=10).json()["model_uri"] == untrained_tiny
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
