@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +45,45 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def request_stream(url: str, text: str, field: str):
+    """POST `{url}/predict` one request after another in a thread while the block runs (a hot swap, say).
+    Yields (answers, failures): `field` of each 200 answer, in order; the status or error of anything else."""
+    import httpx
+
+    answers: list = []
+    failures: list = []
+    stop = threading.Event()
+
+    def stream() -> None:
+        with httpx.Client(timeout=30) as c:
+            while not stop.is_set():
+                try:
+                    r = c.post(f"{url}/predict", json={"text": text})
+                    (answers if r.status_code == 200 else failures).append(r.json()[field] if r.status_code == 200 else r.status_code)
+                except httpx.HTTPError as err:
+                    failures.append(repr(err))
+                time.sleep(0.02)
+
+    t = threading.Thread(target=stream)
+    t.start()
+    try:
+        yield answers, failures
+    finally:
+        stop.set()
+        t.join()
+
+
+def terminate(proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    """SIGTERM (a clean shutdown), then SIGKILL if it takes longer than `timeout_s`."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture(scope="session")

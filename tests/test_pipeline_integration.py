@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from conftest import tiny_config
+from conftest import request_stream, tiny_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -72,26 +72,9 @@ def test_pipeline_promotes_blocks_and_hot_swaps(serve_port, tmp_path, capsys):
     assert httpx.get(f"{url}/model").json()["version"] == "1"
 
     # 3. A better config, promoted and hot-swapped while requests keep flowing: no request fails.
-    failures, answers, stop = [], [], threading.Event()
-
-    def stream():
-        with httpx.Client(timeout=30) as c:
-            while not stop.is_set():
-                try:
-                    resp = c.post(f"{url}/predict", json={"text": "a dull and lifeless film"})
-                    (answers if resp.status_code == 200 else failures).append(resp.status_code if resp.status_code != 200 else resp.json()["model_version"])
-                except httpx.HTTPError as err:
-                    failures.append(repr(err))
-                time.sleep(0.02)
-
-    t = threading.Thread(target=stream)
-    t.start()
-    try:
+    with request_stream(url, "a dull and lifeless film", "model_version") as (answers, failures):
         code = pipeline.main(_args(tmp_path, serve_port, "train.epochs=6", "tune.search_space={}", "tune.num_samples=1"))
         time.sleep(1.0)
-    finally:
-        stop.set()
-        t.join()
     assert code == 0, capsys.readouterr()
     assert failures == []
     assert "1" in answers and answers[-1] == "3", answers[-5:]

@@ -238,11 +238,10 @@ def test_direct_ingress_mode_serves_on_the_proxy_and_the_replica_port(tmp_path, 
     private Ray cluster in a subprocess): the app answers through Serve's proxy on serve.port and
     directly on the replica's own port, with the same prediction."""
     import os
-    import signal
     import subprocess
     import sys
 
-    from conftest import ROOT, TINY, free_port
+    from conftest import ROOT, TINY, free_port, terminate
     from serve_app.deploy import direct_ingress_port
 
     port = free_port()
@@ -269,11 +268,7 @@ def test_direct_ingress_mode_serves_on_the_proxy_and_the_replica_port(tmp_path, 
         assert via_proxy.json()["score"] == pytest.approx(via_replica.json()["score"], abs=1e-5)
         assert httpx.post(f"http://127.0.0.1:{direct}/predict", json={"text": " "}).status_code == 422
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        terminate(proc)
 
 
 @pytest.mark.slow
@@ -284,13 +279,11 @@ def test_haproxy_ingress_hot_swaps_with_zero_failed_requests(tmp_path, trained_t
     answers with the new model."""
     import os
     import shutil
-    import signal
     import subprocess
     import sys
     import tempfile
-    import threading
 
-    from conftest import ROOT, TINY, free_port
+    from conftest import ROOT, TINY, free_port, request_stream, terminate
     from ray_jobs.runtime import SERVE_INGRESS_ENV
     from serve_app.predictor import Predictor
 
@@ -323,36 +316,15 @@ def test_haproxy_ingress_hot_swaps_with_zero_failed_requests(tmp_path, trained_t
         deploy(trained_tiny[2])
         assert httpx.get(f"{url}/model", timeout=10).json()["model_uri"] == trained_tiny[2]
 
-        failures, answers, stop = [], [], threading.Event()
-
-        def stream():
-            with httpx.Client(timeout=30) as c:
-                while not stop.is_set():
-                    try:
-                        r = c.post(f"{url}/predict", json={"text": text})
-                        (answers if r.status_code == 200 else failures).append(r.json()["score"] if r.status_code == 200 else r.status_code)
-                    except httpx.HTTPError as err:
-                        failures.append(repr(err))
-                    time.sleep(0.02)
-
-        t = threading.Thread(target=stream)
-        t.start()
-        try:
+        with request_stream(url, text, "score") as (answers, failures):
             deploy(untrained_tiny)  # returns once the app answers (the swap may still be under way)
             deadline = time.time() + 60
             while httpx.get(f"{url}/model", timeout=10).json()["model_uri"] != untrained_tiny and time.time() < deadline:
                 time.sleep(0.2)
             time.sleep(1.0)
-        finally:
-            stop.set()
-            t.join()
         assert failures == []
         assert answers[0] == pytest.approx(old["score"], abs=1e-3) and answers[-1] == pytest.approx(new["score"], abs=1e-3)
         assert httpx.get(f"{url}/model", timeout=10).json()["model_uri"] == untrained_tiny
     finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
+        terminate(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
