@@ -262,8 +262,7 @@ def serve_variant_main(args) -> int:
             after = await handle.batch_stats.remote()
             items, forward_s = after["items"] - before["items"], after["forward_s"] - before["forward_s"]
             r["mean_batch"] = items / max(1, after["batches"] - before["batches"])
-            r["upper_bound"] = (b0 + b1) / 2
-            r["of_bound"] = r["req_s"] / r["upper_bound"]
+            against_bound(r, b0, b1)
             # The gap to the bound, split in two: the share of the time the model computed at all, and
             # how fast it computed then (texts per forward-second against the bound, which also batches).
             r["model_busy"] = forward_s / r["elapsed"]
@@ -319,13 +318,17 @@ class UpperBound:
         return n / (time.perf_counter() - t0)
 
 
-def bracketed(bound: UpperBound, load) -> dict:
-    before = bound.measure()
-    r = load()
-    after = bound.measure()
+def against_bound(r: dict, before: float, after: float) -> dict:
+    """A level's result as a share of the upper bound read right before and right after it."""
     r["upper_bound"] = (before + after) / 2
     r["of_bound"] = r["req_s"] / r["upper_bound"]
     return r
+
+
+def bracketed(bound: UpperBound, load) -> dict:
+    before = bound.measure()
+    r = load()
+    return against_bound(r, before, bound.measure())
 
 
 def fastapi_per_request(model_dir: str, texts: list[str], tmp: Path, args, bound: UpperBound) -> dict[int, dict]:

@@ -35,7 +35,7 @@ import threading
 import time
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
-from typing import Any, Sequence
+from typing import Sequence
 
 _START_TIMEOUT_S = 600.0
 
@@ -62,7 +62,6 @@ class ModelWorker:
         finally:
             child_sock.close()
         self.pid = self._proc.pid
-        self.model_dir = str(model_dir)
         self._conn = Connection(parent_sock.detach())
         if not self._conn.poll(start_timeout_s):
             self._kill()
@@ -74,7 +73,6 @@ class ModelWorker:
         if kind != "ready":
             self._kill()
             raise ModelWorkerError(f"model worker could not load {model_dir}: {payload}")
-        self.meta: dict[str, Any] = payload
         self._lock = threading.Lock()  # keeps `_pending` in the order of the sender's queue
         self._pending: collections.deque[Future] = collections.deque()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -172,7 +170,7 @@ def _child(fd: int, model_dir: str, num_threads: int, precision: str) -> int:
     except Exception as err:  # reported to the parent, which raises it where the model was asked for
         conn.send(("error", f"{type(err).__name__}: {err}"))
         return 1
-    conn.send(("ready", {"max_length": predictor.max_length, "pid": os.getpid()}))
+    conn.send(("ready", None))
     while True:
         try:
             kind, texts = conn.recv()
