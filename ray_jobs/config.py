@@ -212,10 +212,17 @@ class ServeConfig(_Strict):
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     max_ongoing_requests: int | None = Field(None, ge=1, description="default: 4 x max_batch_size")
     max_queued_requests: int = Field(256, ge=-1)
+    # Every request has this deadline in the replica (504 after it); Serve's proxy waits a little longer.
     request_timeout_s: float = Field(30, gt=0)
     max_text_chars: int = Field(20000, ge=1)
     max_batch_items: int = Field(64, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024)
+    # Texts (not requests: one /batch_predict holds many) a replica admits at once; more get 503.
+    max_texts_in_flight: int | None = Field(None, ge=1, description="default: 2 x max_ongoing_requests")
+    # A batch the model process has not answered by then means it is wedged: it is replaced and the
+    # batch re-run. None: derived from the model's speed measured at start (serve_app/model_worker.py).
+    batch_deadline_s: float | None = Field(None, gt=0)
+    max_model_restarts: int = Field(3, ge=0, description="per minute, before the replica reports unhealthy")
     autoscaling: AutoscalingConfig = AutoscalingConfig()
 
 

@@ -23,3 +23,12 @@ class RegistryError(SentimentError):
 
 class GateError(SentimentError):
     """The promotion gate could not reach a decision (it then changes nothing)."""
+
+
+class PromotedNotDeployedError(SentimentError):
+    """The gate moved the champion alias to the new version, then a later step (recording, deploying,
+    the sample request) failed: the registry has the new champion, what is served may not."""
+
+    def __init__(self, version: str, message: str):
+        super().__init__(message)
+        self.version = version

@@ -4,11 +4,13 @@
     ray job submit --working-dir . -- python -m ray_jobs.pipeline --config tune_configs/imdb.yaml
 
 Exit codes: 0 promoted (and deployed unless --no-deploy), 3 blocked by the gate (a valid outcome),
-2 bad config or data, 1 failure (nothing promoted, no alias changed).
+2 bad config or data, 1 failure (nothing promoted, no alias changed), 4 promoted in the registry (the
+champion alias moved) but a later step failed: recording the decision, deploying, or the sample request.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import uuid
@@ -16,12 +18,12 @@ from dataclasses import dataclass, field
 
 from ray_jobs.config import PipelineConfig
 from ray_jobs.data import Split, load_splits
-from ray_jobs.errors import ConfigError, DataError, GateError, SentimentError
+from ray_jobs.errors import ConfigError, DataError, GateError, PromotedNotDeployedError, SentimentError
 from ray_jobs.evaluate import evaluate_dir
 from ray_jobs.gate import Decision, Evaluation, decide, policy_from_config
 from ray_jobs.registry import Registry
-from ray_jobs.runtime import (EXIT_BLOCKED, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, config_parser, get_logger, init_ray,
-                              load_from_args, wait_until_interrupted)
+from ray_jobs.runtime import (EXIT_BLOCKED, EXIT_FAILURE, EXIT_NOT_DEPLOYED, EXIT_OK, EXIT_USAGE, config_parser, get_logger,
+                              init_ray, load_from_args, wait_until_interrupted)
 from ray_jobs.train import METRIC, put_data
 from ray_jobs.tune import CHECKPOINT_KEY, SearchOutcome, run_search
 
@@ -78,10 +80,25 @@ def run_gate(reg: Registry, cfg: PipelineConfig, version: str, challenger: Evalu
             reg.set_aliases(version, champ)
             if reg.champion() != version:
                 raise GateError("the champion alias did not take the new version")
-        reg.record_history({"event": "gate", "version": version, "champion_before": champ, **decision.to_dict()})
-    if run_id:
-        reg.log_dict(run_id, {**decision.to_dict(), "version": version, "champion_before": champ}, "gate_decision.json")
+        # From here on a promotion has happened: a failure says so (exit code 4), never "nothing promoted".
+        with promoted_steps(version if decision.promote else None, "recording the gate decision"):
+            reg.record_history({"event": "gate", "version": version, "champion_before": champ, **decision.to_dict()})
+    with promoted_steps(version if decision.promote else None, "recording the gate decision"):
+        if run_id:
+            reg.log_dict(run_id, {**decision.to_dict(), "version": version, "champion_before": champ}, "gate_decision.json")
     return decision, champ
+
+
+@contextlib.contextmanager
+def promoted_steps(version: str | None, what: str):
+    """Steps after the champion alias moved to `version` (None: no promotion happened): any failure
+    becomes PromotedNotDeployedError, which tells the truth about the registry."""
+    try:
+        yield
+    except Exception as err:
+        if version is None or isinstance(err, PromotedNotDeployedError):
+            raise
+        raise PromotedNotDeployedError(version, f"{what} failed: {type(err).__name__}: {err}") from err
 
 
 def _plot_trials(outcome: SearchOutcome):
@@ -163,15 +180,19 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
         })
         reg.set_tags(run_id, {"registered_version": version})
         decision, champ_before = run_gate(reg, cfg, version, challenger, splits.test, run_id)
-        reg.set_tags(run_id, {"gate.decision": "promote" if decision.promote else "block"})
         log.info("%s", decision.summary())
         result = Outcome(decision, version, champ_before, best_metrics=dict(val))
+        promoted = version if decision.promote else None
+        with promoted_steps(promoted, "tagging the pipeline run"):
+            reg.set_tags(run_id, {"gate.decision": "promote" if decision.promote else "block"})
         if decision.promote and deploy_app:
             from serve_app.deploy import deploy
 
-            result.url = deploy(cfg, wait_version=version)
+            with promoted_steps(promoted, "deploying"):
+                result.url = deploy(cfg, wait_version=version)
             log.info("serving version %s at %s", version, result.url)
-            result.sample = _sample_request(result.url)
+            with promoted_steps(promoted, "the sample request"):
+                result.sample = _sample_request(result.url)
         status = "FINISHED"
         return result
     finally:
@@ -221,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         log.error("%s", err)
         return EXIT_USAGE
+    except PromotedNotDeployedError as err:
+        log.error("version %s was promoted in the registry (it is the champion now), not deployed: %s. "
+                  "Fix the cause and run --deploy-only, or roll back: python -m ray_jobs.registry ... rollback", err.version, err)
+        print(f"gate           PROMOTED v{err.version} in the registry, NOT DEPLOYED: {err}", flush=True)
+        return EXIT_NOT_DEPLOYED
     except SentimentError as err:
         log.error("pipeline failed, nothing promoted: %s", err)
         return EXIT_FAILURE

@@ -16,6 +16,7 @@ EXIT_OK = 0  # success (pipeline: the challenger was promoted)
 EXIT_FAILURE = 1  # something broke; nothing was promoted
 EXIT_USAGE = 2  # bad config, bad arguments or bad input data
 EXIT_BLOCKED = 3  # pipeline/gate: a valid run whose challenger the gate did not promote
+EXIT_NOT_DEPLOYED = 4  # pipeline: promoted in the registry (the alias moved), then deploying or recording failed
 
 
 def get_logger(name: str) -> logging.Logger:

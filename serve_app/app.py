@@ -5,11 +5,18 @@
 
 Which model a replica serves travels in `user_config`, so a new champion is swapped in by
 `reconfigure` on the running replicas (no restart, no failed request): see `serve_app.deploy`.
+`build_app` trial-loads the model first, so a deploy of a model that cannot load is refused before
+anything running changes.
+
+Faults (README, Reliability): the model runs in a supervised process of its own; a dead or wedged
+one is replaced inside the replica and its batches re-run. Every request has a deadline (504), a
+replica admits a bounded number of texts (503 with Retry-After beyond it), and bad input is a 4xx.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import time
@@ -21,16 +28,26 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 
-from serve_app.model_worker import ModelWorker, ModelWorkerError
-from serve_app.schemas import AppArgs, BatchPrediction, BatchPredictRequest, ErrorBody, ModelInfo, Prediction, PredictRequest
+from serve_app.model_worker import ModelWorker, ModelWorkerError, SupervisedModel
+from serve_app.schemas import (AppArgs, BatchPrediction, BatchPredictRequest, ErrorBody, FailedSwap, ModelInfo, Prediction,
+                               PredictRequest)
+
+# Seconds a client is asked to wait before retrying a 503 (Retry-After).
+RETRY_AFTER_S = 1
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[A-Za-z0-9_.\-]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>\d+))$")
 
 
 class ApiError(Exception):
+    """An answer other than 200, with `{"error": message}`. A 503 tells the client when to retry."""
+
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status == 503 else None
+        return JSONResponse({"error": self.message}, status_code=self.status, headers=headers)
 
 
 def parse_model_uri(uri: str) -> tuple[str | None, str | None, str | None]:
@@ -63,9 +80,8 @@ def resolve_version(args: AppArgs, model_uri: str) -> str:
     return resolved
 
 
-def load_served_model(args: AppArgs, model_uri: str, version: str):
-    """(ModelWorker, ModelInfo) for a concrete version, reading metadata from the registry. The model
-    runs in a process of its own (see serve_app.model_worker for why)."""
+def locate_model(args: AppArgs, model_uri: str, version: str) -> tuple[str, ModelInfo]:
+    """(model folder, ModelInfo) for a concrete version, reading metadata from the registry."""
     name, alias, _ = parse_model_uri(model_uri)
     tags: dict[str, str] = {}
     if name is None:
@@ -74,11 +90,35 @@ def load_served_model(args: AppArgs, model_uri: str, version: str):
         reg = _registry(args, name)
         model_dir = reg.model_dir(version)
         tags = reg.get_version(version).tags or {}
-    predictor = ModelWorker(model_dir, num_threads=max(1, int(args.num_cpus)), precision=args.precision)
     f1 = tags.get("test_f1")
     info = ModelInfo(name=name or Path(model_uri).name, version=version, alias=alias, model_uri=model_uri,
                      test_f1=float(f1) if f1 else None, data_digest=tags.get("data_digest.test"), loaded_at=time.time())
-    return predictor, info
+    return model_dir, info
+
+
+def worker_factory(args: AppArgs, model_dir: str):
+    """What starts one model process for `model_dir` (the supervisor calls it again to replace one)."""
+    return functools.partial(ModelWorker, model_dir, num_threads=max(1, int(args.num_cpus)), precision=args.precision,
+                             deadline_s=args.batch_deadline_s)
+
+
+async def load_served_model(args: AppArgs, model_uri: str, version: str) -> tuple[SupervisedModel, ModelInfo]:
+    """(SupervisedModel, ModelInfo) for a concrete version. The model runs in a process of its own
+    (see serve_app.model_worker for why), replaced if it dies or wedges."""
+    model_dir, info = await asyncio.to_thread(locate_model, args, model_uri, version)
+    model = await SupervisedModel.create(worker_factory(args, model_dir), max_restarts=args.max_model_restarts)
+    return model, info
+
+
+def trial_load(args: AppArgs, model_uri: str, version: str) -> None:
+    """Load the model once in a throwaway process and answer one text: a model that cannot load or
+    predict is refused here, before a deployment changes (ModelWorkerError says why)."""
+    model_dir, _ = locate_model(args, model_uri, version)
+    worker = worker_factory(args, model_dir)()
+    try:
+        worker.predict(["a trial prediction before deploying"])
+    finally:
+        worker.close()
 
 
 async def read_json_body(request: Request, max_bytes: int) -> Any:
@@ -104,6 +144,10 @@ async def read_json_body(request: Request, max_bytes: int) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise ApiError(400, f"malformed JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    except (ValueError, RecursionError) as err:
+        # Valid JSON that Python refuses: nesting deeper than the recursion limit, integers longer
+        # than the int digit limit. Still the client's input, never a 500.
+        raise ApiError(400, f"JSON the server will not parse: {type(err).__name__}: {str(err)[:120]}") from None
 
 
 def _validated(model_cls, data: Any):
@@ -134,12 +178,12 @@ api = FastAPI(
     description="DistilBERT sentiment classification served by Ray Serve. Errors answer `{\"error\": ...}`.",
     version="0.1.0",
 )
-_ERRORS = {400: {"model": ErrorBody}, 413: {"model": ErrorBody}, 415: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}}
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 413, 415, 422, 503, 504)}
 
 
 @api.exception_handler(ApiError)
 async def _api_error(_: Request, err: ApiError) -> JSONResponse:
-    return JSONResponse({"error": err.message}, status_code=err.status)
+    return err.response()
 
 
 @api.exception_handler(Exception)
@@ -155,13 +199,18 @@ class SentimentModel:
         from serve_app.metrics import ServeMetrics
 
         self.args = AppArgs.model_validate(args)
-        self.predictor = None
+        self.predictor: SupervisedModel | None = None
         self.info: ModelInfo | None = None
         self.load_error: str | None = None
+        self.failed_swap: FailedSwap | None = None
         self.metrics = ServeMetrics()
         self._swap_lock = asyncio.Lock()
         self._batches = self._batched_items = 0
         self._forward_total_s = 0.0
+        # Texts admitted and not yet answered. Serve bounds requests, and one /batch_predict request
+        # can hold max_batch_items texts: the bound that keeps queues short is counted in texts.
+        self._texts_in_flight = 0
+        self._max_texts = self.args.max_texts_in_flight or 2 * max_ongoing_requests(self.args)
         # The model process computes one batch at a time. Two batches are in flight
         # (`max_concurrent_batches=2`): the next one is already queued there and starts the moment the
         # current one ends, instead of after the event loop has sent the current batch's answers
@@ -173,7 +222,9 @@ class SentimentModel:
     # -------------------------------------------------------------- configuration and health
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply batching settings and, if the model changed, load it and swap it in. Requests in
-        flight finish on the model they started with; the next batch uses the new one."""
+        flight finish on the model they started with; the next batch uses the new one. A swap that
+        fails keeps the old model and is reported by /health, /model and a metric; the next deploy
+        (each carries a new `deploy_id`, so Serve calls this again) retries it."""
         self._predict_batch.set_max_batch_size(int(user_config.get("max_batch_size", self.args.max_batch_size)))
         self._wait_s = float(user_config.get("batch_wait_timeout_s", self.args.batch_wait_timeout_s))
         self._set_wait(self._wait_s)
@@ -183,15 +234,19 @@ class SentimentModel:
             if self.info is not None and self.info.model_uri == uri and self.info.version == version:
                 return
             try:
-                predictor, info = await asyncio.to_thread(load_served_model, self.args, uri, version or await asyncio.to_thread(resolve_version, self.args, uri))
+                version = version or await asyncio.to_thread(resolve_version, self.args, uri)
+                predictor, info = await load_served_model(self.args, uri, version)
             except Exception as err:
                 if self.predictor is None:
                     self.load_error = f"{type(err).__name__}: {err}"
                     raise
                 # Keep serving the model we have: a failed swap must not take the endpoint down.
-                self.load_error = f"swap to {uri} v{version} failed: {type(err).__name__}: {err}"
+                self.failed_swap = FailedSwap(model_uri=uri, version=version or None, error=f"{type(err).__name__}: {err}",
+                                              at=time.time())
+                self.metrics.count_failed_swap()
                 return
-            old, self.predictor, self.info, self.load_error = self.predictor, predictor, info, None
+            old, self.predictor, self.info = self.predictor, predictor, info
+            self.load_error = self.failed_swap = None
             self.metrics.set_model_version(info.version)
             if old is not None:
                 # Batches already handed to the old model finish on it (no await lies between a batch
@@ -208,12 +263,28 @@ class SentimentModel:
         has the histogram). Forward seconds against wall time tell an idle model from a slow one."""
         return {"batches": self._batches, "items": self._batched_items, "forward_s": self._forward_total_s}
 
-    def check_health(self) -> None:
+    def status(self) -> tuple[str, str]:
+        """("ok" | "degraded" | "unavailable", reason). Degraded still answers: a model process is being
+        replaced (requests wait for it), or a hot swap failed and the previous model serves."""
         if self.predictor is None:
-            raise RuntimeError(self.load_error or "no model loaded")
-        if not self.predictor.alive():
-            # Serve replaces an unhealthy replica: that is how a dead model process comes back.
-            raise RuntimeError(f"model process {self.predictor.pid} has exited")
+            return "unavailable", self.load_error or "no model loaded"
+        if self.predictor.state == "failed":
+            return "unavailable", self.predictor.reason
+        if self.predictor.state == "degraded":
+            return "degraded", self.predictor.reason
+        if self.failed_swap is not None:
+            return "degraded", f"serving v{self.info.version}; the swap to {self.failed_swap.model_uri} failed: {self.failed_swap.error}"
+        return "ok", ""
+
+    async def check_health(self) -> None:
+        """Serve replaces a replica whose check raises: only when its model process cannot be brought
+        back (restarts keep failing). A process that died is replaced inside the replica."""
+        if self.predictor is not None:
+            await self.predictor.check()
+            self.metrics.set_restarts(self.predictor.restarts)
+        state, reason = self.status()
+        if state == "unavailable":
+            raise RuntimeError(reason)
 
     def __del__(self) -> None:
         # Serve calls this when it stops the replica. (Without it the model process would still leave,
@@ -233,15 +304,15 @@ class SentimentModel:
         self._in_flight += 1
         self._set_wait(max(self._wait_s, 0.8 * self._forward_s))
         try:
-            results, seconds = await asyncio.wrap_future(predictor.submit(texts))
+            # A batch whose process dies or wedges is re-run on a replacement process (SupervisedModel).
+            results, seconds = await predictor.run(texts)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._set_wait(self._wait_s)
         self._forward_total_s += seconds
         self._forward_s = seconds if not self._forward_s else 0.8 * self._forward_s + 0.2 * seconds
-        for r in results:
-            r["model_version"] = info.version
+        results = [{**r, "model_version": info.version} for r in results]
         self.metrics.count_labels(r["label"] for r in results)
         return results
 
@@ -249,43 +320,63 @@ class SentimentModel:
         start = time.perf_counter()
         status = 500
         try:
-            response = await handler()
+            # The replica's own deadline, so that no request hangs even where the HTTP layer sets none
+            # (`serve run ...:build_app`); the proxy's timeout is set a little longer (serve_app.deploy).
+            response = await asyncio.wait_for(handler(), self.args.request_timeout_s)
             status = 200
             return response
         except ApiError as err:
             status = err.status
             raise
+        except asyncio.TimeoutError:
+            status = 504
+            raise ApiError(504, f"no answer within the request deadline of {self.args.request_timeout_s:g}s") from None
         except ModelWorkerError as err:
-            # The model process died under this request: the replica is unhealthy now and Serve
-            # replaces it; the client may retry.
+            # Restarts of the model process did not bring it back (or the model failed on this batch).
             status = 503
-            raise ApiError(503, f"model unavailable, the replica is restarting: {err}") from None
+            raise ApiError(503, f"model unavailable: {err}") from None
         finally:
             self.metrics.observe_request(endpoint, status, time.perf_counter() - start)
+
+    async def _predict(self, texts: list[str]) -> list[dict]:
+        """Admit `texts` against the replica's text bound, then let each join the dynamic batch on its
+        own, so that a big request and many small ones share batches."""
+        if self.predictor is None or self.predictor.state == "failed":
+            raise ApiError(503, self.status()[1])
+        if self._texts_in_flight + len(texts) > self._max_texts:
+            raise ApiError(503, f"replica busy: {self._texts_in_flight} texts in flight, limit {self._max_texts}")
+        self._texts_in_flight += len(texts)
+        try:
+            return list(await asyncio.gather(*(self._predict_batch(t) for t in texts)))
+        finally:
+            self._texts_in_flight -= len(texts)
 
     # -------------------------------------------------------------- endpoints
     @api.get("/health", responses={503: {"model": ErrorBody}})
     async def health(self):
-        if self.predictor is None:
-            return JSONResponse({"status": "unavailable", "error": self.load_error or "no model loaded"}, status_code=503)
-        return {"status": "ok", "model_version": self.info.version}
+        state, reason = self.status()
+        if state == "unavailable":
+            return JSONResponse({"status": state, "error": reason}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+        body = {"status": state, "model_version": self.info.version}
+        if reason:
+            body["reason"] = reason
+        return body
 
     @api.get("/model", response_model=ModelInfo, responses={503: {"model": ErrorBody}})
     async def model(self):
         if self.info is None:
             raise ApiError(503, self.load_error or "no model loaded")
-        return self.info
+        restarts = self.predictor.restarts if self.predictor is not None else 0
+        return self.info.model_copy(update={"failed_swap": self.failed_swap, "model_restarts": restarts})
 
     @api.post("/predict", response_model=Prediction, responses=_ERRORS, openapi_extra=_body_schema(PredictRequest))
     async def predict(self, request: Request):
         async def handle():
             req = _validated(PredictRequest, await read_json_body(request, self.args.max_body_bytes))
             check_text(req.text, self.args.max_text_chars)
-            if self.predictor is None:
-                raise ApiError(503, self.load_error or "no model loaded")
             # A ready JSONResponse skips FastAPI's re-validation and re-encoding of an answer our own
             # code built (the schema stays in /docs): less work on the event loop per request.
-            return JSONResponse(await self._predict_batch(req.text))
+            return JSONResponse((await self._predict([req.text]))[0])
 
         return await self._timed("predict", handle)
 
@@ -299,10 +390,7 @@ class SentimentModel:
                 raise ApiError(422, f"texts: {len(req.texts)} items exceeds the limit of {self.args.max_batch_items}")
             for i, t in enumerate(req.texts):
                 check_text(t, self.args.max_text_chars, where=f"texts[{i}]")
-            if self.predictor is None:
-                raise ApiError(503, self.load_error or "no model loaded")
-            # Each text joins the dynamic batch on its own, so a big request and many small ones share batches.
-            return JSONResponse({"predictions": list(await asyncio.gather(*(self._predict_batch(t) for t in req.texts)))})
+            return JSONResponse({"predictions": await self._predict(req.texts)})
 
         return await self._timed("batch_predict", handle)
 
@@ -310,34 +398,53 @@ class SentimentModel:
 SentimentService = serve.deployment(ray_actor_options={"num_cpus": 1})(serve.ingress(api)(SentimentModel))
 
 
-def user_config(args: AppArgs, model_version: str) -> dict[str, Any]:
-    return {"model_uri": args.model_uri, "model_version": model_version,
-            "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s}
+def max_ongoing_requests(a: AppArgs) -> int:
+    # Ray's default of 5 would cap a batch at 5. Room for two batches in flight and one gathering
+    # behind them, and more: requests beyond it wait in the caller's router, which backs off and
+    # retries; measured (serve_load.py, default proxy, 128 clients) 2x the batch collapsed to
+    # 13 req/s with batches of 5, 4x the batch gave 168 req/s with batches of 25.
+    return a.max_ongoing_requests or 4 * a.max_batch_size
+
+
+def user_config(args: AppArgs, model_version: str, deploy_id: str | None = None) -> dict[str, Any]:
+    """What a redeploy may change without restarting replicas. `deploy_id` makes every deploy a change
+    that Serve applies (`reconfigure`), so a deploy after a failed swap retries it."""
+    config = {"model_uri": args.model_uri, "model_version": model_version,
+              "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s}
+    if deploy_id:
+        config["deploy_id"] = deploy_id
+    return config
 
 
 def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
     """The typed app builder: validates `args`, resolves the model alias to a concrete version now
-    (so that a later redeploy with a new champion is a change Serve applies by `reconfigure`)."""
+    (so that a later redeploy with a new champion is a change Serve applies by `reconfigure`), and
+    trial-loads that version (`args.trial_load`): a model that cannot load or predict raises here,
+    and the running app is left as it is."""
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     # Replicas may run in another working directory: pin relative paths to where the app is built.
     a = a.model_copy(update={"registry_root": str(Path(a.registry_root).resolve())})
     if not a.model_uri.startswith("models:/"):
         a = a.model_copy(update={"model_uri": str(Path(a.model_uri).resolve())})
     version = resolve_version(a, a.model_uri)
-    # Ray's default of 5 would cap a batch at 5. Room for two batches in flight and one gathering
-    # behind them, and more: requests beyond it wait in the caller's router, which backs off and
-    # retries; measured (serve_load.py, default proxy, 128 clients) 2x the batch collapsed to
-    # 13 req/s with batches of 5, 4x the batch gave 168 req/s with batches of 25.
-    max_ongoing = a.max_ongoing_requests or 4 * a.max_batch_size
+    if a.trial_load:
+        try:
+            trial_load(a, a.model_uri, version)
+        except Exception as err:
+            raise ModelWorkerError(f"deploy refused: {a.model_uri} (version {version}) does not load: {err}") from None
     return SentimentService.options(
         name=f"{a.name}-model",
         ray_actor_options={"num_cpus": a.num_cpus},
-        max_ongoing_requests=max_ongoing,
+        max_ongoing_requests=max_ongoing_requests(a),
         max_queued_requests=a.max_queued_requests,
+        # A replica that leaves (downscale, redeploy) stops taking requests, then waits for the ones
+        # it holds: up to a request's deadline.
+        graceful_shutdown_wait_loop_s=1.0,
+        graceful_shutdown_timeout_s=a.request_timeout_s + 5,
         autoscaling_config={
             "min_replicas": a.min_replicas, "initial_replicas": max(1, a.min_replicas), "max_replicas": a.max_replicas,
             "target_ongoing_requests": a.target_ongoing_requests,
             "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
         },
-        user_config=user_config(a, version),
+        user_config=user_config(a, version, a.deploy_id),
     ).bind(a.model_dump())

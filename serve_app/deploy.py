@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+import uuid
 
 from ray_jobs.config import PipelineConfig
 from ray_jobs.errors import SentimentError
@@ -30,7 +31,8 @@ def app_args(cfg: PipelineConfig) -> AppArgs:
         min_replicas=a.min_replicas, max_replicas=a.max_replicas, target_ongoing_requests=a.target_ongoing_requests,
         upscale_delay_s=a.upscale_delay_s, downscale_delay_s=a.downscale_delay_s,
         max_text_chars=s.max_text_chars, max_batch_items=s.max_batch_items, max_body_bytes=s.max_body_bytes,
-        name=s.app_name,
+        request_timeout_s=s.request_timeout_s, max_texts_in_flight=s.max_texts_in_flight, batch_deadline_s=s.batch_deadline_s,
+        max_model_restarts=s.max_model_restarts, name=s.app_name,
     )
 
 
@@ -62,8 +64,12 @@ def deploy(cfg: PipelineConfig, wait_version: str | None = None, timeout_s: floa
     from serve_app.app import build_app
 
     s = cfg.serve
-    serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s})
-    app = build_app(app_args(cfg))
+    # The replica answers a request past its deadline with 504 itself; the proxy's own timeout (a 408)
+    # is only the backstop.
+    serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s + 5})
+    # Trial-loads the model (ModelWorkerError: refused, nothing running changed). A new deploy_id makes
+    # Serve apply the deploy even if the model is the same, so a failed swap is retried.
+    app = build_app(app_args(cfg).model_copy(update={"deploy_id": uuid.uuid4().hex[:12]}))
     serve.run(app, name=s.app_name, route_prefix=s.route_prefix, blocking=False)
     url = endpoint_url(cfg)
     deadline = time.time() + timeout_s
@@ -74,7 +80,11 @@ def deploy(cfg: PipelineConfig, wait_version: str | None = None, timeout_s: floa
             last = r.text
             if r.status_code == 200 and (wait_version is None or r.json().get("version") == wait_version):
                 return url
-        except httpx.HTTPError as err:
+            failed = r.json().get("failed_swap") if r.status_code == 200 else None
+            if wait_version is not None and failed and failed.get("version") == wait_version:
+                raise SentimentError(f"a replica could not swap to version {wait_version} (it still serves "
+                                     f"{r.json().get('version')}): {failed.get('error')}")
+        except (httpx.HTTPError, ValueError) as err:
             last = str(err)
         time.sleep(0.5)
     raise SentimentError(f"the Serve app did not report version {wait_version} within {timeout_s:.0f}s (last answer: {last})")

@@ -20,6 +20,8 @@ class ServeMetrics:
         self.batch_size = Histogram("sentiment_batch_size", "texts per model forward batch", boundaries=_BATCH_BOUNDS)
         self.labels = Counter("sentiment_predictions_total", "predicted labels", tag_keys=("label",))
         self.version = Gauge("sentiment_model_version", "registered model version served (0: a local folder)")
+        self.failed_swaps = Counter("sentiment_model_swap_failures_total", "hot swaps a replica could not make (it kept its model)")
+        self.restarts = Gauge("sentiment_model_restarts", "model processes replaced in this replica since it started")
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.inc(1, tags={"endpoint": endpoint, "status": str(status)})
@@ -35,3 +37,9 @@ class ServeMetrics:
 
     def set_model_version(self, version: str) -> None:
         self.version.set(float(version) if version.isdigit() else 0.0)
+
+    def count_failed_swap(self) -> None:
+        self.failed_swaps.inc(1)
+
+    def set_restarts(self, n: int) -> None:
+        self.restarts.set(float(n))

@@ -21,10 +21,18 @@ messages only ever cross between these two processes). The child leaves when the
 socket, and also when the parent dies without closing it (the socket reads end-of-file): no orphans.
 It is a plain subprocess (`python -m serve_app.model_worker`), not `multiprocessing`'s spawn, which
 would re-run the parent's main module (inside Ray, the Ray worker's own script).
+
+Faults: a batch that the child does not answer by its deadline (the child alive but wedged: stopped,
+deadlocked, swapping) kills the child, and its batches fail like those of a child that died.
+`SupervisedModel` (below) is what the replica uses: it starts a replacement process and re-runs the
+batches the old one lost, so that a dead or wedged model process costs clients latency, not errors.
+The deadline is derived from the model's own speed, measured when it starts: one forward pass on a
+text of the model's full length, times the texts in the batch, times a safety factor, plus a floor.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import os
 import queue
@@ -35,20 +43,32 @@ import threading
 import time
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
-from typing import Sequence
+from typing import Callable, Sequence
 
 _START_TIMEOUT_S = 600.0
+# A batch must be answered within FLOOR + FACTOR x (its texts) x (seconds of one full-length text alone).
+# The factor covers a machine whose other core is busy and slower batch shapes; the floor covers
+# scheduling hiccups. A false alarm costs a restart and a re-run (latency), never a failed request.
+DEADLINE_FLOOR_S = 5.0
+DEADLINE_FACTOR = 4.0
 
 
 class ModelWorkerError(RuntimeError):
-    """The worker could not load its model, failed on a batch, or is gone."""
+    """The worker could not load its model, or it is gone (died, wedged, closed): its batches may be re-run."""
+
+
+class ModelBatchError(ModelWorkerError):
+    """The model raised on this batch (the process is fine): re-running the same batch would fail again."""
 
 
 class ModelWorker:
     """A Predictor in a child process. Batches are answered in the order they were submitted: a sender
     thread writes them to the socket, a receiver thread reads the answers and completes the futures."""
 
-    def __init__(self, model_dir: str, num_threads: int = 1, precision: str = "auto", start_timeout_s: float = _START_TIMEOUT_S):
+    def __init__(self, model_dir: str, num_threads: int = 1, precision: str = "auto", start_timeout_s: float = _START_TIMEOUT_S,
+                 deadline_s: float | None = None):
+        """`deadline_s`: seconds a batch may take once the child starts it; None derives it per batch
+        from the speed measured at start (see the module docstring)."""
         parent_sock, child_sock = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the same imports as here
         try:
@@ -73,8 +93,13 @@ class ModelWorker:
         if kind != "ready":
             self._kill()
             raise ModelWorkerError(f"model worker could not load {model_dir}: {payload}")
+        # Seconds of one forward pass on a full-length text, measured by the child after its warm-up.
+        self.text_s = float(payload["text_s"])
+        self._deadline_s = deadline_s
         self._lock = threading.Lock()  # keeps `_pending` in the order of the sender's queue
-        self._pending: collections.deque[Future] = collections.deque()
+        # (future, number of texts); the head of the queue is the batch the child computes now.
+        self._pending: collections.deque[tuple[Future, int]] = collections.deque()
+        self._head_since = time.monotonic()  # when the child could start the head batch
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = False
         self._error: str | None = None
@@ -90,15 +115,30 @@ class ModelWorker:
         with self._lock:
             if self._stopping or self._error:
                 raise ModelWorkerError(self._error or "model worker is closed")
-            self._pending.append(future)
+            if not self._pending:
+                self._head_since = time.monotonic()
+            self._pending.append((future, len(texts)))
             self._outbox.put(("predict", list(texts)))
         return future
+
+    def batch_deadline_s(self, n_texts: int) -> float:
+        """Seconds a batch of `n_texts` may take once the child has started it."""
+        if self._deadline_s is not None:
+            return self._deadline_s
+        return DEADLINE_FLOOR_S + DEADLINE_FACTOR * max(1, n_texts) * self.text_s
 
     def predict(self, texts: Sequence[str]) -> list[dict]:
         return self.submit(texts).result()[0]
 
     def alive(self) -> bool:
         return self._error is None and self._proc.poll() is None
+
+    def kill(self, reason: str) -> None:
+        """Stop the child now (SIGKILL also ends a stopped process); its batches fail with `reason`."""
+        with self._lock:
+            if self._error is None:
+                self._error = reason
+        self._kill()
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Let the batches submitted so far finish, then stop the child (killed after `timeout_s`).
@@ -126,38 +166,165 @@ class ModelWorker:
                 return
 
     def _receive_loop(self) -> None:
+        try:
+            self._receive()
+        except BaseException as err:  # noqa: BLE001 - a dead receiver must not leave requests waiting forever
+            self._error = self._error or f"model worker receiver failed: {type(err).__name__}: {err}"
+            self._kill()
+            self._fail_pending(self._error)
+            self._outbox.put(("stop", None))
+
+    def _receive(self) -> None:
         while True:
+            self._wait_for_answer()
             try:
                 kind, payload, seconds = self._conn.recv()
             except (EOFError, OSError):
                 with self._lock:  # before waiting: `alive` must not read a running process meanwhile
-                    if not self._stopping:
+                    killed = self._error  # set by kill(): the reason says more than an exit code
+                    if not self._stopping and self._error is None:
                         self._error = "model worker exited"
                 code = self._proc.wait()
-                self._fail_pending("model worker was closed" if self._stopping and code == 0 else f"model worker exited (code {code})")
+                if killed:
+                    reason = killed
+                elif self._stopping and code == 0:
+                    reason = "model worker was closed"
+                else:
+                    reason = f"model worker exited (code {code})"
+                self._fail_pending(reason)
                 self._outbox.put(("stop", None))  # lets the sender leave too
                 return
             with self._lock:
-                future = self._pending.popleft() if self._pending else None
+                future = self._pending.popleft()[0] if self._pending else None
+                self._head_since = time.monotonic()
             if future is None:
                 continue
             if kind == "ok":
                 future.set_result((payload, seconds))
             else:
-                future.set_exception(ModelWorkerError(payload))
+                future.set_exception(ModelBatchError(payload))
+
+    def _wait_for_answer(self) -> None:
+        """Block until an answer (or end-of-file) can be read. A head batch past its deadline means a
+        wedged child: kill it, and the read then sees end-of-file."""
+        while True:
+            with self._lock:
+                head = self._pending[0][1] if self._pending else None
+                since = self._head_since
+            wait = 1.0 if head is None else since + self.batch_deadline_s(head) - time.monotonic()
+            if wait > 0:
+                if self._conn.poll(min(wait, 1.0)):
+                    return
+                continue
+            with self._lock:
+                still_late = bool(self._pending) and self._head_since == since
+            if still_late:
+                self.kill(f"model worker wedged: no answer to a batch of {head} within {self.batch_deadline_s(head):.1f}s")
+                return
 
     def _fail_pending(self, reason: str) -> None:
         with self._lock:
             if not self._stopping:
                 self._error = reason
             pending, self._pending = list(self._pending), collections.deque()
-        for future in pending:
+        for future, _ in pending:
             if not future.done():
                 future.set_exception(ModelWorkerError(reason))
 
     def _kill(self) -> None:
         self._proc.kill()
         self._proc.wait()
+
+
+class SupervisedModel:
+    """The replica's model: a ModelWorker that is replaced when it dies or wedges. A batch lost with a
+    process is re-run on the replacement (predictions are idempotent), so clients see latency, not
+    errors. Async: every method runs on the replica's event loop, and loading happens in a thread.
+
+    States: "ok"; "degraded" while a replacement loads (the reason is kept for /health); "failed" once
+    `max_restarts` replacements were needed within `restart_window_s`, or a replacement cannot load:
+    then the replica's health check fails and Serve replaces the whole replica."""
+
+    def __init__(self, start: Callable[[], ModelWorker], max_restarts: int = 3, restart_window_s: float = 60.0,
+                 max_attempts: int = 3):
+        self._start = start
+        self.max_restarts, self.restart_window_s, self.max_attempts = max_restarts, restart_window_s, max_attempts
+        self.worker: ModelWorker | None = None
+        self.state, self.reason = "starting", ""
+        self.restarts = 0  # replacements since start (a metric)
+        self._recent: collections.deque[float] = collections.deque()
+        self._restarting: asyncio.Future | None = None
+
+    @classmethod
+    async def create(cls, start: Callable[[], ModelWorker], **kwargs) -> "SupervisedModel":
+        """Start the first process; raises ModelWorkerError if the model cannot load."""
+        model = cls(start, **kwargs)
+        model.worker = await asyncio.to_thread(start)
+        model.state = "ok"
+        return model
+
+    async def run(self, texts: Sequence[str]) -> tuple[list[dict], float]:
+        """(predictions, compute seconds) for one batch, re-run on a new process if its process is lost."""
+        for attempt in range(1, self.max_attempts + 1):
+            worker = self.worker
+            try:
+                if worker is None:
+                    raise ModelWorkerError(self.reason or "no model process")
+                return await asyncio.wrap_future(worker.submit(texts))
+            except ModelBatchError:
+                raise  # the model itself raised: the same batch would fail again
+            except ModelWorkerError as err:
+                if attempt == self.max_attempts or self.state == "failed":
+                    raise ModelWorkerError(f"{err} (after {attempt} attempts)") from None
+                await self.replace(worker, str(err))
+        raise AssertionError("unreachable")
+
+    async def replace(self, worker: ModelWorker | None, reason: str) -> None:
+        """Replace `worker` (once, however many batches lost it) and wait until its successor runs or
+        replacing has failed. A no-op if `worker` was already replaced."""
+        if self.state == "failed":
+            raise ModelWorkerError(self.reason)
+        if worker is not self.worker and self._restarting is None:
+            return
+        if self._restarting is None:
+            self._restarting = asyncio.ensure_future(self._restart(worker, reason))
+        await asyncio.shield(self._restarting)
+
+    async def check(self) -> None:
+        """For the health check: a process that died while idle is replaced now, not at the next request."""
+        if self.state == "ok" and self.worker is not None and not self.worker.alive() and self._restarting is None:
+            self._restarting = asyncio.ensure_future(self._restart(self.worker, "model process exited while idle"))
+
+    async def _restart(self, worker: ModelWorker | None, reason: str) -> None:
+        try:
+            now = time.monotonic()
+            while self._recent and now - self._recent[0] > self.restart_window_s:
+                self._recent.popleft()
+            if len(self._recent) >= self.max_restarts:
+                self.state = "failed"
+                self.reason = f"{reason}; {len(self._recent)} restarts within {self.restart_window_s:.0f}s, giving up"
+                return
+            self._recent.append(now)
+            self.state, self.reason = "degraded", f"restarting the model process: {reason}"
+            if worker is not None:
+                await asyncio.to_thread(worker.kill, reason)
+            try:
+                self.worker = await asyncio.to_thread(self._start)
+            except Exception as err:  # noqa: BLE001 - the reason goes to /health; Serve replaces the replica
+                self.state, self.reason = "failed", f"{reason}; the replacement could not start: {err}"
+                return
+            self.restarts += 1
+            self.state, self.reason = "ok", ""
+        finally:
+            self._restarting = None
+
+    def alive(self) -> bool:
+        return self.state != "failed"
+
+    def close(self) -> None:
+        """Blocking (call it from a thread): batches already submitted finish, then the process leaves."""
+        if self.worker is not None:
+            self.worker.close()
 
 
 def _child(fd: int, model_dir: str, num_threads: int, precision: str) -> int:
@@ -167,10 +334,15 @@ def _child(fd: int, model_dir: str, num_threads: int, precision: str) -> int:
 
         predictor = Predictor(model_dir, num_threads=num_threads, precision=precision)
         predictor.predict(["warm up"])  # the first forward pass allocates; do it before traffic
+        # The speed that batch deadlines scale with: one text that fills the model's length.
+        full = " ".join(["film"] * predictor.max_length)
+        start = time.perf_counter()
+        predictor.predict([full])
+        text_s = time.perf_counter() - start
     except Exception as err:  # reported to the parent, which raises it where the model was asked for
         conn.send(("error", f"{type(err).__name__}: {err}"))
         return 1
-    conn.send(("ready", None))
+    conn.send(("ready", {"text_s": text_s}))
     while True:
         try:
             kind, texts = conn.recv()

@@ -28,6 +28,15 @@ class BatchPrediction(BaseModel):
     predictions: list[Prediction]
 
 
+class FailedSwap(BaseModel):
+    """A hot swap this replica could not make: it kept serving the model it had."""
+
+    model_uri: str
+    version: str | None
+    error: str
+    at: float
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str
@@ -36,6 +45,8 @@ class ModelInfo(BaseModel):
     test_f1: float | None
     data_digest: str | None
     loaded_at: float
+    failed_swap: FailedSwap | None = None
+    model_restarts: int = Field(0, description="model processes replaced in this replica (died or wedged)")
 
 
 class ErrorBody(BaseModel):
@@ -64,4 +75,12 @@ class AppArgs(BaseModel):
     max_text_chars: int = Field(20000, ge=1)
     max_batch_items: int = Field(64, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024)
+    # Faults (README, Reliability).
+    request_timeout_s: float = Field(30, gt=0, description="a request not answered by then gets 504")
+    max_texts_in_flight: int | None = Field(None, ge=1, description="texts a replica admits at once; default 2 x max_ongoing_requests")
+    batch_deadline_s: float | None = Field(None, gt=0, description="a batch the model process has not answered by then "
+                                           "means a wedged process; default: derived from the model's measured speed")
+    max_model_restarts: int = Field(3, ge=0, description="model-process replacements per minute before the replica is unhealthy")
+    trial_load: bool = Field(True, description="build_app loads the model once first and refuses a deploy it cannot load")
+    deploy_id: str | None = None
     name: str = "sentiment"

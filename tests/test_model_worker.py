@@ -102,28 +102,100 @@ def test_the_model_process_leaves_when_its_parent_is_killed(untrained_tiny):
             parent.kill()
 
 
-def test_the_replica_reports_unhealthy_when_its_model_process_dies(untrained_tiny):
-    """Serve replaces a replica whose check_health raises: that is how a dead model process comes back."""
+def test_a_killed_model_process_is_replaced_and_its_batches_rerun(untrained_tiny):
+    """SIGKILL on the model process under a stream of batches: every batch is still answered (the
+    lost ones re-run on a replacement process), with the same answers, and the replacement is counted."""
     import asyncio
+    import functools
+
+    from serve_app.model_worker import SupervisedModel
+
+    expected = Predictor(untrained_tiny, precision="fp32").predict(TEXTS)
+
+    async def run():
+        model = await SupervisedModel.create(functools.partial(ModelWorker, untrained_tiny, num_threads=1, precision="fp32"))
+        first = model.worker.pid
+        tasks = [asyncio.ensure_future(model.run(TEXTS)) for _ in range(20)]
+        await asyncio.sleep(0.05)
+        os.kill(first, signal.SIGKILL)
+        tasks += [asyncio.ensure_future(model.run(TEXTS)) for _ in range(20)]  # sent while it restarts
+        results = await asyncio.gather(*tasks)
+        try:
+            return first, model.worker.pid, model.restarts, model.state, results
+        finally:
+            await asyncio.to_thread(model.close)
+
+    first, now, restarts, state, results = asyncio.run(run())
+    assert now != first and restarts == 1 and state == "ok"
+    assert _gone(first, 5)
+    for got, _ in results:
+        assert [g["label"] for g in got] == [e["label"] for e in expected]
+        assert [g["score"] for g in got] == pytest.approx([e["score"] for e in expected], abs=1e-5)
+
+
+def test_a_wedged_model_process_misses_its_deadline_and_is_replaced(untrained_tiny):
+    """SIGSTOP (alive, never answering): the batch misses the deadline derived from the model's measured
+    speed, the process is killed and replaced, and the batch is answered by the replacement."""
+    import asyncio
+    import functools
+
+    from serve_app.model_worker import DEADLINE_FLOOR_S, SupervisedModel
+
+    async def run():
+        model = await SupervisedModel.create(functools.partial(ModelWorker, untrained_tiny, num_threads=1, precision="fp32"))
+        first = model.worker.pid
+        deadline = model.worker.batch_deadline_s(len(TEXTS))
+        os.kill(first, signal.SIGSTOP)
+        start = time.monotonic()
+        got, _ = await model.run(TEXTS)
+        try:
+            return first, model.worker.pid, model.restarts, deadline, time.monotonic() - start, got
+        finally:
+            await asyncio.to_thread(model.close)
+
+    first, now, restarts, deadline, took, got = asyncio.run(run())
+    assert DEADLINE_FLOOR_S <= deadline < DEADLINE_FLOOR_S + 5  # the tiny model is fast: the floor dominates
+    assert now != first and restarts == 1 and len(got) == len(TEXTS)
+    assert deadline <= took < deadline + 60
+    assert _gone(first, 5)  # SIGKILL ends a stopped process too
+
+
+def test_the_replica_heals_a_dead_model_process_and_is_unhealthy_only_when_restarts_fail(untrained_tiny, tmp_path):
+    """Serve replaces a replica whose check_health raises. A model process that dies is replaced inside
+    the replica (health stays up); only when a replacement cannot start does the replica report unhealthy."""
+    import asyncio
+    import shutil
 
     from serve_app.app import SentimentModel
 
-    svc = SentimentModel({"model_uri": untrained_tiny, "precision": "fp32"})
-    asyncio.run(svc.reconfigure({"model_uri": untrained_tiny, "model_version": "local"}))
-    try:
-        svc.check_health()  # healthy
-        os.kill(svc.predictor.pid, signal.SIGKILL)
-        # Serve polls check_health; it must start raising once the process is gone (its threads take
-        # a moment to exit after the kill).
-        deadline = time.time() + 15
+    model_dir = str(shutil.copytree(untrained_tiny, tmp_path / "model"))
+    svc = SentimentModel({"model_uri": model_dir, "precision": "fp32"})
+
+    async def run():
+        await svc.reconfigure({"model_uri": model_dir, "model_version": "local"})
+        await svc.check_health()
+        first = svc.predictor.worker.pid
+        os.kill(first, signal.SIGKILL)
+        # Idle: the health check notices the dead process and starts a replacement.
+        deadline = time.time() + 60
+        while time.time() < deadline and (svc.predictor.restarts == 0 or svc.status()[0] != "ok"):
+            await svc.check_health()  # never raises while the replacement starts ("degraded")
+            await asyncio.sleep(0.2)
+        assert svc.predictor.restarts == 1 and svc.predictor.worker.pid != first and svc.status() == ("ok", "")
+        # Now make replacements impossible: the next death leaves the replica unhealthy.
+        shutil.rmtree(model_dir)
+        os.kill(svc.predictor.worker.pid, signal.SIGKILL)
+        deadline = time.time() + 60
         while time.time() < deadline:
             try:
-                svc.check_health()
+                await svc.check_health()
             except RuntimeError as err:
-                assert "has exited" in str(err)
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail("check_health kept passing after the model process was killed")
+                return str(err)
+            await asyncio.sleep(0.2)
+        pytest.fail("check_health kept passing although the model process could not be replaced")
+
+    try:
+        reason = asyncio.run(run())
+        assert "could not start" in reason and svc.status()[0] == "unavailable"
     finally:
         svc.predictor.close()
