@@ -55,7 +55,15 @@ def absolute(path: str) -> str:
 SERVE_INGRESS_ENV: dict[str, dict[str, str]] = {
     "proxy": {},
     "direct": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
-    "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+    "haproxy": {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        # Ray's HAProxy retries only requests it could not send (conn-failure). Predictions are
+        # idempotent, so a request whose replica died under it (the connection closed with no answer:
+        # empty-response, or a torn one: junk-response) or that a replica refused (503) is safe to
+        # send again, to another replica (`option redispatch`): a killed replica then costs no request.
+        "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response 503",
+        "RAY_SERVE_HAPROXY_RETRIES": "3",
+    },
 }
 
 

@@ -3,8 +3,10 @@
     serve.run(build_app({"model_uri": "models:/sentiment-distilbert@champion"}))   # Python session
     serve run serve_app.app:build_app model_uri=models:/sentiment-distilbert@champion   # CLI
 
-Which model a replica serves travels in `user_config`, so a new champion is swapped in by
-`reconfigure` on the running replicas (no restart, no failed request): see `serve_app.deploy`.
+Which model a replica serves travels in `user_config`. `serve.run` (serve_app.deploy) gives each deploy a
+new deployment version, so Serve rolls the replicas over (new ones load the model, old ones drain);
+a `serve deploy` of an unchanged config file whose alias moved changes `user_config` only, and Serve
+calls `reconfigure` on the running replicas, which swap the model in between batches.
 `build_app` trial-loads the model first, so a deploy of a model that cannot load is refused before
 anything running changes.
 
@@ -223,8 +225,7 @@ class SentimentModel:
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply batching settings and, if the model changed, load it and swap it in. Requests in
         flight finish on the model they started with; the next batch uses the new one. A swap that
-        fails keeps the old model and is reported by /health, /model and a metric; the next deploy
-        (each carries a new `deploy_id`, so Serve calls this again) retries it."""
+        fails keeps the old model and is reported by /health, /model and a metric."""
         self._predict_batch.set_max_batch_size(int(user_config.get("max_batch_size", self.args.max_batch_size)))
         self._wait_s = float(user_config.get("batch_wait_timeout_s", self.args.batch_wait_timeout_s))
         self._set_wait(self._wait_s)
@@ -406,14 +407,11 @@ def max_ongoing_requests(a: AppArgs) -> int:
     return a.max_ongoing_requests or 4 * a.max_batch_size
 
 
-def user_config(args: AppArgs, model_version: str, deploy_id: str | None = None) -> dict[str, Any]:
-    """What a redeploy may change without restarting replicas. `deploy_id` makes every deploy a change
-    that Serve applies (`reconfigure`), so a deploy after a failed swap retries it."""
-    config = {"model_uri": args.model_uri, "model_version": model_version,
-              "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s}
-    if deploy_id:
-        config["deploy_id"] = deploy_id
-    return config
+def user_config(args: AppArgs, model_version: str) -> dict[str, Any]:
+    """What a redeploy may change without restarting replicas (a `serve deploy` of a config file whose
+    args are unchanged while the alias moved: Serve calls `reconfigure`)."""
+    return {"model_uri": args.model_uri, "model_version": model_version,
+            "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s}
 
 
 def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
@@ -446,5 +444,5 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
             "target_ongoing_requests": a.target_ongoing_requests,
             "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
         },
-        user_config=user_config(a, version, a.deploy_id),
+        user_config=user_config(a, version),
     ).bind(a.model_dump())

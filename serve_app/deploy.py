@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 import time
-import uuid
 
 from ray_jobs.config import PipelineConfig
 from ray_jobs.errors import SentimentError
@@ -67,9 +66,9 @@ def deploy(cfg: PipelineConfig, wait_version: str | None = None, timeout_s: floa
     # The replica answers a request past its deadline with 504 itself; the proxy's own timeout (a 408)
     # is only the backstop.
     serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s + 5})
-    # Trial-loads the model (ModelWorkerError: refused, nothing running changed). A new deploy_id makes
-    # Serve apply the deploy even if the model is the same, so a failed swap is retried.
-    app = build_app(app_args(cfg).model_copy(update={"deploy_id": uuid.uuid4().hex[:12]}))
+    # Trial-loads the model first (ModelWorkerError: refused, nothing running changed). `serve.run` then
+    # rolls the replicas over: new ones start with the model, old ones drain their requests and leave.
+    app = build_app(app_args(cfg))
     serve.run(app, name=s.app_name, route_prefix=s.route_prefix, blocking=False)
     url = endpoint_url(cfg)
     deadline = time.time() + timeout_s

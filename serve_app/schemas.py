@@ -82,5 +82,4 @@ class AppArgs(BaseModel):
                                            "means a wedged process; default: derived from the model's measured speed")
     max_model_restarts: int = Field(3, ge=0, description="model-process replacements per minute before the replica is unhealthy")
     trial_load: bool = Field(True, description="build_app loads the model once first and refuses a deploy it cannot load")
-    deploy_id: str | None = None
     name: str = "sentiment"

@@ -140,3 +140,23 @@ def untrained_tiny(session_tmp) -> str:
     cfg = tiny_config(session_tmp / "untrained")
     model, tok = build_model(cfg.model, seed=1)
     return str(save_model(model, tok, session_tmp / "untrained-model", {"max_length": 64, "truncation": "head_tail"}))
+
+
+@pytest.fixture
+def replica_context(monkeypatch):
+    """For SentimentModel instances outside Serve (their @serve.batch method awaited directly): the
+    replica context that @serve.batch reads max_ongoing_requests from, and a fresh batch queue. Serve
+    keeps one queue per decorated method, bound to the event loop that first used it (a replica has
+    one instance and one loop); each test here runs its own loop."""
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from serve_app.app import SentimentModel
+
+    fake = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=64))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: fake)
+    lazy_queue = SentimentModel._predict_batch.set_max_batch_size.__self__
+    lazy_queue._queue = None
+    yield
+    lazy_queue._queue = None

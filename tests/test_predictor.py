@@ -56,18 +56,10 @@ def test_long_text_is_truncated_not_rejected(model_dir):
     assert len(ids) == 64
 
 
-def test_batched_method_awaited_directly_with_concurrent_calls(model_dir, monkeypatch):
+def test_batched_method_awaited_directly_with_concurrent_calls(model_dir, replica_context):
     """The @serve.batch method, without a cluster: concurrent callers are grouped into batches and
     each gets the answer for its own text."""
-    from types import SimpleNamespace
-
-    from ray import serve
-
     from serve_app.app import SentimentModel
-
-    # Outside a replica there is no replica context; @serve.batch only reads max_ongoing_requests from it.
-    fake = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=64))
-    monkeypatch.setattr(serve, "get_replica_context", lambda: fake)
 
     svc = SentimentModel({"model_uri": model_dir, "precision": "fp32", "max_batch_size": 8, "batch_wait_timeout_s": 0.05})
     texts = [f"{TEXTS[i % len(TEXTS)]} #{i}" for i in range(40)]

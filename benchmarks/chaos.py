@@ -1,0 +1,357 @@
+"""Faults under load: what clients see when parts of the serving system die, on loopback.
+
+A closed-loop HTTP load (N clients on kept-alive connections, each sending its next /predict when the
+last is answered) runs against the Serve app in a `ray start` cluster of its own, while one fault is
+injected per round:
+
+    model-kill       SIGKILL the model process of one replica (serve_app.model_worker)
+    model-stop       SIGSTOP it: alive but wedged, never answering
+    replica-kill     SIGKILL one replica actor (ServeReplica)
+    controller-kill  SIGKILL Serve's controller
+    proxy-kill       SIGKILL Serve's proxy actor (in haproxy mode it runs HAProxy)
+    hot-swap         deploy another model (serve_app.deploy) while the load runs
+    bad-swap         deploy a model whose weights are corrupt (the deploy must be refused)
+    downscale        deploy with one replica fewer
+
+    python benchmarks/chaos.py                                  # both ingress modes, every fault
+    python benchmarks/chaos.py --modes haproxy --faults replica-kill --seconds 20
+
+Per fault it prints requests sent, failures by status (or `conn` for a broken connection), p99 from the
+fault until recovery, and seconds to full recovery: until every replica runs with a model process and
+/health says ok again. Each mode gets its own cluster (the ingress mode is read when Ray starts) with
+`--replicas` replicas of a 384-wide 6-layer DistilBERT at 128 tokens (random head: answers are not the
+point). Requests are bounded in count and time; everything goes to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from serve_load import _exchange, load_texts  # noqa: E402  (the same bare HTTP client as the load benchmark)
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = "chaos"
+FAULTS = ["model-kill", "model-stop", "replica-kill", "controller-kill", "proxy-kill", "hot-swap", "bad-swap", "downscale"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------ processes
+def descendants(root: int) -> dict[int, str]:
+    """{pid: command line} of every process below `root` (this cluster's, not another on the machine)."""
+    parent, cmd = {}, {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd[int(pid)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue
+    out, frontier = {}, [root]
+    while frontier:
+        p = frontier.pop()
+        for child, par in parent.items():
+            if par == p and child not in out:
+                out[child] = cmd.get(child, "")
+                frontier.append(child)
+    return out
+
+
+def find(root: int, needle: str) -> list[int]:
+    return sorted(pid for pid, cmd in descendants(root).items() if needle in cmd)
+
+
+def replicas(root: int) -> list[int]:
+    return find(root, f"ServeReplica:{APP}:")
+
+
+def model_processes(root: int) -> list[int]:
+    return find(root, "serve_app.model_worker")
+
+
+# ------------------------------------------------------------------------------------ load
+class Load:
+    """Closed-loop clients in a thread of their own; every request is recorded as (start, end, status)
+    where status is the HTTP code, or "conn" for a connection that broke without an answer."""
+
+    def __init__(self, port: int, texts: list[str], clients: int, max_requests: int):
+        self.port, self.clients, self.max_requests = port, clients, max_requests
+        bodies = [json.dumps({"text": t}).encode() for t in texts]
+        self.requests = [(f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(b)}\r\n\r\n").encode() + b for b in bodies]
+        self.records: list[tuple[float, float, int | str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    def __enter__(self) -> "Load":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    async def _run(self) -> None:
+        async def client(k: int) -> None:
+            i, conn = k, None
+            while not self._stop.is_set() and len(self.records) < self.max_requests:
+                t0 = time.monotonic()
+                try:
+                    if conn is None:
+                        conn = await asyncio.open_connection("127.0.0.1", self.port)
+                    status, close = await asyncio.wait_for(_exchange(*conn, self.requests[i % len(self.requests)]), 120)
+                    if close:
+                        conn[1].close()
+                        conn = None
+                except (OSError, ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, IndexError):
+                    status = "conn"
+                    if conn is not None:
+                        conn[1].close()
+                    conn = None
+                    await asyncio.sleep(0.05)  # a refused connection answers at once: no busy loop
+                self.records.append((t0, time.monotonic(), status))
+                i += self.clients
+            if conn is not None:
+                conn[1].close()
+
+        await asyncio.gather(*(client(k) for k in range(self.clients)))
+
+
+# ------------------------------------------------------------------------------------ the cluster
+class Cluster:
+    def __init__(self, mode: str, tmp: Path, args):
+        from ray_jobs.runtime import SERVE_INGRESS_ENV
+
+        self.mode, self.tmp, self.args = mode, tmp, args
+        self.gcs, self.port = free_port(), free_port()
+        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_SERVE_")}
+        self.env.update(SERVE_INGRESS_ENV[mode])
+        # A temp dir of its own (short: Ray puts sockets under it), so that no later `ray.init()` joins it.
+        self.temp_dir = tempfile.mkdtemp(prefix="ray-chaos-", dir="/tmp")
+        self.head = subprocess.Popen(
+            ["ray", "start", "--head", "--block", f"--port={self.gcs}", f"--num-cpus={args.cluster_cpus}", "--include-dashboard=false",
+             "--disable-usage-stats", f"--temp-dir={self.temp_dir}"], env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(60):
+            if subprocess.run(["ray", "status", f"--address=127.0.0.1:{self.gcs}"], env=self.env, capture_output=True).returncode == 0:
+                return
+            time.sleep(1)
+        raise RuntimeError("the Ray head did not come up within 60 s")
+
+    def deploy(self, model_dir: str, replicas: int) -> subprocess.CompletedProcess:
+        sets = [f"ray.address=127.0.0.1:{self.gcs}", f"ray.serve_ingress={self.mode}", f"serve.port={self.port}",
+                f"serve.model_uri={model_dir}", f"serve.num_cpus={self.args.replica_cpus}", f"serve.app_name={APP}",
+                f"serve.autoscaling.min_replicas={replicas}", f"serve.autoscaling.max_replicas={replicas}",
+                f"registry.root={self.tmp}/mlflow"]
+        return subprocess.run([sys.executable, "-m", "serve_app.deploy", "--config", str(ROOT / "tune_configs/quickstart.yaml"),
+                               *[x for kv in sets for x in ("--set", kv)]], cwd=ROOT, env=self.env, capture_output=True, text=True,
+                              timeout=600)
+
+    def healthy(self, replicas_wanted: int) -> bool:
+        import httpx
+
+        if len(replicas(self.head.pid)) != replicas_wanted or len(model_processes(self.head.pid)) != replicas_wanted:
+            return False
+        try:
+            r = httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2)
+            return r.status_code == 200 and r.json().get("status") == "ok"
+        except (httpx.HTTPError, ValueError):
+            return False
+
+    def wait_healthy(self, replicas_wanted: int, timeout_s: float = 180) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            if self.healthy(replicas_wanted):
+                return time.monotonic() - start
+            time.sleep(0.5)
+        raise RuntimeError(f"not back to {replicas_wanted} healthy replicas within {timeout_s:.0f}s")
+
+    def stop(self) -> None:
+        self.head.send_signal(signal.SIGTERM)
+        try:
+            self.head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.head.kill()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------ one fault
+def inject(fault: str, cluster: Cluster, models: dict[str, str], state: dict) -> str:
+    """Do the fault now; returns what was done (for the table)."""
+    root = cluster.head.pid
+    if fault in ("model-kill", "model-stop"):
+        pid = model_processes(root)[0]
+        os.kill(pid, signal.SIGKILL if fault == "model-kill" else signal.SIGSTOP)
+        return f"pid {pid}"
+    if fault in ("replica-kill", "controller-kill", "proxy-kill"):
+        needle = {"replica-kill": f"ServeReplica:{APP}:", "controller-kill": "ServeController", "proxy-kill": "ProxyActor"}[fault]
+        pids = find(root, needle)
+        if not pids:
+            raise RuntimeError(f"no process matching {needle}")
+        os.kill(pids[0], signal.SIGKILL)
+        return f"pid {pids[0]}"
+    if fault in ("hot-swap", "bad-swap", "downscale"):
+        target = {"hot-swap": models["other"] if state["model"] == models["main"] else models["main"],
+                  "bad-swap": models["broken"], "downscale": state["model"]}[fault]
+        wanted = state["replicas"] - 1 if fault == "downscale" else state["replicas"]
+        state["deploy"] = threading.Thread(target=lambda: state.update(result=cluster.deploy(target, wanted)))
+        state["deploy"].start()
+        if fault == "hot-swap":
+            state["model"] = target
+        if fault == "downscale":
+            state["replicas"] = wanted
+        return f"deploy {Path(target).name} x{wanted}"
+    raise ValueError(fault)
+
+
+def _p99(latencies: list[float]) -> float:
+    lat = sorted(latencies)
+    return lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000 if lat else float("nan")
+
+
+def run_fault(fault: str, cluster: Cluster, models: dict[str, str], texts: list[str], state: dict, args) -> dict:
+    """Load, the fault after `lead` seconds, and load on until the system is back: full strength (every
+    replica with its model process, /health ok, the model the last deploy asked for) and every request
+    answered at normal speed (no failure and nothing slower than 3x the p99 before the fault) for 5 s.
+    Recovery time is the later of the two, from the fault."""
+    import httpx
+
+    lead = min(5.0, args.seconds / 4)
+    with Load(cluster.port, texts, args.clients, args.max_requests) as load:
+        time.sleep(lead)
+        t_fault = time.monotonic()
+        slow_s = max(0.5, 3 * _p99([e - s for s, e, st in load.records if st == 200]) / 1000)
+        what = inject(fault, cluster, models, state)
+        if "deploy" in state:
+            state.pop("deploy").join()
+            done = state.pop("result")
+            what += f" -> exit {done.returncode}" + (f" ({done.stderr.strip().splitlines()[-1][:160]})" if done.returncode else "")
+        strength = None
+        while True:
+            now = time.monotonic()
+            if strength is None and cluster.healthy(state["replicas"]):
+                if httpx.get(f"http://127.0.0.1:{cluster.port}/model", timeout=5).json().get("model_uri") == state["model"]:
+                    strength = now
+            bad = [e for s, e, st in list(load.records) if e >= t_fault and (st != 200 or e - s > slow_s)]
+            calm_since = max(bad, default=t_fault)
+            if strength is not None and now - calm_since >= 5 and now - t_fault >= args.seconds - lead:
+                break
+            if now - t_fault > args.seconds + 180:
+                break
+            time.sleep(0.25)
+    records = load.records
+    recovered = None if strength is None else max(strength, max(bad, default=t_fault))
+    failed: dict[str, int] = {}
+    for _, _, status in records:
+        if status != 200:
+            failed[str(status)] = failed.get(str(status), 0) + 1
+    end = recovered or records[-1][1]
+    return {"fault": fault, "what": what, "sent": len(records), "failed": sum(failed.values()), "by_status": failed,
+            "p99_before_ms": _p99([e - s for s, e, st in records if e < t_fault and st == 200]),
+            "p99_fault_ms": _p99([e - s for s, e, st in records if e >= t_fault and s <= end and st == 200]),
+            "recovery_s": None if recovered is None else recovered - t_fault}
+
+
+def run_mode(mode: str, models: dict[str, str], texts: list[str], tmp: Path, args) -> list[dict]:
+    print(f"\n=== ingress mode: {mode} ({args.replicas} replicas, {args.clients} clients) ===", flush=True)
+    if args.ray_stop:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+    cluster = Cluster(mode, tmp / mode, args)
+    rows = []
+    try:
+        done = cluster.deploy(models["main"], args.replicas)
+        if done.returncode != 0:
+            raise RuntimeError(f"first deploy failed: {done.stderr[-2000:]}")
+        state = {"model": models["main"], "replicas": args.replicas}
+        cluster.wait_healthy(args.replicas)
+        for fault in args.faults:
+            if fault == "downscale" and state["replicas"] < 2:
+                continue
+            row = run_fault(fault, cluster, models, texts, state, args)
+            row["mode"] = mode
+            rows.append(row)
+            recovery = "never" if row["recovery_s"] is None else f"{row['recovery_s']:.1f} s"
+            print(f"{mode:>8} {fault:>16}: sent {row['sent']:5d}  failed {row['failed']:4d} {row['by_status'] or ''}  "
+                  f"p99 {row['p99_before_ms']:.0f} ms before, {row['p99_fault_ms']:.0f} ms fault-to-recovery  "
+                  f"recovered in {recovery}  ({row['what']})", flush=True)
+            if row["recovery_s"] is None:
+                print("  not recovered: the remaining faults of this mode are skipped", flush=True)
+                break
+            cluster.wait_healthy(state["replicas"])
+            time.sleep(2)
+    finally:
+        cluster.stop()
+    return rows
+
+
+def build_models(tmp: Path, max_length: int) -> dict[str, str]:
+    from ray_jobs.config import ModelConfig
+    from ray_jobs.model import build_model, save_model
+
+    meta = {"max_length": max_length, "truncation": "head_tail"}
+    out = {}
+    for name, seed in (("main", 0), ("other", 1)):
+        model, tok = build_model(ModelConfig(source="bert", name="minilm"), seed=seed)
+        out[name] = str(save_model(model, tok, tmp / f"model-{name}", meta))
+    broken = Path(shutil.copytree(out["main"], tmp / "model-broken"))
+    (broken / "model.safetensors").write_bytes(b"\0" * 1024)  # corrupt weights: the load fails
+    out["broken"] = str(broken)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--modes", nargs="+", default=["proxy", "haproxy"], choices=["proxy", "haproxy"])
+    ap.add_argument("--faults", nargs="+", default=FAULTS, choices=FAULTS)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=30.0, help="load per fault (the fault comes after a quarter of it, at most 5 s)")
+    ap.add_argument("--max-requests", type=int, default=200_000, help="per fault")
+    ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--replica-cpus", type=float, default=0.5)
+    ap.add_argument("--cluster-cpus", type=int, default=4)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--ray-stop", action="store_true", help="run `ray stop --force` first (stops every Ray cluster on this machine)")
+    ap.add_argument("--out", help="also write the rows as JSON to this file")
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="chaos-"))
+    models = build_models(tmp, args.max_length)
+    texts = load_texts(argparse.Namespace(data=None))
+    print(f"model: 384-wide 6-layer DistilBERT, max_length {args.max_length}; {os.cpu_count()} CPUs; "
+          f"{args.clients} closed-loop clients, {args.seconds:.0f} s per fault", flush=True)
+    rows = []
+    for mode in args.modes:
+        rows += run_mode(mode, models, texts, tmp, args)
+    print("\n| mode | fault | sent | failed | failed by status | p99 before (ms) | p99 fault→recovery (ms) | recovery (s) |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        rec = "never" if r["recovery_s"] is None else f"{r['recovery_s']:.1f}"
+        print(f"| {r['mode']} | {r['fault']} | {r['sent']} | {r['failed']} | {json.dumps(r['by_status']) if r['by_status'] else '-'} | "
+              f"{r['p99_before_ms']:.0f} | {r['p99_fault_ms']:.0f} | {rec} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"machine": f"{os.cpu_count()} CPUs", "args": vars(args), "rows": rows}, indent=1))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
