@@ -14,6 +14,8 @@ import pytest
 
 from serve_app.app import ApiError, SentimentModel, read_json_body
 
+pytestmark = pytest.mark.integration  # real model processes, real signals
+
 
 @pytest.fixture
 def replica(replica_context):

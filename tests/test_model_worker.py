@@ -15,6 +15,8 @@ import pytest
 from serve_app.model_worker import ModelWorker, ModelWorkerError
 from serve_app.predictor import Predictor
 
+pytestmark = pytest.mark.integration  # real model processes, real signals
+
 TEXTS = ["A wonderful, moving film.", "Dull and far too long.", "not bad at all", "the worst acting I have seen",
          "great fun from start to finish", "I walked out after an hour"]
 
