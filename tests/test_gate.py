@@ -70,3 +70,30 @@ def test_decision_is_serialisable_and_summarised():
     d = decide(ev(LABELS, with_errors(5)), None, Policy())
     assert d.to_dict()["promote"] is True
     assert "PROMOTE" in d.summary()
+
+
+def test_a_failure_after_the_alias_moved_says_promoted_not_deployed_and_exits_4(monkeypatch, capsys):
+    """Once the champion alias has moved, a later failure must not claim "nothing promoted": it becomes
+    PromotedNotDeployedError, and the pipeline exits 4 naming the promoted version."""
+    from ray_jobs import pipeline
+    from ray_jobs.errors import PromotedNotDeployedError
+    from ray_jobs.runtime import EXIT_NOT_DEPLOYED
+
+    with pytest.raises(PromotedNotDeployedError) as err:
+        with pipeline.promoted_steps("7", "deploying"):
+            raise ConnectionError("Serve unreachable")
+    assert err.value.version == "7" and "deploying failed" in str(err.value) and "Serve unreachable" in str(err.value)
+    with pytest.raises(ConnectionError):  # no promotion happened: the error stays what it was
+        with pipeline.promoted_steps(None, "deploying"):
+            raise ConnectionError("Serve unreachable")
+
+    def run(*_, **__):
+        with pipeline.promoted_steps("7", "the sample request"):
+            raise TimeoutError("no answer")
+
+    monkeypatch.setattr(pipeline, "run_pipeline", run)
+    from conftest import ROOT
+
+    assert pipeline.main(["--config", str(ROOT / "tune_configs/quickstart.yaml")]) == EXIT_NOT_DEPLOYED == 4
+    out = capsys.readouterr().out
+    assert "PROMOTED v7 in the registry, NOT DEPLOYED" in out and "the sample request failed" in out
