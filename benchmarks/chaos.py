@@ -58,35 +58,36 @@ def free_port() -> int:
 # ------------------------------------------------------------------------------------ processes
 def descendants(root: int) -> dict[int, str]:
     """{pid: command line} of every process below `root` (this cluster's, not another on the machine)."""
-    parent, cmd = {}, {}
+    children: dict[int, list[int]] = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as f:
-                parent[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd[int(pid)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+                children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(pid))
         except (OSError, IndexError, ValueError):
             continue
     out, frontier = {}, [root]
     while frontier:
-        p = frontier.pop()
-        for child, par in parent.items():
-            if par == p and child not in out:
-                out[child] = cmd.get(child, "")
-                frontier.append(child)
+        for child in children.get(frontier.pop(), []):
+            try:
+                with open(f"/proc/{child}/cmdline", "rb") as f:
+                    out[child] = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                out[child] = ""
+            frontier.append(child)
     return out
 
 
-def find(root: int, needle: str) -> list[int]:
-    return sorted(pid for pid, cmd in descendants(root).items() if needle in cmd)
+def find(root: int, needle: str, procs: dict[int, str] | None = None) -> list[int]:
+    """Pids below `root` whose command line holds `needle` (from `procs`, one scan, when given)."""
+    return sorted(pid for pid, cmd in (procs if procs is not None else descendants(root)).items() if needle in cmd)
 
 
-def replicas(root: int) -> list[int]:
-    return find(root, f"ServeReplica:{APP}:")
+def replicas(root: int, procs: dict[int, str] | None = None) -> list[int]:
+    return find(root, f"ServeReplica:{APP}:", procs)
 
 
-def model_processes(root: int) -> list[int]:
-    return find(root, "serve_app.model_worker")
+def model_processes(root: int, procs: dict[int, str] | None = None) -> list[int]:
+    return find(root, "serve_app.model_worker", procs)
 
 
 # ------------------------------------------------------------------------------------ load
@@ -169,7 +170,8 @@ class Cluster:
     def healthy(self, replicas_wanted: int) -> bool:
         import httpx
 
-        if len(replicas(self.head.pid)) != replicas_wanted or len(model_processes(self.head.pid)) != replicas_wanted:
+        procs = descendants(self.head.pid)  # one scan of /proc per poll: it runs beside the load
+        if len(replicas(self.head.pid, procs)) != replicas_wanted or len(model_processes(self.head.pid, procs)) != replicas_wanted:
             return False
         try:
             r = httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2)

@@ -81,9 +81,10 @@ def run_gate(reg: Registry, cfg: PipelineConfig, version: str, challenger: Evalu
             if reg.champion() != version:
                 raise GateError("the champion alias did not take the new version")
         # From here on a promotion has happened: a failure says so (exit code 4), never "nothing promoted".
-        with promoted_steps(version if decision.promote else None, "recording the gate decision"):
+        promoted = version if decision.promote else None
+        with promoted_steps(promoted, "recording the gate decision"):
             reg.record_history({"event": "gate", "version": version, "champion_before": champ, **decision.to_dict()})
-    with promoted_steps(version if decision.promote else None, "recording the gate decision"):
+    with promoted_steps(promoted, "recording the gate decision"):
         if run_id:
             reg.log_dict(run_id, {**decision.to_dict(), "version": version, "champion_before": champ}, "gate_decision.json")
     return decision, champ

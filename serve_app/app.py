@@ -342,8 +342,9 @@ class SentimentModel:
     async def _predict(self, texts: list[str]) -> list[dict]:
         """Admit `texts` against the replica's text bound, then let each join the dynamic batch on its
         own, so that a big request and many small ones share batches."""
-        if self.predictor is None or self.predictor.state == "failed":
-            raise ApiError(503, self.status()[1])
+        state, reason = self.status()
+        if state == "unavailable":
+            raise ApiError(503, reason)
         if self._texts_in_flight + len(texts) > self._max_texts:
             raise ApiError(503, f"replica busy: {self._texts_in_flight} texts in flight, limit {self._max_texts}")
         self._texts_in_flight += len(texts)

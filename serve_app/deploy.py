@@ -79,11 +79,7 @@ def deploy(cfg: PipelineConfig, wait_version: str | None = None, timeout_s: floa
             last = r.text
             if r.status_code == 200 and (wait_version is None or r.json().get("version") == wait_version):
                 return url
-            failed = r.json().get("failed_swap") if r.status_code == 200 else None
-            if wait_version is not None and failed and failed.get("version") == wait_version:
-                raise SentimentError(f"a replica could not swap to version {wait_version} (it still serves "
-                                     f"{r.json().get('version')}): {failed.get('error')}")
-        except (httpx.HTTPError, ValueError) as err:
+        except httpx.HTTPError as err:
             last = str(err)
         time.sleep(0.5)
     raise SentimentError(f"the Serve app did not report version {wait_version} within {timeout_s:.0f}s (last answer: {last})")

@@ -318,9 +318,6 @@ class SupervisedModel:
         finally:
             self._restarting = None
 
-    def alive(self) -> bool:
-        return self.state != "failed"
-
     def close(self) -> None:
         """Blocking (call it from a thread): batches already submitted finish, then the process leaves."""
         if self.worker is not None:
