@@ -139,24 +139,51 @@ class Load:
 
 
 # ------------------------------------------------------------------------------------ the cluster
+def cluster_env(mode: str) -> dict[str, str]:
+    """The environment of a private cluster in ingress `mode` (and of every command that talks to it)."""
+    from ray_jobs.runtime import SERVE_INGRESS_ENV
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith(("RAY_SERVE_", "RAY_AUTH_"))}
+    env.update(SERVE_INGRESS_ENV[mode])
+    # Token auth on, and said so: with RAY_AUTH_MODE unset, `ray start` turns it on by itself once any
+    # `ray.init()` has left ~/.ray/auth_token, while the `ray status` CLI then cannot authenticate.
+    env["RAY_AUTH_MODE"] = "token"
+    return env
+
+
+def start_head(env: dict[str, str], num_cpus: int) -> tuple[subprocess.Popen, int, str]:
+    """A `ray start --head --block` cluster that is this process's to stop (`stop_head`), in a temp dir of
+    its own (short: Ray puts sockets under it), so that no later `ray.init()` on this machine joins it.
+    Returns once the head accepts clients: (process, GCS port, temp dir)."""
+    # The token the head and its clients share (~/.ray/auth_token; kept if one exists, as ray.init does).
+    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
+    gcs, temp_dir = free_port(), tempfile.mkdtemp(prefix="ray-chaos-", dir="/tmp")
+    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={gcs}", f"--num-cpus={num_cpus}", "--include-dashboard=false",
+                             "--disable-usage-stats", f"--temp-dir={temp_dir}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(60):
+        if subprocess.run(["ray", "status", f"--address=127.0.0.1:{gcs}"], env=env, capture_output=True).returncode == 0:
+            return head, gcs, temp_dir
+        time.sleep(1)
+    stop_head(head, temp_dir)
+    raise RuntimeError("the Ray head did not come up within 60 s")
+
+
+def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
+    head.send_signal(signal.SIGTERM)  # a clean shutdown; killed if it takes longer than a minute
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        head.kill()
+        head.wait()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 class Cluster:
     def __init__(self, mode: str, tmp: Path, args):
-        from ray_jobs.runtime import SERVE_INGRESS_ENV
-
         self.mode, self.tmp, self.args = mode, tmp, args
-        self.gcs, self.port = free_port(), free_port()
-        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_SERVE_")}
-        self.env.update(SERVE_INGRESS_ENV[mode])
-        # A temp dir of its own (short: Ray puts sockets under it), so that no later `ray.init()` joins it.
-        self.temp_dir = tempfile.mkdtemp(prefix="ray-chaos-", dir="/tmp")
-        self.head = subprocess.Popen(
-            ["ray", "start", "--head", "--block", f"--port={self.gcs}", f"--num-cpus={args.cluster_cpus}", "--include-dashboard=false",
-             "--disable-usage-stats", f"--temp-dir={self.temp_dir}"], env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(60):
-            if subprocess.run(["ray", "status", f"--address=127.0.0.1:{self.gcs}"], env=self.env, capture_output=True).returncode == 0:
-                return
-            time.sleep(1)
-        raise RuntimeError("the Ray head did not come up within 60 s")
+        self.port = free_port()
+        self.env = cluster_env(mode)
+        self.head, self.gcs, self.temp_dir = start_head(self.env, args.cluster_cpus)
 
     def deploy(self, model_dir: str, replicas: int) -> subprocess.CompletedProcess:
         sets = [f"ray.address=127.0.0.1:{self.gcs}", f"ray.serve_ingress={self.mode}", f"serve.port={self.port}",
@@ -188,12 +215,7 @@ class Cluster:
         raise RuntimeError(f"not back to {replicas_wanted} healthy replicas within {timeout_s:.0f}s")
 
     def stop(self) -> None:
-        self.head.send_signal(signal.SIGTERM)
-        try:
-            self.head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.head.kill()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        stop_head(self.head, self.temp_dir)
 
 
 # ------------------------------------------------------------------------------------ one fault

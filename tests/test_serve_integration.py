@@ -306,24 +306,15 @@ def test_haproxy_ingress_survives_faults_with_zero_failed_requests(tmp_path, tra
     import signal
     import subprocess
     import sys
-    import tempfile
 
-    from conftest import ROOT, TINY, free_port, request_stream, terminate
-    from ray_jobs.runtime import SERVE_INGRESS_ENV
+    from conftest import ROOT, TINY, free_port, request_stream
     from serve_app.predictor import Predictor
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from chaos import find, model_processes
+    from chaos import cluster_env, descendants, find, model_processes, start_head, stop_head
 
-    gcs, port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_SERVE_")}
-    env.update(SERVE_INGRESS_ENV["haproxy"])
-    # --block: the cluster's processes are this one's to stop (SIGTERM), leaving the tests' own cluster
-    # alone. A temp dir of its own (short: Ray puts sockets under it): `ray start` records its address
-    # there, not in /tmp/ray, where a later `ray.init()` on this machine would try to join it.
-    temp_dir = tempfile.mkdtemp(prefix="ray-hs-", dir="/tmp")
-    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={gcs}", "--num-cpus=3", "--include-dashboard=false",
-                             "--disable-usage-stats", f"--temp-dir={temp_dir}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = cluster_env("haproxy")
+    port = free_port()
 
     def deploy(model_dir: str) -> subprocess.CompletedProcess:
         sets = [*TINY, f"ray.address=127.0.0.1:{gcs}", "ray.serve_ingress=haproxy", f"serve.port={port}",
@@ -336,7 +327,8 @@ def test_haproxy_ingress_survives_faults_with_zero_failed_requests(tmp_path, tra
         """Two replicas with a model process each, none of them among `old`, and /health ok."""
         deadline = time.time() + timeout_s
         while time.time() < deadline:
-            procs = set(find(head.pid, "ServeReplica:hs:")) | set(model_processes(head.pid))
+            below = descendants(head.pid)
+            procs = set(find(head.pid, "ServeReplica:hs:", below)) | set(model_processes(head.pid, below))
             if len(procs) == 4 and not procs & old:
                 try:
                     if httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok":
@@ -349,11 +341,9 @@ def test_haproxy_ingress_survives_faults_with_zero_failed_requests(tmp_path, tra
     url = f"http://127.0.0.1:{port}"
     text = "a dull and lifeless film, but the ending was wonderful"
     old, new = (Predictor(m, precision="auto").predict([text])[0] for m in (trained_tiny[2], untrained_tiny))
+    # The cluster's processes are this test's to stop, leaving the tests' own cluster alone.
+    head, gcs, temp_dir = start_head(env, num_cpus=3)
     try:
-        for _ in range(60):  # the head takes a few seconds to accept drivers
-            if subprocess.run(["ray", "status", f"--address=127.0.0.1:{gcs}"], env=env, capture_output=True).returncode == 0:
-                break
-            time.sleep(1)
         assert deploy(trained_tiny[2]).returncode == 0
         full_strength()
 
@@ -386,5 +376,4 @@ def test_haproxy_ingress_survives_faults_with_zero_failed_requests(tmp_path, tra
         assert httpx.get(f"{url}/model", timeout=10).json()["model_uri"] == untrained_tiny
         assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
     finally:
-        terminate(head)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        stop_head(head, temp_dir)
