@@ -268,7 +268,11 @@ def run_fault(fault: str, cluster: Cluster, models: dict[str, str], texts: list[
         if "deploy" in state:
             state.pop("deploy").join()
             done = state.pop("result")
-            what += f" -> exit {done.returncode}" + (f" ({done.stderr.strip().splitlines()[-1][:160]})" if done.returncode else "")
+            if done.returncode:  # the deploy's own error line, not Ray's log lines around it
+                lines = done.stderr.strip().splitlines() or [""]
+                what += f" -> exit {done.returncode} ({next((ln for ln in reversed(lines) if 'deploy failed' in ln), lines[-1])[:200]})"
+            else:
+                what += " -> exit 0"
         strength = None
         while True:
             now = time.monotonic()
