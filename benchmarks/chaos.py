@@ -9,7 +9,7 @@ injected per round:
     replica-kill     SIGKILL one replica actor (ServeReplica)
     controller-kill  SIGKILL Serve's controller
     proxy-kill       SIGKILL Serve's proxy actor (in haproxy mode it runs HAProxy)
-    hot-swap         deploy another model (serve_app.deploy) while the load runs
+    hot-swap         deploy another model (ray_jobs.deploy) while the load runs
     bad-swap         deploy a model whose weights are corrupt (the deploy must be refused)
     downscale        deploy with one replica fewer
 
@@ -46,7 +46,16 @@ from serve_load import _exchange, load_texts  # noqa: E402  (the same bare HTTP 
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "chaos"
-FAULTS = ["model-kill", "model-stop", "replica-kill", "controller-kill", "proxy-kill", "hot-swap", "bad-swap", "downscale"]
+FAULTS = [
+    "model-kill",
+    "model-stop",
+    "replica-kill",
+    "controller-kill",
+    "proxy-kill",
+    "hot-swap",
+    "bad-swap",
+    "downscale",
+]
 
 
 def free_port() -> int:
@@ -98,13 +107,19 @@ class Load:
     def __init__(self, port: int, texts: list[str], clients: int, max_requests: int):
         self.port, self.clients, self.max_requests = port, clients, max_requests
         bodies = [json.dumps({"text": t}).encode() for t in texts]
-        self.requests = [(f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-                          f"Content-Length: {len(b)}\r\n\r\n").encode() + b for b in bodies]
+        self.requests = [
+            (
+                f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(b)}\r\n\r\n"
+            ).encode()
+            + b
+            for b in bodies
+        ]
         self.records: list[tuple[float, float, int | str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         self._thread.start()
         return self
 
@@ -124,7 +139,7 @@ class Load:
                     if close:
                         conn[1].close()
                         conn = None
-                except (OSError, ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, IndexError):
+                except (TimeoutError, OSError, ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError):
                     status = "conn"
                     if conn is not None:
                         conn[1].close()
@@ -158,10 +173,27 @@ def start_head(env: dict[str, str], num_cpus: int) -> tuple[subprocess.Popen, in
     # The token the head and its clients share (~/.ray/auth_token; kept if one exists, as ray.init does).
     subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
     gcs, temp_dir = free_port(), tempfile.mkdtemp(prefix="ray-chaos-", dir="/tmp")
-    head = subprocess.Popen(["ray", "start", "--head", "--block", f"--port={gcs}", f"--num-cpus={num_cpus}", "--include-dashboard=false",
-                             "--disable-usage-stats", f"--temp-dir={temp_dir}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    head = subprocess.Popen(
+        [
+            "ray",
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            f"--num-cpus={num_cpus}",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            f"--temp-dir={temp_dir}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(60):
-        if subprocess.run(["ray", "status", f"--address=127.0.0.1:{gcs}"], env=env, capture_output=True).returncode == 0:
+        if (
+            subprocess.run(["ray", "status", f"--address=127.0.0.1:{gcs}"], env=env, capture_output=True).returncode
+            == 0
+        ):
             return head, gcs, temp_dir
         time.sleep(1)
     stop_head(head, temp_dir)
@@ -186,19 +218,41 @@ class Cluster:
         self.head, self.gcs, self.temp_dir = start_head(self.env, args.cluster_cpus)
 
     def deploy(self, model_dir: str, replicas: int) -> subprocess.CompletedProcess:
-        sets = [f"ray.address=127.0.0.1:{self.gcs}", f"ray.serve_ingress={self.mode}", f"serve.port={self.port}",
-                f"serve.model_uri={model_dir}", f"serve.num_cpus={self.args.replica_cpus}", f"serve.app_name={APP}",
-                f"serve.autoscaling.min_replicas={replicas}", f"serve.autoscaling.max_replicas={replicas}",
-                f"registry.root={self.tmp}/mlflow"]
-        return subprocess.run([sys.executable, "-m", "serve_app.deploy", "--config", str(ROOT / "tune_configs/quickstart.yaml"),
-                               *[x for kv in sets for x in ("--set", kv)]], cwd=ROOT, env=self.env, capture_output=True, text=True,
-                              timeout=600)
+        sets = [
+            f"ray.address=127.0.0.1:{self.gcs}",
+            f"ray.serve_ingress={self.mode}",
+            f"serve.port={self.port}",
+            f"serve.model_uri={model_dir}",
+            f"serve.num_cpus={self.args.replica_cpus}",
+            f"serve.app_name={APP}",
+            f"serve.autoscaling.min_replicas={replicas}",
+            f"serve.autoscaling.max_replicas={replicas}",
+            f"registry.root={self.tmp}/mlflow",
+        ]
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ray_jobs.deploy",
+                "--config",
+                str(ROOT / "tune_configs/quickstart.yaml"),
+                *[x for kv in sets for x in ("--set", kv)],
+            ],
+            cwd=ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
 
     def healthy(self, replicas_wanted: int) -> bool:
         import httpx
 
         procs = descendants(self.head.pid)  # one scan of /proc per poll: it runs beside the load
-        if len(replicas(self.head.pid, procs)) != replicas_wanted or len(model_processes(self.head.pid, procs)) != replicas_wanted:
+        if (
+            len(replicas(self.head.pid, procs)) != replicas_wanted
+            or len(model_processes(self.head.pid, procs)) != replicas_wanted
+        ):
             return False
         try:
             r = httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2)
@@ -227,15 +281,22 @@ def inject(fault: str, cluster: Cluster, models: dict[str, str], state: dict) ->
         os.kill(pid, signal.SIGKILL if fault == "model-kill" else signal.SIGSTOP)
         return f"pid {pid}"
     if fault in ("replica-kill", "controller-kill", "proxy-kill"):
-        needle = {"replica-kill": f"ServeReplica:{APP}:", "controller-kill": "ServeController", "proxy-kill": "ProxyActor"}[fault]
+        needle = {
+            "replica-kill": f"ServeReplica:{APP}:",
+            "controller-kill": "ServeController",
+            "proxy-kill": "ProxyActor",
+        }[fault]
         pids = find(root, needle)
         if not pids:
             raise RuntimeError(f"no process matching {needle}")
         os.kill(pids[0], signal.SIGKILL)
         return f"pid {pids[0]}"
     if fault in ("hot-swap", "bad-swap", "downscale"):
-        target = {"hot-swap": models["other"] if state["model"] == models["main"] else models["main"],
-                  "bad-swap": models["broken"], "downscale": state["model"]}[fault]
+        target = {
+            "hot-swap": models["other"] if state["model"] == models["main"] else models["main"],
+            "bad-swap": models["broken"],
+            "downscale": state["model"],
+        }[fault]
         wanted = state["replicas"] - 1 if fault == "downscale" else state["replicas"]
         state["deploy"] = threading.Thread(target=lambda: state.update(result=cluster.deploy(target, wanted)))
         state["deploy"].start()
@@ -270,14 +331,18 @@ def run_fault(fault: str, cluster: Cluster, models: dict[str, str], texts: list[
             done = state.pop("result")
             if done.returncode:  # the deploy's own error line, not Ray's log lines around it
                 lines = done.stderr.strip().splitlines() or [""]
-                what += f" -> exit {done.returncode} ({next((ln for ln in reversed(lines) if 'deploy failed' in ln), lines[-1])[:200]})"
+                refused = next((ln for ln in reversed(lines) if "deploy failed" in ln), lines[-1])
+                what += f" -> exit {done.returncode} ({refused[:200]})"
             else:
                 what += " -> exit 0"
         strength = None
         while True:
             now = time.monotonic()
             if strength is None and cluster.healthy(state["replicas"]):
-                if httpx.get(f"http://127.0.0.1:{cluster.port}/model", timeout=5).json().get("model_uri") == state["model"]:
+                if (
+                    httpx.get(f"http://127.0.0.1:{cluster.port}/model", timeout=5).json().get("model_uri")
+                    == state["model"]
+                ):
                     strength = now
             bad = [e for s, e, st in list(load.records) if e >= t_fault and (st != 200 or e - s > slow_s)]
             calm_since = max(bad, default=t_fault)
@@ -293,10 +358,16 @@ def run_fault(fault: str, cluster: Cluster, models: dict[str, str], texts: list[
         if status != 200:
             failed[str(status)] = failed.get(str(status), 0) + 1
     end = recovered or records[-1][1]
-    return {"fault": fault, "what": what, "sent": len(records), "failed": sum(failed.values()), "by_status": failed,
-            "p99_before_ms": _p99([e - s for s, e, st in records if e < t_fault and st == 200]),
-            "p99_fault_ms": _p99([e - s for s, e, st in records if e >= t_fault and s <= end and st == 200]),
-            "recovery_s": None if recovered is None else recovered - t_fault}
+    return {
+        "fault": fault,
+        "what": what,
+        "sent": len(records),
+        "failed": sum(failed.values()),
+        "by_status": failed,
+        "p99_before_ms": _p99([e - s for s, e, st in records if e < t_fault and st == 200]),
+        "p99_fault_ms": _p99([e - s for s, e, st in records if e >= t_fault and s <= end and st == 200]),
+        "recovery_s": None if recovered is None else recovered - t_fault,
+    }
 
 
 def run_mode(mode: str, models: dict[str, str], texts: list[str], tmp: Path, args) -> list[dict]:
@@ -318,9 +389,12 @@ def run_mode(mode: str, models: dict[str, str], texts: list[str], tmp: Path, arg
             row["mode"] = mode
             rows.append(row)
             recovery = "never" if row["recovery_s"] is None else f"{row['recovery_s']:.1f} s"
-            print(f"{mode:>8} {fault:>16}: sent {row['sent']:5d}  failed {row['failed']:4d} {row['by_status'] or ''}  "
-                  f"p99 {row['p99_before_ms']:.0f} ms before, {row['p99_fault_ms']:.0f} ms fault-to-recovery  "
-                  f"recovered in {recovery}  ({row['what']})", flush=True)
+            print(
+                f"{mode:>8} {fault:>16}: sent {row['sent']:5d}  failed {row['failed']:4d} {row['by_status'] or ''}  "
+                f"p99 {row['p99_before_ms']:.0f} ms before, {row['p99_fault_ms']:.0f} ms fault-to-recovery  "
+                f"recovered in {recovery}  ({row['what']})",
+                flush=True,
+            )
             if row["recovery_s"] is None:
                 print("  not recovered: the remaining faults of this mode are skipped", flush=True)
                 break
@@ -351,32 +425,50 @@ def main() -> int:
     ap.add_argument("--modes", nargs="+", default=["proxy", "haproxy"], choices=["proxy", "haproxy"])
     ap.add_argument("--faults", nargs="+", default=FAULTS, choices=FAULTS)
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--seconds", type=float, default=30.0, help="load per fault (the fault comes after a quarter of it, at most 5 s)")
+    ap.add_argument(
+        "--seconds",
+        type=float,
+        default=30.0,
+        help="load per fault (the fault comes after a quarter of it, at most 5 s)",
+    )
     ap.add_argument("--max-requests", type=int, default=200_000, help="per fault")
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--replica-cpus", type=float, default=0.5)
     ap.add_argument("--cluster-cpus", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--ray-stop", action="store_true", help="run `ray stop --force` first (stops every Ray cluster on this machine)")
+    ap.add_argument(
+        "--ray-stop", action="store_true", help="run `ray stop --force` first (stops every Ray cluster on this machine)"
+    )
     ap.add_argument("--out", help="also write the rows as JSON to this file")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="chaos-"))
     models = build_models(tmp, args.max_length)
     texts = load_texts(argparse.Namespace(data=None))
-    print(f"model: 384-wide 6-layer DistilBERT, max_length {args.max_length}; {os.cpu_count()} CPUs; "
-          f"{args.clients} closed-loop clients, {args.seconds:.0f} s per fault", flush=True)
+    print(
+        f"model: 384-wide 6-layer DistilBERT, max_length {args.max_length}; {os.cpu_count()} CPUs; "
+        f"{args.clients} closed-loop clients, {args.seconds:.0f} s per fault",
+        flush=True,
+    )
     rows = []
     for mode in args.modes:
         rows += run_mode(mode, models, texts, tmp, args)
-    print("\n| mode | fault | sent | failed | failed by status | p99 before (ms) | p99 fault→recovery (ms) | recovery (s) |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| mode | fault | sent | failed | failed by status | p99 before (ms) | p99 fault→recovery (ms) | "
+        "recovery (s) |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
     for r in rows:
         rec = "never" if r["recovery_s"] is None else f"{r['recovery_s']:.1f}"
-        print(f"| {r['mode']} | {r['fault']} | {r['sent']} | {r['failed']} | {json.dumps(r['by_status']) if r['by_status'] else '-'} | "
-              f"{r['p99_before_ms']:.0f} | {r['p99_fault_ms']:.0f} | {rec} |")
+        print(
+            f"| {r['mode']} | {r['fault']} | {r['sent']} | {r['failed']} | "
+            f"{json.dumps(r['by_status']) if r['by_status'] else '-'} | "
+            f"{r['p99_before_ms']:.0f} | {r['p99_fault_ms']:.0f} | {rec} |"
+        )
     if args.out:
-        Path(args.out).write_text(json.dumps({"machine": f"{os.cpu_count()} CPUs", "args": vars(args), "rows": rows}, indent=1))
+        Path(args.out).write_text(
+            json.dumps({"machine": f"{os.cpu_count()} CPUs", "args": vars(args), "rows": rows}, indent=1)
+        )
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ray_jobs.config import load_config  # noqa: E402
 from ray_jobs.data import batch_order, encode, load_splits, pad_batch, truncate_ids  # noqa: E402
-from ray_jobs.gate import f1_counts  # noqa: E402
+from ray_jobs.inference import batched_logits, classification_metrics  # noqa: E402
 
 DEFAULT_VARIANTS = [
     "max_length=256,lr=1e-4",  # the recipe of the last CPU run
@@ -49,7 +49,15 @@ DEFAULT_VARIANTS = [
 
 
 def parse_variant(text: str) -> dict:
-    v = {"max_length": 256, "lr": 1e-4, "pooling": "cls", "head_fraction": 0.25, "seed": None, "freeze": 1, "batch_size": None}
+    v = {
+        "max_length": 256,
+        "lr": 1e-4,
+        "pooling": "cls",
+        "head_fraction": 0.25,
+        "seed": None,
+        "freeze": 1,
+        "batch_size": None,
+    }
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
         if key not in v:
@@ -79,20 +87,10 @@ def mean_pooled(model):
 
 
 def scores(model, seqs, labels, pad_id, device, amp_dtype, batch_size=128) -> dict:
-    import numpy as np
-    import torch
-
     model.eval()
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    pred = np.zeros(len(seqs), dtype=int)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
-            ids, mask = pad_batch([seqs[i] for i in idx], pad_id)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            pred[idx] = logits.argmax(-1).cpu().numpy()
+    logits = batched_logits(model, seqs, pad_id, batch_size, device, amp_dtype)
     model.train()
-    return f1_counts(np.asarray(labels), pred)
+    return classification_metrics(labels, logits.argmax(-1).numpy())
 
 
 def build(cfg, v: dict, device):
@@ -113,7 +111,8 @@ def cut(raw: list[list[int]], max_length: int, head_fraction: float, cls: int, s
 def run_variant(cfg, v: dict, data: dict, device, steps: int, eval_every: int) -> dict:
     import torch
 
-    from ray_jobs.train import autocast_dtype, make_optimizer, train_step
+    from ray_jobs.inference import autocast_dtype
+    from ray_jobs.train import LinearSchedule, make_optimizer, train_step
 
     tc = cfg.train
     model, tok = build(cfg, v, device)
@@ -123,9 +122,8 @@ def run_variant(cfg, v: dict, data: dict, device, steps: int, eval_every: int) -
     va = cut(data["val"], v["max_length"], v["head_fraction"], cls, sep)
     te = cut(data["test"], v["max_length"], v["head_fraction"], cls, sep)
     opt = make_optimizer(model, v["lr"], tc.weight_decay)
-    warm = int(tc.warmup_ratio * steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / (warm + 1) if s < warm else max(0.0, (steps - s) / max(1, steps - warm)))
+    schedule = LinearSchedule(steps, tc.warmup_ratio)  # the pipeline's schedule, without a time budget
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule.factor)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     lengths = [len(s) for s in tr]
     bs = v["batch_size"]
@@ -135,7 +133,9 @@ def run_variant(cfg, v: dict, data: dict, device, steps: int, eval_every: int) -
     while step < steps:
         for idx in batch_order(lengths, bs, seed=v["seed"] * 1000 + epoch, bucketing=tc.length_bucketing):
             ids, mask = pad_batch([tr[i] for i in idx], pad)
-            train_step(model, ids, mask, [data["train_labels"][i] for i in idx], opt, scaler, amp, tc.max_grad_norm, device)
+            train_step(
+                model, ids, mask, [data["train_labels"][i] for i in idx], opt, scaler, amp, tc.max_grad_norm, device
+            )
             sched.step()
             step += 1
             if step % eval_every == 0 or step == steps:
@@ -149,16 +149,26 @@ def run_variant(cfg, v: dict, data: dict, device, steps: int, eval_every: int) -
     last_test = scores(model, te, data["test_labels"], pad, device, amp)
     model.load_state_dict(best["state"])
     test = scores(model, te, data["test_labels"], pad, device, amp)
-    return {"steps": steps, "epochs": round(steps * bs / len(tr), 2), "best_step": best["step"], "val_f1": round(best["val_f1"], 4),
-            "test_f1": round(test["f1"], 4), "test_acc": round(test["accuracy"], 4), "test_f1_last": round(last_test["f1"], 4),
-            "mean_tokens": round(sum(lengths) / len(lengths), 1), "history": history, "seconds": round(time.time() - t0, 1)}
+    return {
+        "steps": steps,
+        "epochs": round(steps * bs / len(tr), 2),
+        "best_step": best["step"],
+        "val_f1": round(best["val_f1"], 4),
+        "test_f1": round(test["f1"], 4),
+        "test_acc": round(test["accuracy"], 4),
+        "test_f1_last": round(last_test["f1"], 4),
+        "mean_tokens": round(sum(lengths) / len(lengths), 1),
+        "history": history,
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
 def measure_cpu(cfg, data: dict, lengths: list[int], steps: int = 40) -> dict[int, float]:
     """Training samples/s of the config's recipe on this machine's CPU, per sequence length."""
     import torch
 
-    from ray_jobs.train import autocast_dtype, make_optimizer, train_step
+    from ray_jobs.inference import autocast_dtype
+    from ray_jobs.train import make_optimizer, train_step
 
     torch.set_num_threads(cfg.train.threads_per_worker or 2)
     dev = torch.device("cpu")
@@ -192,8 +202,12 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--measure-cpu", type=int, nargs="*", metavar="MAX_LENGTH")
     p.add_argument("--cpu-rate", action="append", default=[], metavar="MAX_LENGTH=SAMPLES_PER_S")
-    p.add_argument("--train-seconds", type=float, default=1640.0,
-                   help="of the 1800 s budget, what the CPU run spends in training steps (start-up and validations excluded)")
+    p.add_argument(
+        "--train-seconds",
+        type=float,
+        default=1640.0,
+        help="of the 1800 s budget, what the CPU run spends in training steps (start-up and validations excluded)",
+    )
     p.add_argument("--variant", action="append", help="key=value,... (repeatable); default: a built-in grid")
     p.add_argument("--out")
     args = p.parse_args()
@@ -209,8 +223,10 @@ def main() -> int:
     _, tok = build_model(cfg.model)
     t0 = time.time()
     # Tokenize once without truncation (the cap only clips pathological texts); each variant cuts its own length.
-    raw = {name: [ids[1:-1] for ids in encode(tok, getattr(splits, name).texts, max_length=8192, truncation="head")]
-           for name in ("train", "val", "test")}
+    raw = {
+        name: [ids[1:-1] for ids in encode(tok, getattr(splits, name).texts, max_length=8192, truncation="head")]
+        for name in ("train", "val", "test")
+    }
     data = {**raw, **{f"{n}_labels": getattr(splits, n).labels for n in ("train", "val", "test")}}
     print(f"tokenized in {time.time() - t0:.0f}s", flush=True)
     if args.measure_cpu:
@@ -219,8 +235,13 @@ def main() -> int:
 
     rates = {int(k): float(r) for k, r in (s.split("=") for s in args.cpu_rate)}
     dev = torch.device(args.device)
-    results = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "split": splits.digests(),
-               "cpu_rates": rates, "train_seconds": args.train_seconds, "variants": []}
+    results = {
+        "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu",
+        "split": splits.digests(),
+        "cpu_rates": rates,
+        "train_seconds": args.train_seconds,
+        "variants": [],
+    }
     for text in args.variant or DEFAULT_VARIANTS:
         v = parse_variant(text)
         v["seed"] = cfg.train.seed if v["seed"] is None else v["seed"]
@@ -232,13 +253,20 @@ def main() -> int:
         r = run_variant(cfg, v, data, dev, steps, cfg.train.eval_every_steps or 500)
         row = {"variant": text, **{k: r[k] for k in r if k != "history"}, "history": r["history"]}
         results["variants"].append(row)
-        print(f"{text:45s} steps {r['steps']:5d} ({r['epochs']:.2f} ep) best@{r['best_step']:5d} val F1 {r['val_f1']:.4f} "
-              f"test F1 {r['test_f1']:.4f} (last {r['test_f1_last']:.4f}) {r['seconds']:.0f}s", flush=True)
+        print(
+            f"{text:45s} steps {r['steps']:5d} ({r['epochs']:.2f} ep) best@{r['best_step']:5d} val F1 "
+            f"{r['val_f1']:.4f} "
+            f"test F1 {r['test_f1']:.4f} (last {r['test_f1_last']:.4f}) {r['seconds']:.0f}s",
+            flush=True,
+        )
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1))
     print("\n| variant | CPU steps | epochs | val F1 | test F1 | test F1 (last step) |\n|---|---|---|---|---|---|")
     for row in results["variants"]:
-        print(f"| {row['variant']} | {row['steps']} | {row['epochs']} | {row['val_f1']:.4f} | {row['test_f1']:.4f} | {row['test_f1_last']:.4f} |")
+        print(
+            f"| {row['variant']} | {row['steps']} | {row['epochs']} | {row['val_f1']:.4f} | "
+            f"{row['test_f1']:.4f} | {row['test_f1_last']:.4f} |"
+        )
     return 0
 
 

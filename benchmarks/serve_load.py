@@ -41,12 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_PORT = 18080
 
-PLAIN_SERVER = '''
+PLAIN_SERVER = """
 import sys, torch
 from fastapi import FastAPI
 from pydantic import BaseModel
 sys.path.insert(0, {root!r})
-from serve_app.predictor import Predictor
+from ray_jobs.inference import Predictor
 torch.set_num_threads(1)
 p = Predictor({model!r}, num_threads=1, precision={precision!r})
 app = FastAPI()
@@ -58,7 +58,7 @@ def predict(r: Req):
 @app.get("/health")
 def health():
     return {{"status": "ok"}}
-'''
+"""
 
 SERVE_VARIANTS = {
     # name: (environment for the Ray cluster, max batch size (None: --max-batch-size), how the client reaches the app)
@@ -101,13 +101,21 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
     return status, close
 
 
-async def closed_loop(host: str, port: int, path: str, texts: list[str], concurrency: int, seconds: float, max_requests: int) -> dict:
+async def closed_loop(
+    host: str, port: int, path: str, texts: list[str], concurrency: int, seconds: float, max_requests: int
+) -> dict:
     """`concurrency` clients on their own kept-alive connections, each sending its next request when the
     last one is answered. A bare asyncio HTTP/1.1 client: a full HTTP library would spend more of the
     shared cores than the servers it measures."""
     bodies = [json.dumps({"text": t}).encode() for t in texts]
-    requests = [(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(b)}\r\n\r\n").encode() + b for b in bodies]
+    requests = [
+        (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(b)}\r\n\r\n"
+        ).encode()
+        + b
+        for b in bodies
+    ]
     latencies: list[float] = []
     errors = sent = 0
     deadline = time.perf_counter() + seconds
@@ -130,7 +138,7 @@ async def closed_loop(host: str, port: int, path: str, texts: list[str], concurr
                 if close:
                     conn[1].close()
                     conn = None
-            except (OSError, ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError, ValueError, IndexError):
+            except (TimeoutError, OSError, ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError):
                 errors += 1
                 if conn is not None:
                     conn[1].close()
@@ -147,8 +155,16 @@ async def closed_loop(host: str, port: int, path: str, texts: list[str], concurr
     def pct(q: float) -> float:
         return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
 
-    return {"req_s": len(latencies) / elapsed, "p50": pct(0.5), "p95": pct(0.95), "p99": pct(0.99), "errors": errors,
-            "n": len(latencies), "client_cpu": cpu / elapsed, "elapsed": elapsed}
+    return {
+        "req_s": len(latencies) / elapsed,
+        "p50": pct(0.5),
+        "p95": pct(0.95),
+        "p99": pct(0.99),
+        "errors": errors,
+        "n": len(latencies),
+        "client_cpu": cpu / elapsed,
+        "elapsed": elapsed,
+    }
 
 
 def cpu_seconds() -> dict[str, float]:
@@ -174,9 +190,13 @@ def cpu_seconds() -> dict[str, float]:
         else:
             arg0 = argv[0].decode(errors="replace")
             # Ray names its workers "ray::ServeReplica:<app>:<deployment>", "ray::ProxyActor", ...
-            name = "ray::" + arg0[5:].split(":")[0].split(" ")[0] if arg0.startswith("ray::") else arg0.split(" ")[0].split("/")[-1]
-            name = name or stat[stat.index("(") + 1: stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
+            name = (
+                "ray::" + arg0[5:].split(":")[0].split(" ")[0]
+                if arg0.startswith("ray::")
+                else arg0.split(" ")[0].split("/")[-1]
+            )
+            name = name or stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
         out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
     return out
 
@@ -200,12 +220,23 @@ def run_load(host: str, port: int, path: str, texts: list[str], level: int, args
 
 
 def show(name: str, level: int, r: dict) -> None:
-    print(f"{name:>22} c={level:<4} {r['req_s']:7.1f} req/s  p50 {r['p50']:7.1f} ms  p95 {r['p95']:7.1f}  p99 {r['p99']:7.1f}  "
-          f"errors {r['errors']}  mean batch {r['mean_batch']:.1f}  client CPU {r['client_cpu']:.0%}  "
-          f"= {r['of_bound']:.0%} of the upper bound ({r['upper_bound']:.0f} req/s around it)"
-          + (f"; model busy {r['model_busy']:.0%}, forward at {r['forward_of_bound']:.0%} of the bound's speed" if "model_busy" in r else "")
-          + ("\n" + " " * 31 + "cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu"].items()) if r.get("cpu") else ""),
-          flush=True)
+    print(
+        f"{name:>22} c={level:<4} {r['req_s']:7.1f} req/s  p50 {r['p50']:7.1f} ms  p95 {r['p95']:7.1f}  p99 "
+        f"{r['p99']:7.1f}  "
+        f"errors {r['errors']}  mean batch {r['mean_batch']:.1f}  client CPU {r['client_cpu']:.0%}  "
+        f"= {r['of_bound']:.0%} of the upper bound ({r['upper_bound']:.0f} req/s around it)"
+        + (
+            f"; model busy {r['model_busy']:.0%}, forward at {r['forward_of_bound']:.0%} of the bound's speed"
+            if "model_busy" in r
+            else ""
+        )
+        + (
+            "\n" + " " * 31 + "cores used: " + ", ".join(f"{k} {v:.2f}" for k, v in r["cpu"].items())
+            if r.get("cpu")
+            else ""
+        ),
+        flush=True,
+    )
 
 
 def wait_http(url: str, timeout_s: float = 120) -> None:
@@ -228,8 +259,8 @@ def serve_variant_main(args) -> int:
     import ray
     from ray import serve
 
+    from ray_jobs.deploy import direct_ingress_port
     from serve_app.app import build_app
-    from serve_app.deploy import direct_ingress_port
 
     name = args.child
     _, mbs, access = SERVE_VARIANTS[name]
@@ -237,11 +268,24 @@ def serve_variant_main(args) -> int:
     texts = json.loads(Path(args.child_texts).read_text())
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
-    serve.run(build_app({"model_uri": args.child_model, "precision": args.precision, "num_cpus": 1, "max_batch_size": mbs,
-                         "batch_wait_timeout_s": args.batch_wait_ms / 1000 if mbs > 1 else 0.0,
-                         "max_ongoing_requests": args.max_ongoing_requests or 4 * args.max_batch_size, "max_queued_requests": -1,
-                         "min_replicas": 1, "max_replicas": 1, "name": name}),
-              name=name, route_prefix=f"/{name}")
+    serve.run(
+        build_app(
+            {
+                "model_uri": args.child_model,
+                "precision": args.precision,
+                "num_cpus": 1,
+                "max_batch_size": mbs,
+                "batch_wait_timeout_s": args.batch_wait_ms / 1000 if mbs > 1 else 0.0,
+                "max_ongoing_requests": args.max_ongoing_requests or 4 * args.max_batch_size,
+                "max_queued_requests": -1,
+                "min_replicas": 1,
+                "max_replicas": 1,
+                "name": name,
+            }
+        ),
+        name=name,
+        route_prefix=f"/{name}",
+    )
     port = direct_ingress_port(f"/{name}") if access == "direct" else SERVE_PORT
     wait_http(f"http://127.0.0.1:{port}/{name}/health")
     handle = serve.get_deployment_handle(f"{name}-model", app_name=name)
@@ -279,11 +323,31 @@ def serve_variant_main(args) -> int:
 def run_serve_variant(name: str, model_dir: str, texts_file: Path, tmp: Path, args) -> dict[int, dict] | None:
     env, _, _ = SERVE_VARIANTS[name]
     out = tmp / f"{name}.json"
-    cmd = [sys.executable, __file__, "--child", name, "--child-model", model_dir, "--child-texts", str(texts_file),
-           "--child-out", str(out), "--levels", *map(str, args.levels), "--seconds", str(args.seconds),
-           "--max-requests", str(args.max_requests), "--precision", args.precision,
-           "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms),
-           *(["--max-ongoing-requests", str(args.max_ongoing_requests)] if args.max_ongoing_requests else [])]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        name,
+        "--child-model",
+        model_dir,
+        "--child-texts",
+        str(texts_file),
+        "--child-out",
+        str(out),
+        "--levels",
+        *map(str, args.levels),
+        "--seconds",
+        str(args.seconds),
+        "--max-requests",
+        str(args.max_requests),
+        "--precision",
+        args.precision,
+        "--max-batch-size",
+        str(args.max_batch_size),
+        "--batch-wait-ms",
+        str(args.batch_wait_ms),
+        *(["--max-ongoing-requests", str(args.max_ongoing_requests)] if args.max_ongoing_requests else []),
+    ]
     subprocess.run(["ray", "stop", "--force"], capture_output=True)
     proc = subprocess.run(cmd, env={**os.environ, **env}, timeout=1800)
     subprocess.run(["ray", "stop", "--force"], capture_output=True)
@@ -302,7 +366,7 @@ class UpperBound:
     def __init__(self, model_dir: str, texts: list[str], precision: str, batch: int):
         import torch
 
-        from serve_app.predictor import Predictor
+        from ray_jobs.inference import Predictor
 
         torch.set_num_threads(1)
         self.p = Predictor(model_dir, num_threads=1, precision=precision, batch_size=batch)
@@ -313,7 +377,7 @@ class UpperBound:
         t0, n = time.perf_counter(), 0
         while time.perf_counter() - t0 < seconds:
             start = n % len(self.texts)
-            self.p.predict(self.texts[start: start + self.batch] or self.texts[: self.batch])
+            self.p.predict(self.texts[start : start + self.batch] or self.texts[: self.batch])
             n += self.batch
         return n / (time.perf_counter() - t0)
 
@@ -334,13 +398,27 @@ def bracketed(bound: UpperBound, load) -> dict:
 def fastapi_per_request(model_dir: str, texts: list[str], tmp: Path, args, bound: UpperBound) -> dict[int, dict]:
     server = tmp / "plain_server.py"
     server.write_text(PLAIN_SERVER.format(root=str(ROOT), model=model_dir, precision=args.precision))
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "plain_server:app", "--host", "127.0.0.1", "--port", "18081",
-                             "--log-level", "warning"], cwd=tmp, env={**os.environ, "PYTHONPATH": str(tmp)})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "plain_server:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "18081",
+            "--log-level",
+            "warning",
+        ],
+        cwd=tmp,
+        env={**os.environ, "PYTHONPATH": str(tmp)},
+    )
     out = {}
     try:
         wait_http("http://127.0.0.1:18081/health")
         for level in args.levels:
-            r = bracketed(bound, lambda: run_load("127.0.0.1", 18081, "/predict", texts, level, args))
+            r = bracketed(bound, lambda level=level: run_load("127.0.0.1", 18081, "/predict", texts, level, args))
             r["mean_batch"] = 1.0
             out[level] = r
             show("fastapi-per-request", level, r)
@@ -371,11 +449,18 @@ def main() -> int:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--batch-wait-ms", type=float, default=5.0)
-    ap.add_argument("--max-ongoing-requests", type=int, help="per replica, the same for every Serve variant (default: the app's default for the batched one, 4 x max batch size)")
+    ap.add_argument(
+        "--max-ongoing-requests",
+        type=int,
+        help="per replica, the same for every Serve variant "
+        "(default: the app's default for the batched one, 4 x max batch size)",
+    )
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--data", help="texts to send (a labelled .parquet/.csv/.jsonl); default: synthetic reviews")
     ap.add_argument("--text-column", default="text")
-    ap.add_argument("--only", nargs="+", choices=[*SERVE_VARIANTS, "fastapi-per-request"], help="run these servers only")
+    ap.add_argument(
+        "--only", nargs="+", choices=[*SERVE_VARIANTS, "fastapi-per-request"], help="run these servers only"
+    )
     ap.add_argument("--out", help="also write the results as JSON to this file")
     for hidden in ("--child", "--child-model", "--child-texts", "--child-out"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
@@ -392,8 +477,12 @@ def main() -> int:
     texts = load_texts(args)
     texts_file = tmp / "texts.json"
     texts_file.write_text(json.dumps(texts))
-    print(f"model: 384-wide 6-layer DistilBERT, max_length {args.max_length}, precision {args.precision}; "
-          f"{len(texts)} distinct texts from {args.data or 'the synthetic generator'}; each server 1 core of {os.cpu_count()}", flush=True)
+    print(
+        f"model: 384-wide 6-layer DistilBERT, max_length {args.max_length}, precision {args.precision}; "
+        f"{len(texts)} distinct texts from {args.data or 'the synthetic generator'}; each server 1 core of "
+        f"{os.cpu_count()}",
+        flush=True,
+    )
 
     wanted = args.only or [*SERVE_VARIANTS, "fastapi-per-request"]
     results: dict[str, dict[int, dict]] = {}
@@ -406,18 +495,31 @@ def main() -> int:
         bound = UpperBound(model_dir, texts, args.precision, args.max_batch_size)
         results["fastapi-per-request"] = fastapi_per_request(model_dir, texts, tmp, args, bound)
     print()
-    print("| server | clients | req/s | p50 ms | p95 ms | p99 ms | errors | mean batch | upper bound around it | of bound |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| server | clients | req/s | p50 ms | p95 ms | p99 ms | errors | mean batch | upper bound around it | "
+        "of bound |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
+    )
     for name, per in results.items():
         for level, r in per.items():
-            print(f"| {name} | {level} | {r['req_s']:.1f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | {r['errors']} | "
-                  f"{r['mean_batch']:.1f} | {r['upper_bound']:.0f} | {r['of_bound']:.0%} |")
+            print(
+                f"| {name} | {level} | {r['req_s']:.1f} | {r['p50']:.0f} | {r['p95']:.0f} | {r['p99']:.0f} | "
+                f"{r['errors']} | "
+                f"{r['mean_batch']:.1f} | {r['upper_bound']:.0f} | {r['of_bound']:.0%} |"
+            )
     base = results.get("fastapi-per-request", {}).get(64)
     for name in ("serve-batched", "serve-batched-direct", "serve-batched-haproxy"):
         b = results.get(name, {}).get(64)
         if b:
-            vs = f"{b['req_s'] / base['req_s']:.2f}x the per-request server ({b['of_bound'] / base['of_bound']:.2f}x in share of the bound), " if base else ""
-            print(f"at 64 clients, {name}: {vs}{b['of_bound']:.0%} of the in-process upper bound, p99 {b['p99']:.0f} ms")
+            vs = (
+                f"{b['req_s'] / base['req_s']:.2f}x the per-request server "
+                f"({b['of_bound'] / base['of_bound']:.2f}x in share of the bound), "
+                if base
+                else ""
+            )
+            print(
+                f"at 64 clients, {name}: {vs}{b['of_bound']:.0%} of the in-process upper bound, p99 {b['p99']:.0f} ms"
+            )
     if args.out:
         Path(args.out).write_text(json.dumps({"machine": f"{os.cpu_count()} CPUs", "results": results}, indent=1))
     return 0

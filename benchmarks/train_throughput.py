@@ -18,14 +18,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ray_jobs.config import load_config  # noqa: E402
-from ray_jobs.data import Split, batch_order, encode, load_file, pad_batch, split_examples, generate_reviews  # noqa: E402
+from ray_jobs.data import Split, batch_order, encode, generate_reviews, load_file, pad_batch, split_examples  # noqa: E402
 
 
 def plain_loop(cfg, train: Split, threads: int) -> float:
     import torch
 
+    from ray_jobs.inference import autocast_dtype
     from ray_jobs.model import build_model
-    from ray_jobs.train import autocast_dtype, make_optimizer, train_step
+    from ray_jobs.train import make_optimizer, train_step
 
     torch.set_num_threads(threads)
     model, tok = build_model(cfg.model, seed=cfg.train.seed)
@@ -65,13 +66,26 @@ def main() -> int:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
-    cfg = load_config(args.config, [f"model.max_length={args.max_length}", "train.epochs=1", "train.batch_size=16",
-                                    "train.storage_path=runs/bench-ray", "train.log_every_steps=100000", *args.overrides])
+    cfg = load_config(
+        args.config,
+        [
+            f"model.max_length={args.max_length}",
+            "train.epochs=1",
+            "train.batch_size=16",
+            "train.storage_path=runs/bench-ray",
+            "train.log_every_steps=100000",
+            *args.overrides,
+        ],
+    )
     examples = load_file(args.data) if args.data else generate_reviews(args.samples * 2, seed=0)
     s = split_examples(examples, 0.02, 0.02, seed=0)
     train, val = s.train.take(range(min(args.samples, len(s.train)))), s.val.take(range(min(32, len(s.val))))
     cores = 2
-    print(f"{len(train)} training samples, max_length {args.max_length}, global batch 16, precision {cfg.train.precision}, {cores} cores", flush=True)
+    print(
+        f"{len(train)} training samples, max_length {args.max_length}, global batch 16, precision "
+        f"{cfg.train.precision}, {cores} cores",
+        flush=True,
+    )
     plain = plain_loop(cfg, train, threads=cores)
     print(f"plain PyTorch loop, 1 process x {cores} threads: {plain:.1f} samples/s", flush=True)
     import ray
@@ -80,8 +94,19 @@ def main() -> int:
     rows = [("plain PyTorch loop (1 process, 2 threads)", plain, None)]
     for workers, cpw in ((1, 2), (2, 1)):
         sps, wall = ray_train(cfg, train, val, workers, cpw)
-        rows.append((f"Ray Train, {workers} worker(s) x {cpw} CPU (DDP)" if workers > 1 else f"Ray Train, 1 worker x {cpw} CPUs", sps, wall))
-        print(f"{rows[-1][0]}: {sps:.1f} samples/s ({sps / plain:.2f}x plain), wall incl. start-up {wall:.1f} samples/s", flush=True)
+        rows.append(
+            (
+                f"Ray Train, {workers} worker(s) x {cpw} CPU (DDP)"
+                if workers > 1
+                else f"Ray Train, 1 worker x {cpw} CPUs",
+                sps,
+                wall,
+            )
+        )
+        print(
+            f"{rows[-1][0]}: {sps:.1f} samples/s ({sps / plain:.2f}x plain), wall incl. start-up {wall:.1f} samples/s",
+            flush=True,
+        )
     ray.shutdown()
     print("\n| variant | samples/s | vs plain | samples/s incl. start-up |\n|---|---|---|---|")
     for name, sps, wall in rows:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -44,7 +44,7 @@ class DataConfig(_Strict):
     max_train_samples: int | None = Field(None, ge=10, description="subsample the train split (after splitting)")
 
     @model_validator(mode="after")
-    def _path_needed(self) -> "DataConfig":
+    def _path_needed(self) -> DataConfig:
         if self.source != "synthetic" and not self.path:
             raise ValueError(f"data.path is required when data.source is '{self.source}'")
         return self
@@ -123,7 +123,7 @@ class UniformParam(_Strict):
     high: float
 
     @model_validator(mode="after")
-    def _range(self) -> "UniformParam":
+    def _range(self) -> UniformParam:
         if not self.low < self.high:
             raise ValueError(f"low ({self.low}) must be below high ({self.high})")
         if self.type == "loguniform" and self.low <= 0:
@@ -131,7 +131,7 @@ class UniformParam(_Strict):
         return self
 
 
-SearchParam = Annotated[Union[ChoiceParam, GridParam, UniformParam], Field(discriminator="type")]
+SearchParam = Annotated[ChoiceParam | GridParam | UniformParam, Field(discriminator="type")]
 
 # Hyper-parameters the search may set: train.* and model.* fields a trial can change without new data.
 TUNABLE = {
@@ -162,11 +162,17 @@ class TuneConfig(_Strict):
     storage_path: str = "runs/tune"
 
     @model_validator(mode="after")
-    def _known_params(self) -> "TuneConfig":
+    def _known_params(self) -> TuneConfig:
         unknown = sorted(set(self.search_space) - set(TUNABLE))
         if unknown:
             raise ValueError(f"cannot tune {unknown}; tunable: {sorted(TUNABLE)}")
         return self
+
+
+def absolute_path(path: str) -> str:
+    """A local path made absolute (Ray and MLflow want them, and Tune trials and Serve replicas run in
+    other working directories); URIs (s3://, gs://, ...) pass through."""
+    return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
 class RegistryConfig(_Strict):
@@ -175,6 +181,14 @@ class RegistryConfig(_Strict):
     root: str = "runs/mlflow"
     experiment: str = "sentiment"
     model_name: str = Field("sentiment-distilbert", pattern=r"^[A-Za-z0-9_.\-]+$")
+
+    @property
+    def champion_uri(self) -> str:
+        """The models:/ URI of this registry's production model."""
+        return f"models:/{self.model_name}@champion"
+
+    def with_absolute_paths(self) -> RegistryConfig:
+        return self.model_copy(update={"root": absolute_path(self.root)})
 
 
 class GateConfig(_Strict):
@@ -194,13 +208,16 @@ class AutoscalingConfig(_Strict):
     downscale_delay_s: float = Field(60, ge=0)
 
     @model_validator(mode="after")
-    def _order(self) -> "AutoscalingConfig":
+    def _order(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError("min_replicas must be <= max_replicas")
         return self
 
 
 class ServeConfig(_Strict):
+    # The Serve application builder, as a Serve config file's `import_path` names it: the deploy step
+    # calls it with the `serve` and `registry` sections (serve_app.schemas.AppArgs).
+    import_path: str = Field("serve_app.app:build_app", pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     app_name: str = "sentiment"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -208,6 +225,8 @@ class ServeConfig(_Strict):
     # None: models:/<registry.model_name>@champion. Else a models:/ URI, or a local model folder.
     model_uri: str | None = None
     num_cpus: float = Field(1, gt=0)
+    # auto: bf16 where the CPU has AVX-512 BF16/AMX (same predictions within 0.1 point of F1), else fp32.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     max_ongoing_requests: int | None = Field(None, ge=1, description="default: 4 x max_batch_size")
@@ -223,7 +242,20 @@ class ServeConfig(_Strict):
     # batch re-run. None: derived from the model's speed measured at start (serve_app/model_worker.py).
     batch_deadline_s: float | None = Field(None, gt=0)
     max_model_restarts: int = Field(3, ge=0, description="per minute, before the replica reports unhealthy")
+    # Load the model once in a throwaway process before a deploy: one that cannot load or predict is
+    # refused before Serve changes anything.
+    trial_load: bool = True
     autoscaling: AutoscalingConfig = AutoscalingConfig()
+
+    def with_absolute_paths(self) -> ServeConfig:
+        if self.model_uri is None or self.model_uri.startswith("models:/"):
+            return self
+        return self.model_copy(update={"model_uri": absolute_path(self.model_uri)})
+
+
+def served_model_uri(serve: ServeConfig, registry: RegistryConfig) -> str:
+    """What the Serve app serves: `serve.model_uri`, else the registry's champion."""
+    return serve.model_uri or registry.champion_uri
 
 
 class RayConfig(_Strict):
@@ -258,24 +290,24 @@ class PipelineConfig(_Strict):
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
-    def with_absolute_paths(self) -> "PipelineConfig":
+    def with_absolute_paths(self) -> PipelineConfig:
         """A copy whose local paths are absolute: Tune runs trials in their own working directories,
         where a relative path would point somewhere else."""
 
-        def fix(p: str) -> str:
-            return p if "://" in p else str(Path(p).expanduser().resolve())
+        data = self.data
+        if data.path and data.source in ("file", "aclimdb"):
+            data = data.model_copy(update={"path": absolute_path(data.path)})
+        return self.model_copy(
+            update={
+                "data": data,
+                "train": self.train.model_copy(update={"storage_path": absolute_path(self.train.storage_path)}),
+                "tune": self.tune.model_copy(update={"storage_path": absolute_path(self.tune.storage_path)}),
+                "registry": self.registry.with_absolute_paths(),
+                "serve": self.serve.with_absolute_paths(),
+            }
+        )
 
-        raw = self.model_dump(mode="json")
-        raw["train"]["storage_path"] = fix(raw["train"]["storage_path"])
-        raw["tune"]["storage_path"] = fix(raw["tune"]["storage_path"])
-        raw["registry"]["root"] = fix(raw["registry"]["root"])
-        if raw["data"]["path"] and raw["data"]["source"] in ("file", "aclimdb") and "://" not in raw["data"]["path"]:
-            raw["data"]["path"] = fix(raw["data"]["path"])
-        if raw["serve"]["model_uri"] and not raw["serve"]["model_uri"].startswith("models:/"):
-            raw["serve"]["model_uri"] = fix(raw["serve"]["model_uri"])
-        return PipelineConfig.model_validate(raw)
-
-    def with_hparams(self, hparams: dict[str, Any]) -> "PipelineConfig":
+    def with_hparams(self, hparams: dict[str, Any]) -> PipelineConfig:
         """A copy with tunable hyper-parameters (flat names such as ``lr``) applied and re-validated."""
         raw = self.model_dump(mode="json")
         for key, value in hparams.items():
@@ -292,7 +324,14 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  {key}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" and not isinstance(e.get("input"), dict) else ""))
+        lines.append(
+            f"  {key}: {msg}"
+            + (
+                f" (got {e['input']!r})"
+                if e["type"] != "extra_forbidden" and not isinstance(e.get("input"), dict)
+                else ""
+            )
+        )
     return "\n".join(lines)
 
 
@@ -303,31 +342,56 @@ def _validate(raw: dict[str, Any], source: str) -> PipelineConfig:
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
-def apply_override(raw: dict[str, Any], override: str) -> None:
-    """Apply ``a.b.c=value`` to a nested dict; the value is parsed as YAML (``3e-5`` -> float, ``[1, 2]`` -> list)."""
-    if "=" not in override:
-        raise ConfigError(f"override '{override}' must look like key.path=value")
-    key, _, text = override.partition("=")
+def set_path(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``raw[a][b][c] = value`` for the dotted `key` ``a.b.c``, creating sections as needed."""
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
-        raise ConfigError(f"override '{override}' has an empty key")
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override '{override}': value is not valid YAML: {err}") from None
+        raise ConfigError(f"'{key}' is not a key")
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"override '{override}': '{'.'.join(parts[: i + 1])}' is not a section")
+            raise ConfigError(f"'{'.'.join(parts[: i + 1])}' is not a section (setting {key})")
         node = child
     node[parts[-1]] = value
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read a YAML config, apply ``--set`` overrides, validate once. Errors name the key and the file."""
+def nest_dotted(raw: dict[str, Any]) -> dict[str, Any]:
+    """``{"serve.port": 8001}`` -> ``{"serve": {"port": 8001}}`` (keys without a dot stay as they are)."""
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(key, str) and "." in key:
+            set_path(out, key, value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply ``a.b.c=value`` to a nested dict; the value is parsed as YAML (``3e-5`` -> float, ``[1, 2]`` -> list)."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' must look like key.path=value")
+    key, _, text = override.partition("=")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{override}': value is not valid YAML: {err}") from None
+    try:
+        set_path(raw, key, value)
+    except ConfigError as err:
+        raise ConfigError(f"override '{override}': {err}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a YAML config (None: the defaults), apply ``--set`` overrides, validate once. Errors name
+    the key and the file."""
+    if path is None:
+        raw: dict[str, Any] = {}
+        for override in overrides or []:
+            apply_override(raw, override)
+        return _validate(raw, f"--set {overrides}" if overrides else "the defaults").with_absolute_paths()
     path = Path(path)
     try:
         text = path.read_text()

@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -34,12 +34,12 @@ class Split:
     def digest(self) -> str:
         """Content hash (order-sensitive): two runs with equal digests saw exactly the same examples."""
         h = hashlib.sha256()
-        for text, label in zip(self.texts, self.labels):
+        for text, label in zip(self.texts, self.labels, strict=True):
             h.update(f"{label}\t{len(text)}\t".encode())
             h.update(text.encode("utf-8", "surrogatepass"))
         return h.hexdigest()[:16]
 
-    def take(self, indices: Sequence[int]) -> "Split":
+    def take(self, indices: Sequence[int]) -> Split:
         return Split([self.texts[i] for i in indices], [self.labels[i] for i in indices])
 
 
@@ -58,32 +58,96 @@ class Splits:
 # (negation flips a phrase, "X, but Y" makes Y decide, mixed reviews end on their verdict).
 
 _SUBJECTS = [
-    "the acting", "the plot", "the script", "the soundtrack", "the cinematography", "the pacing",
-    "the dialogue", "the ending", "the lead actor", "the supporting cast", "the direction",
-    "the special effects", "the story", "the humour", "the editing", "the villain", "the score",
-    "the costumes", "the first half", "the final act",
+    "the acting",
+    "the plot",
+    "the script",
+    "the soundtrack",
+    "the cinematography",
+    "the pacing",
+    "the dialogue",
+    "the ending",
+    "the lead actor",
+    "the supporting cast",
+    "the direction",
+    "the special effects",
+    "the story",
+    "the humour",
+    "the editing",
+    "the villain",
+    "the score",
+    "the costumes",
+    "the first half",
+    "the final act",
 ]
 _POS = [
-    "good", "great", "excellent", "wonderful", "superb", "brilliant", "moving", "charming", "clever",
-    "gripping", "beautiful", "delightful", "memorable", "fantastic", "engaging", "touching", "solid",
+    "good",
+    "great",
+    "excellent",
+    "wonderful",
+    "superb",
+    "brilliant",
+    "moving",
+    "charming",
+    "clever",
+    "gripping",
+    "beautiful",
+    "delightful",
+    "memorable",
+    "fantastic",
+    "engaging",
+    "touching",
+    "solid",
 ]
 _NEG = [
-    "bad", "awful", "terrible", "boring", "dull", "weak", "clumsy", "predictable", "tedious",
-    "painful", "forgettable", "lazy", "messy", "bland", "disappointing", "poor", "lifeless",
+    "bad",
+    "awful",
+    "terrible",
+    "boring",
+    "dull",
+    "weak",
+    "clumsy",
+    "predictable",
+    "tedious",
+    "painful",
+    "forgettable",
+    "lazy",
+    "messy",
+    "bland",
+    "disappointing",
+    "poor",
+    "lifeless",
 ]
 _INTENSIFIERS = ["", "", "", "very ", "really ", "truly ", "incredibly ", "quite ", "absolutely ", "rather "]
 _FILLER = [
-    "I watched it on a rainy sunday.", "My friend recommended it last week.", "It runs a little over two hours.",
-    "The trailer gave away a few scenes.", "I saw it in a small cinema downtown.", "It is based on a novel.",
-    "The director made two films before this one.", "The theatre was half empty.", "I went in knowing nothing.",
+    "I watched it on a rainy sunday.",
+    "My friend recommended it last week.",
+    "It runs a little over two hours.",
+    "The trailer gave away a few scenes.",
+    "I saw it in a small cinema downtown.",
+    "It is based on a novel.",
+    "The director made two films before this one.",
+    "The theatre was half empty.",
+    "I went in knowing nothing.",
 ]
 _POS_VERDICT = [
-    "I loved it.", "Highly recommended.", "I would happily watch it again.", "One of the best films this year.",
-    "Ten out of ten.", "Go and see it.", "It was worth every minute.", "A real gem.",
+    "I loved it.",
+    "Highly recommended.",
+    "I would happily watch it again.",
+    "One of the best films this year.",
+    "Ten out of ten.",
+    "Go and see it.",
+    "It was worth every minute.",
+    "A real gem.",
 ]
 _NEG_VERDICT = [
-    "I hated it.", "Avoid it.", "I want my two hours back.", "One of the worst films this year.",
-    "Two out of ten.", "Skip this one.", "It was a waste of time.", "A real mess.",
+    "I hated it.",
+    "Avoid it.",
+    "I want my two hours back.",
+    "One of the worst films this year.",
+    "Two out of ten.",
+    "Skip this one.",
+    "It was a waste of time.",
+    "A real mess.",
 ]
 
 
@@ -93,7 +157,9 @@ def _phrase(rng: random.Random, positive: bool) -> str:
     intensifier = rng.choice(_INTENSIFIERS)
     if rng.random() < 0.25:  # negated opposite word: "not boring" is positive
         word = rng.choice(_NEG if positive else _POS)
-        neg = rng.choice(["not", "never", "hardly", "not at all"] if positive else ["not", "not really", "hardly", "never"])
+        neg = rng.choice(
+            ["not", "never", "hardly", "not at all"] if positive else ["not", "not really", "hardly", "never"]
+        )
         if neg == "not at all":
             return f"{subject} was not {word} at all"
         return f"{subject} was {neg} {word}"
@@ -164,7 +230,9 @@ def _frame_to_split(df, text_column: str, label_column: str, source: str) -> Spl
     texts = df[text_column].tolist()
     bad_text = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad_text:
-        raise DataError(f"{source}: column '{text_column}' has {len(bad_text)} non-text value(s), e.g. row {bad_text[0]}")
+        raise DataError(
+            f"{source}: column '{text_column}' has {len(bad_text)} non-text value(s), e.g. row {bad_text[0]}"
+        )
     return Split(texts, _validate_labels(df[label_column].tolist(), source))
 
 
@@ -224,7 +292,9 @@ def load_hf(dataset_id: str, split: str, text_column: str, label_column: str) ->
     try:
         ds = datasets.load_dataset(dataset_id, split=split)
     except Exception as err:
-        raise DataError(f"cannot load hub dataset '{dataset_id}' split '{split}': {type(err).__name__}: {err}") from None
+        raise DataError(
+            f"cannot load hub dataset '{dataset_id}' split '{split}': {type(err).__name__}: {err}"
+        ) from None
     return _frame_to_split(ds.to_pandas(), text_column, label_column, f"{dataset_id}[{split}]")
 
 
@@ -241,7 +311,9 @@ def load_source(cfg: DataConfig) -> tuple[Split, Split | None]:
     return load_hf(cfg.path, cfg.hf_split, cfg.text_column, cfg.label_column), test
 
 
-def split_examples(examples: Split, val_fraction: float, test_fraction: float, seed: int, carve_test: bool = True) -> Splits:
+def split_examples(
+    examples: Split, val_fraction: float, test_fraction: float, seed: int, carve_test: bool = True
+) -> Splits:
     """Deterministic shuffled split: the same examples and seed always give the same three splits."""
     n = len(examples)
     order = np.random.default_rng(seed).permutation(n)
@@ -283,7 +355,9 @@ def truncate_ids(ids: list[int], budget: int, strategy: str, head_fraction: floa
     return ids[:head] + (ids[-tail:] if tail else [])
 
 
-def encode(tokenizer, texts: Sequence[str], max_length: int, truncation: str = "head_tail", head_fraction: float = 0.25) -> list[list[int]]:
+def encode(
+    tokenizer, texts: Sequence[str], max_length: int, truncation: str = "head_tail", head_fraction: float = 0.25
+) -> list[list[int]]:
     """Token ids with [CLS]/[SEP], at most `max_length` long, unpadded (batches pad to their longest)."""
     budget = max_length - 2
     # Very long inputs are clipped by characters first: a 1 MB text must not cost a 1 MB tokenization.
@@ -310,14 +384,18 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int):
     return ids, mask
 
 
-def batch_order(lengths: Sequence[int], batch_size: int, seed: int, bucketing: bool, drop_last: bool = False) -> list[list[int]]:
+def batch_order(
+    lengths: Sequence[int], batch_size: int, seed: int, bucketing: bool, drop_last: bool = False
+) -> list[list[int]]:
     """Shuffled batches of indices. With bucketing, batches hold similar lengths (less padding) while
     their order stays random: shuffle, sort within windows of 50 batches, cut, shuffle the batches."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(lengths)).tolist()
     if bucketing:
         window = batch_size * 50
-        order = [i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lambda j: lengths[j])]
+        order = [
+            i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lambda j: lengths[j])
+        ]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if drop_last and batches and len(batches[-1]) < batch_size:
         batches.pop()

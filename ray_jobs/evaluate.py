@@ -1,26 +1,36 @@
 """Metrics of a model on a labelled split. Used by the gate, the benchmarks and the command line:
 
     python -m ray_jobs.evaluate --model <models:/name@alias | version | folder> --data <file> [--json]
+        [--config tune_configs/quickstart.yaml] [--set data.text_column=review --set data.label_column=y]
+
+The config (default: the built-in one) supplies the registry, the column names (`data.text_column`,
+`data.label_column`) and the batch size (`gate.eval_batch_size`), as it does for the gate.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import sys
 
 from ray_jobs.data import Split, load_file
 from ray_jobs.errors import SentimentError
 from ray_jobs.gate import Evaluation, evaluation_from
-from ray_jobs.runtime import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, get_logger
+from ray_jobs.inference import Predictor
+from ray_jobs.runtime import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, config_parser, configure_logging, load_from_args
 
-log = get_logger("ray_jobs.evaluate")
+log = logging.getLogger(__name__)
 
 
-def evaluate_dir(model_dir: str, split: Split, batch_size: int = 64, precision: str = "fp32", num_threads: int | None = None, name: str = "") -> Evaluation:
+def evaluate_dir(
+    model_dir: str,
+    split: Split,
+    batch_size: int = 64,
+    precision: str = "fp32",
+    num_threads: int | None = None,
+    name: str = "",
+) -> Evaluation:
     """Predictions of the model in `model_dir` on `split`, with the split's digest."""
-    from serve_app.predictor import Predictor
-
     predictor = Predictor(model_dir, num_threads=num_threads, precision=precision, batch_size=batch_size)
     preds = predictor.predict_proba(split.texts).argmax(axis=1)
     return evaluation_from(split.labels, preds.tolist(), split.digest(), name or model_dir)
@@ -31,26 +41,24 @@ def report(ev: Evaluation) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Evaluate a sentiment model on a labelled .parquet/.csv/.jsonl file.")
-    p.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version>, a version number, or a model folder")
+    p = config_parser("Evaluate a sentiment model on a labelled .parquet/.csv/.jsonl file.", config_required=False)
+    p.add_argument(
+        "--model",
+        required=True,
+        help="models:/<name>@<alias>, models:/<name>/<version>, a version number, or a model folder",
+    )
     p.add_argument("--data", required=True, help="labelled file (.parquet, .csv, .jsonl)")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for registry models (default: the embedded store)")
-    p.add_argument("--model-name", default="sentiment-distilbert", help="registered model name for a bare version number")
-    p.add_argument("--registry-root", default="runs/mlflow", help="root of the embedded MLflow store")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32", help="fp32: as the gate scores")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = p.parse_args(argv)
+    configure_logging()
     try:
-        split = load_file(args.data, args.text_column, args.label_column)
-        from ray_jobs.config import RegistryConfig
         from ray_jobs.registry import Registry
 
-        reg = Registry(RegistryConfig(tracking_uri=args.tracking_uri, root=args.registry_root, model_name=args.model_name))
-        model_dir = reg.resolve_model_dir(args.model)
-        ev = evaluate_dir(model_dir, split, args.batch_size, args.precision, name=args.model)
+        cfg = load_from_args(args)
+        split = load_file(args.data, cfg.data.text_column, cfg.data.label_column)
+        model_dir = Registry(cfg.registry).resolve_model_dir(args.model)
+        ev = evaluate_dir(model_dir, split, cfg.gate.eval_batch_size, args.precision, name=args.model)
     except SentimentError as err:
         log.error("%s", err)
         return EXIT_USAGE

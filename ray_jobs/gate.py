@@ -6,13 +6,14 @@ No I/O here. The pipeline evaluates, holds the registry lock, calls `decide`, an
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
 from ray_jobs.errors import GateError
-from ray_jobs.train import binary_metrics
+from ray_jobs.inference import classification_metrics
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class Evaluation:
 
     @property
     def metrics(self) -> dict[str, float]:
-        return f1_counts(np.asarray(self.labels), np.asarray(self.predictions))
+        return classification_metrics(np.asarray(self.labels), np.asarray(self.predictions))
 
     @property
     def f1(self) -> float:
@@ -66,15 +67,9 @@ class Decision:
     def summary(self) -> str:
         verdict = "PROMOTE" if self.promote else "BLOCK"
         champ = "none" if self.champion_f1 is None else f"{self.champion_f1:.4f}"
-        return f"gate: {verdict} (challenger F1 {self.challenger_f1:.4f}, champion F1 {champ}, n={self.n}): {self.reason}"
-
-
-def f1_counts(labels: np.ndarray, preds: np.ndarray) -> dict[str, float]:
-    tp = float(((preds == 1) & (labels == 1)).sum())
-    fp = float(((preds == 1) & (labels == 0)).sum())
-    fn = float(((preds == 0) & (labels == 1)).sum())
-    tn = float(((preds == 0) & (labels == 0)).sum())
-    return binary_metrics(tp, fp, fn, tn)
+        return (
+            f"gate: {verdict} (challenger F1 {self.challenger_f1:.4f}, champion F1 {champ}, n={self.n}): {self.reason}"
+        )
 
 
 def mcnemar_p(challenger_right: np.ndarray, champion_right: np.ndarray) -> float:
@@ -87,14 +82,18 @@ def mcnemar_p(challenger_right: np.ndarray, champion_right: np.ndarray) -> float
     return float(sum(math.comb(n, k) for k in range(b, n + 1)) / 2**n)
 
 
-def bootstrap_delta_low(labels: np.ndarray, chal: np.ndarray, champ: np.ndarray, alpha: float, samples: int, seed: int) -> float:
+def bootstrap_delta_low(
+    labels: np.ndarray, chal: np.ndarray, champ: np.ndarray, alpha: float, samples: int, seed: int
+) -> float:
     """The alpha-quantile of the paired-bootstrap distribution of F1(challenger) - F1(champion)."""
     rng = np.random.default_rng(seed)
     n = len(labels)
     deltas = np.empty(samples)
     for i in range(samples):
         idx = rng.integers(0, n, n)
-        deltas[i] = f1_counts(labels[idx], chal[idx])["f1"] - f1_counts(labels[idx], champ[idx])["f1"]
+        deltas[i] = (
+            classification_metrics(labels[idx], chal[idx])["f1"] - classification_metrics(labels[idx], champ[idx])["f1"]
+        )
     return float(np.quantile(deltas, alpha))
 
 
@@ -109,7 +108,10 @@ def decide(challenger: Evaluation, champion: Evaluation | None, policy: Policy) 
         reason = f"first model: F1 {f1:.4f} {'>=' if ok else '<'} floor {policy.floor:.4f}"
         return Decision(ok, reason, f1, None, None, challenger.digest, challenger.n, pol)
     if champion.digest != challenger.digest or champion.labels != challenger.labels:
-        raise GateError(f"champion and challenger were evaluated on different test splits ({champion.digest} vs {challenger.digest})")
+        raise GateError(
+            f"champion and challenger were evaluated on different test splits ({champion.digest} vs "
+            f"{challenger.digest})"
+        )
     cf1 = champion.f1
     delta = f1 - cf1
     if delta < policy.min_delta:
@@ -125,16 +127,23 @@ def decide(challenger: Evaluation, champion: Evaluation | None, policy: Policy) 
     if policy.significance == "bootstrap":
         low = bootstrap_delta_low(labels, chal, champ, policy.alpha, policy.bootstrap_samples, policy.seed)
         ok = low > policy.min_delta
-        reason = (f"delta {delta:+.4f}, bootstrap {100 * (1 - policy.alpha):.0f}% lower bound {low:+.4f} "
-                  f"{'>' if ok else '<='} min_delta {policy.min_delta:.4f}")
+        reason = (
+            f"delta {delta:+.4f}, bootstrap {100 * (1 - policy.alpha):.0f}% lower bound {low:+.4f} "
+            f"{'>' if ok else '<='} min_delta {policy.min_delta:.4f}"
+        )
         return Decision(ok, reason, f1, cf1, delta, challenger.digest, challenger.n, pol, delta_ci_low=low)
     reason = f"F1 {f1:.4f} >= champion {cf1:.4f} + min_delta {policy.min_delta:.4f}"
     return Decision(True, reason, f1, cf1, delta, challenger.digest, challenger.n, pol)
 
 
 def policy_from_config(gate_cfg) -> Policy:
-    return Policy(floor=gate_cfg.floor, min_delta=gate_cfg.min_delta, significance=gate_cfg.significance,
-                  alpha=gate_cfg.alpha, bootstrap_samples=gate_cfg.bootstrap_samples)
+    return Policy(
+        floor=gate_cfg.floor,
+        min_delta=gate_cfg.min_delta,
+        significance=gate_cfg.significance,
+        alpha=gate_cfg.alpha,
+        bootstrap_samples=gate_cfg.bootstrap_samples,
+    )
 
 
 def evaluation_from(labels: Sequence[int], predictions: Sequence[int], digest: str, model: str = "") -> Evaluation:

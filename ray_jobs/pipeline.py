@@ -11,6 +11,7 @@ champion alias moved) but a later step failed: recording the decision, deploying
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import time
 import uuid
@@ -22,12 +23,22 @@ from ray_jobs.errors import ConfigError, DataError, GateError, PromotedNotDeploy
 from ray_jobs.evaluate import evaluate_dir
 from ray_jobs.gate import Decision, Evaluation, decide, policy_from_config
 from ray_jobs.registry import Registry
-from ray_jobs.runtime import (EXIT_BLOCKED, EXIT_FAILURE, EXIT_NOT_DEPLOYED, EXIT_OK, EXIT_USAGE, config_parser, get_logger,
-                              init_ray, load_from_args, wait_until_interrupted)
+from ray_jobs.runtime import (
+    EXIT_BLOCKED,
+    EXIT_FAILURE,
+    EXIT_NOT_DEPLOYED,
+    EXIT_OK,
+    EXIT_USAGE,
+    config_parser,
+    configure_logging,
+    init_ray,
+    load_from_args,
+    wait_until_interrupted,
+)
 from ray_jobs.train import METRIC, put_data
 from ray_jobs.tune import CHECKPOINT_KEY, SearchOutcome, run_search
 
-log = get_logger("ray_jobs.pipeline")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,7 +67,9 @@ def _evaluate(cfg: PipelineConfig, model_dir: str, test: Split, name: str) -> Ev
     return evaluate_dir(model_dir, test, batch_size=cfg.gate.eval_batch_size, precision="fp32", name=name)
 
 
-def run_gate(reg: Registry, cfg: PipelineConfig, version: str, challenger: Evaluation, test: Split, run_id: str | None = None) -> tuple[Decision, str | None]:
+def run_gate(
+    reg: Registry, cfg: PipelineConfig, version: str, challenger: Evaluation, test: Split, run_id: str | None = None
+) -> tuple[Decision, str | None]:
     """Decide under the registry lock and write aliases only on a promotion. The champion is read
     and evaluated on the same test split inside the lock, and re-read before the write: a decision
     is never taken against a stale champion or a stale stored F1. Any error leaves aliases unchanged."""
@@ -68,11 +81,17 @@ def run_gate(reg: Registry, cfg: PipelineConfig, version: str, challenger: Evalu
             log.info("evaluating champion version %s on the test split (%d examples)", champ, len(test))
             champ_eval = _evaluate(cfg, reg.model_dir(champ), test, f"v{champ}")
         decision = decide(challenger, champ_eval, policy)
-        tags = {"gate.decision": "promote" if decision.promote else "block", "gate.reason": decision.reason,
-                "gate.challenger_f1": f"{decision.challenger_f1:.6f}",
-                "gate.champion_f1": "" if decision.champion_f1 is None else f"{decision.champion_f1:.6f}",
-                "gate.champion_version": champ or "", "gate.delta": "" if decision.delta is None else f"{decision.delta:.6f}",
-                "gate.test_digest": decision.test_digest, "gate.n": decision.n, "gate.timestamp": time.time()}
+        tags = {
+            "gate.decision": "promote" if decision.promote else "block",
+            "gate.reason": decision.reason,
+            "gate.challenger_f1": f"{decision.challenger_f1:.6f}",
+            "gate.champion_f1": "" if decision.champion_f1 is None else f"{decision.champion_f1:.6f}",
+            "gate.champion_version": champ or "",
+            "gate.delta": "" if decision.delta is None else f"{decision.delta:.6f}",
+            "gate.test_digest": decision.test_digest,
+            "gate.n": decision.n,
+            "gate.timestamp": time.time(),
+        }
         reg.set_version_tags(version, tags)
         if decision.promote:
             if reg.champion() != champ:
@@ -86,7 +105,9 @@ def run_gate(reg: Registry, cfg: PipelineConfig, version: str, challenger: Evalu
             reg.record_history({"event": "gate", "version": version, "champion_before": champ, **decision.to_dict()})
     with promoted_steps(promoted, "recording the gate decision"):
         if run_id:
-            reg.log_dict(run_id, {**decision.to_dict(), "version": version, "champion_before": champ}, "gate_decision.json")
+            reg.log_dict(
+                run_id, {**decision.to_dict(), "version": version, "champion_before": champ}, "gate_decision.json"
+            )
     return decision, champ
 
 
@@ -130,7 +151,7 @@ def _plot_confusion(ev: Evaluation):
     import numpy as np
 
     m = np.zeros((2, 2), dtype=int)
-    for y, p in zip(ev.labels, ev.predictions):
+    for y, p in zip(ev.labels, ev.predictions, strict=True):
         m[y, p] += 1
     fig, ax = plt.subplots(figsize=(3.5, 3.2))
     ax.imshow(m, cmap="Blues")
@@ -149,12 +170,16 @@ def _plot_confusion(ev: Evaluation):
 def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str | None = None) -> Outcome:
     splits = load_splits(cfg.data)
     digests = splits.digests()
-    log.info("data: %d train / %d val / %d test, digests %s", len(splits.train), len(splits.val), len(splits.test), digests)
+    log.info(
+        "data: %d train / %d val / %d test, digests %s", len(splits.train), len(splits.val), len(splits.test), digests
+    )
     reg = Registry(cfg.registry)
     reg.ping()  # fail before hours of training, not after
     init_ray(cfg.ray)
     run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    run_id = reg.start_pipeline_run(cfg, digests, {k: len(getattr(splits, k)) for k in ("train", "val", "test")}, run_name)
+    run_id = reg.start_pipeline_run(
+        cfg, digests, {k: len(getattr(splits, k)) for k in ("train", "val", "test")}, run_name
+    )
     status = "FAILED"
     try:
         meta = {"config_digest": cfg.digest(), "data_digests": digests, "pipeline_run": run_name}
@@ -164,8 +189,14 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
         best = outcome.best_trial
         assert best is not None and best.best is not None  # run_search raises otherwise
         ckpt, val = best.best[CHECKPOINT_KEY], best.best
-        reg.log_metrics(run_id, {"best_val_f1": val[METRIC], "n_trials": len(outcome.trials),
-                                 "n_trials_failed": sum(t.status == "ERROR" for t in outcome.trials)})
+        reg.log_metrics(
+            run_id,
+            {
+                "best_val_f1": val[METRIC],
+                "n_trials": len(outcome.trials),
+                "n_trials_failed": sum(t.status == "ERROR" for t in outcome.trials),
+            },
+        )
         reg.set_tags(run_id, {"best_trial": best.trial_id, "tune_experiment": outcome.experiment_path})
         reg.log_figure(run_id, _plot_trials(outcome), "tune_trials.png")
         log.info("best trial %s: val_f1 %.4f at epoch %.2f (%s)", best.trial_id, val[METRIC], val.get("epoch", 0), ckpt)
@@ -173,12 +204,22 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
         challenger = _evaluate(cfg, ckpt, splits.test, "challenger")
         reg.log_metrics(run_id, {f"test_{k}": v for k, v in challenger.metrics.items()})
         reg.log_figure(run_id, _plot_confusion(challenger), "confusion_matrix.png")
-        version = reg.register(run_id, ckpt, {
-            "test_f1": f"{challenger.f1:.6f}", "test_accuracy": f"{challenger.metrics['accuracy']:.6f}", "test_n": challenger.n,
-            "val_f1": f"{val[METRIC]:.6f}", "data_digest.test": digests["test"], "data_digest.train": digests["train"],
-            "config_digest": cfg.digest(), "pipeline_run": run_name, "trial_id": best.trial_id,
-            **{f"hp.{k}": v for k, v in best.hparams.items()},
-        })
+        version = reg.register(
+            run_id,
+            ckpt,
+            {
+                "test_f1": f"{challenger.f1:.6f}",
+                "test_accuracy": f"{challenger.metrics['accuracy']:.6f}",
+                "test_n": challenger.n,
+                "val_f1": f"{val[METRIC]:.6f}",
+                "data_digest.test": digests["test"],
+                "data_digest.train": digests["train"],
+                "config_digest": cfg.digest(),
+                "pipeline_run": run_name,
+                "trial_id": best.trial_id,
+                **{f"hp.{k}": v for k, v in best.hparams.items()},
+            },
+        )
         reg.set_tags(run_id, {"registered_version": version})
         decision, champ_before = run_gate(reg, cfg, version, challenger, splits.test, run_id)
         log.info("%s", decision.summary())
@@ -187,7 +228,7 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
         with promoted_steps(promoted, "tagging the pipeline run"):
             reg.set_tags(run_id, {"gate.decision": "promote" if decision.promote else "block"})
         if decision.promote and deploy_app:
-            from serve_app.deploy import deploy
+            from ray_jobs.deploy import deploy
 
             with promoted_steps(promoted, "deploying"):
                 result.url = deploy(cfg, wait_version=version)
@@ -211,7 +252,7 @@ def _print_summary(cfg: PipelineConfig, out: Outcome) -> None:
     if out.url:
         print(f"endpoint       {out.url}/predict   (docs: {out.url}/docs)")
     if out.sample:
-        print(f"sample request POST /predict {{\"text\": \"{SAMPLE_REVIEW}\"}}")
+        print(f'sample request POST /predict {{"text": "{SAMPLE_REVIEW}"}}')
         print(f"       answer  {out.sample}")
 
 
@@ -221,9 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--no-deploy", action="store_true", help="do not deploy or hot-swap the Serve app")
     mode.add_argument("--deploy-only", action="store_true", help="only deploy (or hot-swap to) the current champion")
     parser.add_argument("--resume-tune", metavar="EXPERIMENT_PATH", help="continue an interrupted Tune search")
-    parser.add_argument("--keep-serving", action="store_true",
-                        help="stay up (Ctrl-C stops) so the endpoint outlives the run when Ray was started in-process")
+    parser.add_argument(
+        "--keep-serving",
+        action="store_true",
+        help="stay up (Ctrl-C stops) so the endpoint outlives the run when Ray was started in-process",
+    )
     args = parser.parse_args(argv)
+    configure_logging()
     try:
         cfg = load_from_args(args)
     except ConfigError as err:
@@ -231,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         if args.deploy_only:
-            from serve_app.deploy import deploy_champion
+            from ray_jobs.deploy import deploy_champion
 
             _, url = deploy_champion(cfg)
             print(f"endpoint       {url}/predict")
@@ -244,8 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", err)
         return EXIT_USAGE
     except PromotedNotDeployedError as err:
-        log.error("version %s was promoted in the registry (it is the champion now), not deployed: %s. "
-                  "Fix the cause and run --deploy-only, or roll back: python -m ray_jobs.registry ... rollback", err.version, err)
+        log.error(
+            "version %s was promoted in the registry (it is the champion now), not deployed: %s. "
+            "Fix the cause and run --deploy-only, or roll back: python -m ray_jobs.registry ... rollback",
+            err.version,
+            err,
+        )
         print(f"gate           PROMOTED v{err.version} in the registry, NOT DEPLOYED: {err}", flush=True)
         return EXIT_NOT_DEPLOYED
     except SentimentError as err:

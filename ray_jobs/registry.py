@@ -1,10 +1,10 @@
 """The only module that talks to MLflow: tracking runs, registering versions, aliases, and the registry CLI.
 
-    python -m ray_jobs.registry --config tune_configs/quickstart.yaml status
-    python -m ray_jobs.registry --config ... compare 1 2
-    python -m ray_jobs.registry --config ... rollback
-    python -m ray_jobs.registry --config ... promote 3 --force --reason "hotfix"
-    python -m ray_jobs.registry --config ... experiments
+python -m ray_jobs.registry --config tune_configs/quickstart.yaml status
+python -m ray_jobs.registry --config ... compare 1 2
+python -m ray_jobs.registry --config ... rollback
+python -m ray_jobs.registry --config ... promote 3 --force --reason "hotfix"
+python -m ray_jobs.registry --config ... experiments
 """
 
 from __future__ import annotations
@@ -13,26 +13,44 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from ray_jobs.config import PipelineConfig, RegistryConfig
+from ray_jobs.config import PipelineConfig, RegistryConfig, absolute_path
 from ray_jobs.errors import RegistryError, SentimentError
-from ray_jobs.runtime import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, absolute, get_logger
+from ray_jobs.runtime import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, config_parser, configure_logging, load_from_args
 
-log = get_logger("ray_jobs.registry")
+log = logging.getLogger(__name__)
 
 CHAMPION, PREVIOUS = "champion", "previous"
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[A-Za-z0-9_.\-]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>\d+))$")
+
+
+def parse_model_uri(uri: str) -> tuple[str | None, str | None, str | None]:
+    """(name, alias, version) of models:/<name>@<alias> or models:/<name>/<version>; (None, None, None)
+    for a local folder. Anything else is a RegistryError."""
+    m = _MODELS_URI.match(uri)
+    if m:
+        return m["name"], m["alias"], m["version"]
+    if Path(uri).is_dir():
+        return None, None, None
+    raise RegistryError(
+        f"model reference '{uri}' is neither models:/<name>@<alias>, models:/<name>/<version> nor a local folder"
+    )
 
 
 def resolve_tracking_uri(cfg: RegistryConfig) -> str:
     if cfg.tracking_uri:
         return cfg.tracking_uri
-    return f"sqlite:///{absolute(cfg.root)}/mlflow.db"
+    return f"sqlite:///{absolute_path(cfg.root)}/mlflow.db"
 
 
 def package_versions() -> dict[str, str]:
@@ -50,7 +68,9 @@ def package_versions() -> dict[str, str]:
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -108,8 +128,10 @@ class Registry:
             if exp is None:
                 location = None
                 if self.cfg.tracking_uri is None:  # embedded store: artifacts beside the database
-                    location = Path(absolute(self.cfg.root), "artifacts").as_uri()
-                self._experiment_id = self._call("create_experiment", self.client.create_experiment, self.cfg.experiment, artifact_location=location)
+                    location = Path(absolute_path(self.cfg.root), "artifacts").as_uri()
+                self._experiment_id = self._call(
+                    "create_experiment", self.client.create_experiment, self.cfg.experiment, artifact_location=location
+                )
             else:
                 self._experiment_id = exp.experiment_id
         return self._experiment_id
@@ -121,7 +143,9 @@ class Registry:
         if self.uri.startswith("sqlite:///"):
             path = Path(self.uri.removeprefix("sqlite:///")).with_suffix(".gate.lock")
         else:
-            path = Path.home() / ".cache" / "sentiment-ray" / f"{hashlib.sha256(self.uri.encode()).hexdigest()[:16]}.lock"
+            path = (
+                Path.home() / ".cache" / "sentiment-ray" / f"{hashlib.sha256(self.uri.encode()).hexdigest()[:16]}.lock"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             deadline = time.time() + timeout_s
@@ -160,7 +184,11 @@ class Registry:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        items = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
         if items:
             self._call("log_batch", self.client.log_batch, run_id, metrics=items)
 
@@ -178,12 +206,18 @@ class Registry:
     def log_figure(self, run_id: str, figure, name: str) -> None:
         self._call("log_figure", self.client.log_figure, run_id, figure, name)
 
-    def start_pipeline_run(self, cfg: PipelineConfig, digests: dict[str, str], counts: dict[str, int], run_name: str) -> str:
+    def start_pipeline_run(
+        self, cfg: PipelineConfig, digests: dict[str, str], counts: dict[str, int], run_name: str
+    ) -> str:
         """The parent run of one pipeline run: config (artifact + hash), data digests, versions, commit."""
         import yaml
 
-        tags = {"pipeline": cfg.name, "config_digest": cfg.digest(), **{f"data_digest.{k}": v for k, v in digests.items()},
-                **{f"version.{k}": v for k, v in package_versions().items()}}
+        tags = {
+            "pipeline": cfg.name,
+            "config_digest": cfg.digest(),
+            **{f"data_digest.{k}": v for k, v in digests.items()},
+            **{f"version.{k}": v for k, v in package_versions().items()},
+        }
         commit = git_commit()
         if commit:
             tags["git_commit"] = commit
@@ -194,13 +228,17 @@ class Registry:
         self.log_metrics(run_id, {f"n_{k}": v for k, v in counts.items()})
         return run_id
 
-    def log_trial(self, parent_run_id: str, name: str, hparams: dict, history: list[dict], status: str, error: str | None = None) -> str:
+    def log_trial(
+        self, parent_run_id: str, name: str, hparams: dict, history: list[dict], status: str, error: str | None = None
+    ) -> str:
         """A nested run for one Tune trial: its hyper-parameters, each report's metrics (step = report
         index), and its final status."""
         run_id = self.start_run(name, {"trial_status": status}, parent_run_id=parent_run_id)
         self.log_params(run_id, hparams)
         for step, row in enumerate(history, start=1):
-            self.log_metrics(run_id, {k: v for k, v in row.items() if k.startswith(("val_", "train_")) or k == "epoch"}, step=step)
+            self.log_metrics(
+                run_id, {k: v for k, v in row.items() if k.startswith(("val_", "train_")) or k == "epoch"}, step=step
+            )
         if error:
             self.set_tags(run_id, {"error": error[:4000]})
         self.end_run(run_id, "FINISHED" if status in ("TERMINATED", "STOPPED_EARLY") else "FAILED")
@@ -215,11 +253,21 @@ class Registry:
         try:
             self.client.get_registered_model(self.name)
         except MlflowException:
-            self._call("create_registered_model", self.client.create_registered_model, self.name,
-                       description="DistilBERT sentiment classifier (Hugging Face folder, safetensors)")
+            self._call(
+                "create_registered_model",
+                self.client.create_registered_model,
+                self.name,
+                description="DistilBERT sentiment classifier (Hugging Face folder, safetensors)",
+            )
         run = self._call("get_run", self.client.get_run, run_id)
-        mv = self._call("create_model_version", self.client.create_model_version, self.name,
-                        source=f"{run.info.artifact_uri}/model", run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+        mv = self._call(
+            "create_model_version",
+            self.client.create_model_version,
+            self.name,
+            source=f"{run.info.artifact_uri}/model",
+            run_id=run_id,
+            tags={k: str(v) for k, v in tags.items()},
+        )
         return str(mv.version)
 
     def get_version(self, version: str | int):
@@ -231,7 +279,11 @@ class Registry:
         try:
             return str(self.client.get_model_version_by_alias(self.name, alias).version)
         except MlflowException as err:
-            if "RESOURCE_DOES_NOT_EXIST" in str(getattr(err, "error_code", "")) or "not found" in str(err).lower() or "does not exist" in str(err).lower():
+            if (
+                "RESOURCE_DOES_NOT_EXIST" in str(getattr(err, "error_code", ""))
+                or "not found" in str(err).lower()
+                or "does not exist" in str(err).lower()
+            ):
                 return None
             raise RegistryError(f"MLflow alias lookup failed at {self.uri}: {err}") from None
         except Exception as err:
@@ -245,32 +297,55 @@ class Registry:
         import mlflow
 
         mv = self._call(f"get_model_version {version}", self.client.get_model_version, name or self.name, str(version))
-        return self._call("download_artifacts", mlflow.artifacts.download_artifacts, artifact_uri=mv.source, tracking_uri=self.uri)
+        return self._call(
+            "download_artifacts", mlflow.artifacts.download_artifacts, artifact_uri=mv.source, tracking_uri=self.uri
+        )
+
+    def for_model(self, name: str | None) -> Registry:
+        """This registry for another registered model name (a models:/ URI may name any)."""
+        if name is None or name == self.name:
+            return self
+        return Registry(self.cfg.model_copy(update={"model_name": name}))
+
+    def resolve_version(self, model_uri: str) -> str:
+        """The concrete version a models:/ URI names now ('local' for a folder)."""
+        name, alias, version = parse_model_uri(model_uri)
+        if name is None:
+            return "local"
+        if version:
+            return version
+        resolved = self.for_model(name).alias_version(alias)
+        if resolved is None:
+            raise RegistryError(
+                f"registered model '{name}' has no alias '{alias}' (has the gate promoted a model yet?)"
+            )
+        return resolved
 
     def resolve_model_dir(self, ref: str) -> str:
         """`ref` is a local folder, a version number, models:/<name>/<version> or models:/<name>@<alias>."""
-        import re
-
-        if Path(ref).is_dir():
-            return ref
-        if ref.isdigit():
+        if ref.isdigit() and not Path(ref).is_dir():
             return self.model_dir(ref)
-        m = re.match(r"^models:/([^/@]+)(?:@([^/]+)|/(\d+))$", ref)
-        if not m:
-            raise RegistryError(f"model reference '{ref}' is neither a folder, a version number nor a models:/ URI")
-        name, alias, version = m.groups()
-        if alias:
-            version = self._call(f"alias {alias}", self.client.get_model_version_by_alias, name, alias).version
-        return self.model_dir(version, name=name)
+        name, _, _ = parse_model_uri(ref)
+        if name is None:
+            return ref
+        return self.for_model(name).model_dir(self.resolve_version(ref))
 
     def set_version_tags(self, version: str, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
-            self._call("set_model_version_tag", self.client.set_model_version_tag, self.name, str(version), k, str(v)[:5000])
+            self._call(
+                "set_model_version_tag", self.client.set_model_version_tag, self.name, str(version), k, str(v)[:5000]
+            )
 
     def record_history(self, event: dict[str, Any]) -> None:
         """Append a decision to the registered model's history (one tag per event, keyed by time)."""
         key = "history." + time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f".{int(time.time() * 1e6) % 1_000_000:06d}"
-        self._call("set_registered_model_tag", self.client.set_registered_model_tag, self.name, key, json.dumps(event, default=str)[:5000])
+        self._call(
+            "set_registered_model_tag",
+            self.client.set_registered_model_tag,
+            self.name,
+            key,
+            json.dumps(event, default=str)[:5000],
+        )
 
     def set_aliases(self, champion: str, previous: str | None) -> None:
         # `previous` first: if the second write fails, the champion is unchanged (fail closed).
@@ -279,7 +354,10 @@ class Registry:
         self._call("set alias", self.client.set_registered_model_alias, self.name, CHAMPION, str(champion))
 
     def versions(self) -> list:
-        return sorted(self._call("search_model_versions", self.client.search_model_versions, f"name='{self.name}'"), key=lambda v: int(v.version))
+        return sorted(
+            self._call("search_model_versions", self.client.search_model_versions, f"name='{self.name}'"),
+            key=lambda v: int(v.version),
+        )
 
     def aliases(self) -> dict[str, str]:
         rm = self._call("get_registered_model", self.client.get_registered_model, self.name)
@@ -310,21 +388,31 @@ def _cmd_status(reg: Registry) -> None:
     for v in reg.versions():
         t = v.tags or {}
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.creation_timestamp / 1000))
-        print(f"{v.version:>7}  {','.join(sorted(by_version.get(str(v.version), []))) or '-':<18} "
-              f"{t.get('test_f1', '-'):>8}  {t.get('gate.decision', '-'):<8} {created:<19}  {t.get('gate.reason', '')}")
+        print(
+            f"{v.version:>7}  {','.join(sorted(by_version.get(str(v.version), []))) or '-':<18} "
+            f"{t.get('test_f1', '-'):>8}  {t.get('gate.decision', '-'):<8} {created:<19}  {t.get('gate.reason', '')}"
+        )
 
 
 def _cmd_compare(reg: Registry, a: str, b: str) -> None:
     va, vb = reg.get_version(a), reg.get_version(b)
-    keys = sorted({k for v in (va, vb) for k in (v.tags or {}) if k.startswith(("test_", "val_", "gate.", "hp.", "data_digest"))})
+    keys = sorted(
+        {k for v in (va, vb) for k in (v.tags or {}) if k.startswith(("test_", "val_", "gate.", "hp.", "data_digest"))}
+    )
     print(f"{'':<28} {'v' + a:>22} {'v' + b:>22}")
     for k in keys:
         print(f"{k:<28} {str((va.tags or {}).get(k, '-'))[:22]:>22} {str((vb.tags or {}).get(k, '-'))[:22]:>22}")
 
 
 def _cmd_experiments(reg: Registry, limit: int) -> None:
-    runs = reg._call("search_runs", reg.client.search_runs, [reg.experiment_id()],
-                     filter_string="tags.pipeline != ''", order_by=["attributes.start_time DESC"], max_results=limit)
+    runs = reg._call(
+        "search_runs",
+        reg.client.search_runs,
+        [reg.experiment_id()],
+        filter_string="tags.pipeline != ''",
+        order_by=["attributes.start_time DESC"],
+        max_results=limit,
+    )
     print(f"{'started':<19}  {'run':<34} {'status':<9} {'best_val_f1':>11} {'version':>7}  gate")
     for r in runs:
         if r.data.tags.get("mlflow.parentRunId"):
@@ -332,7 +420,10 @@ def _cmd_experiments(reg: Registry, limit: int) -> None:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.info.start_time / 1000))
         m, t = r.data.metrics, r.data.tags
         best = f"{m['best_val_f1']:.4f}" if "best_val_f1" in m else "-"
-        print(f"{started:<19}  {r.info.run_name[:34]:<34} {r.info.status:<9} {best:>11} {t.get('registered_version', '-'):>7}  {t.get('gate.decision', '-')}")
+        print(
+            f"{started:<19}  {r.info.run_name[:34]:<34} {r.info.status:<9} {best:>11} "
+            f"{t.get('registered_version', '-'):>7}  {t.get('gate.decision', '-')}"
+        )
 
 
 def _manual_alias_change(reg: Registry, new: str, kind: str, reason: str) -> None:
@@ -340,21 +431,25 @@ def _manual_alias_change(reg: Registry, new: str, kind: str, reason: str) -> Non
         old = reg.champion()
         reg.get_version(new)  # must exist
         reg.set_aliases(new, old)
-        event = {"event": kind, "champion": new, "previous": old, "reason": reason, "timestamp": time.time(), "user": os.environ.get("USER", "")}
+        event = {
+            "event": kind,
+            "champion": new,
+            "previous": old,
+            "reason": reason,
+            "timestamp": time.time(),
+            "user": os.environ.get("USER", ""),
+        }
         reg.set_version_tags(new, {"gate.decision": kind, "gate.reason": reason, "gate.timestamp": event["timestamp"]})
         reg.record_history(event)
     print(f"{kind}: champion is now version {new} (was {old})")
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from ray_jobs.config import load_config
-
-    p = argparse.ArgumentParser(description="Inspect and change the model registry (status, compare, rollback, promote, experiments).")
-    p.add_argument("--config", help="pipeline YAML (its registry section is used)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--tracking-uri", help="override registry.tracking_uri")
+    p = config_parser(
+        "Inspect and change the model registry (status, compare, rollback, promote, experiments). "
+        "The config's registry section names the store, e.g. --set registry.tracking_uri=http://host:5000.",
+        config_required=False,
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("status", help="versions, aliases, test F1 and gate decisions")
     c = sub.add_parser("compare", help="two versions' metrics side by side")
@@ -368,11 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("experiments", help="recent pipeline runs and their best trials")
     e.add_argument("--limit", type=int, default=20)
     args = p.parse_args(argv)
+    configure_logging()
     try:
-        cfg = load_config(args.config, args.overrides).registry if args.config else RegistryConfig()
-        if args.tracking_uri:
-            cfg = cfg.model_copy(update={"tracking_uri": args.tracking_uri})
-        reg = Registry(cfg)
+        reg = Registry(load_from_args(args).registry)
         reg.ping()
         if args.cmd == "status":
             _cmd_status(reg)

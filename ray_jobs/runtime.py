@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 from ray_jobs.config import PipelineConfig, RayConfig, load_config
 from ray_jobs.errors import ConfigError
@@ -19,24 +18,42 @@ EXIT_BLOCKED = 3  # pipeline/gate: a valid run whose challenger the gate did not
 EXIT_NOT_DEPLOYED = 4  # pipeline: promoted in the registry (the alias moved), then deploying or recording failed
 
 
-def get_logger(name: str) -> logging.Logger:
-    """A logger that prints `time level name: message` to stderr, configured once per process
-    (Ray workers are separate processes, so this runs in each of them on first use)."""
-    root = logging.getLogger("ray_jobs")
-    if not root.handlers:
+# The project's loggers: modules log to logging.getLogger(__name__) under these names.
+LOGGERS = ("ray_jobs", "serve_app")
+
+
+def configure_logging() -> None:
+    """Show the project's log records (level from RAY_JOBS_LOG_LEVEL, default INFO). Called by entry
+    points (each `main()`, and each Ray Train worker, a process of its own), never at import: a program
+    that imports these modules keeps its own logging. Where the root logger has handlers already (a Ray
+    worker, pytest, an application), records go to them; else to stderr as `time level name: message`."""
+    has_root_handlers = bool(logging.getLogger().handlers)
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(os.environ.get("RAY_JOBS_LOG_LEVEL", "INFO"))
+        if has_root_handlers or any(getattr(h, "_sentiment_ray", False) for h in logger.handlers):
+            continue
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        root.addHandler(handler)
-        root.setLevel(os.environ.get("RAY_JOBS_LOG_LEVEL", "INFO"))
-        root.propagate = False
-    return logging.getLogger(name if name.startswith("ray_jobs") else f"ray_jobs.{name}")
+        handler._sentiment_ray = True  # marks ours, so a second call adds none
+        logger.addHandler(handler)
 
 
-def config_parser(description: str) -> argparse.ArgumentParser:
+def config_parser(description: str, config_required: bool = True) -> argparse.ArgumentParser:
+    """The one command-line shape of every entry point: `--config FILE` and repeatable `--set key=value`."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="YAML file, e.g. tune_configs/quickstart.yaml")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--config",
+        required=config_required,
+        help="YAML file, e.g. tune_configs/quickstart.yaml"
+        + ("" if config_required else " (default: built-in defaults)"),
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.lr=3e-5 (repeatable; the value is YAML)",
     )
     return parser
@@ -46,17 +63,13 @@ def load_from_args(args: argparse.Namespace) -> PipelineConfig:
     return load_config(args.config, args.overrides)
 
 
-def absolute(path: str) -> str:
-    """Ray and MLflow want absolute local paths; URIs (s3://, gs://, ...) pass through."""
-    return path if "://" in path else str(Path(path).expanduser().resolve())
-
-
 # The environment each `ray.serve_ingress` mode needs when the Ray cluster starts.
 SERVE_INGRESS_ENV: dict[str, dict[str, str]] = {
     "proxy": {},
     "direct": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
     "haproxy": {
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
         # Ray's HAProxy retries only requests it could not send (conn-failure). Predictions are
         # idempotent, so a request whose replica died under it (the connection closed with no answer:
         # empty-response, or a torn one: junk-response) or that a replica refused (503) is safe to
@@ -89,11 +102,18 @@ def init_ray(cfg: RayConfig, runtime_env: dict | None = None) -> None:
     if ray.is_initialized():
         return
     if apply_serve_ingress(cfg.serve_ingress) and (cfg.address not in (None, "local") or os.environ.get("RAY_ADDRESS")):
-        get_logger("ray_jobs.runtime").warning(
+        logging.getLogger(__name__).warning(
             "ray.serve_ingress=%s only takes effect on a cluster started with %s in its environment "
-            "(this process connects to an existing cluster)", cfg.serve_ingress,
-            " ".join(f"{k}={v}" for k, v in SERVE_INGRESS_ENV[cfg.serve_ingress].items()))
-    kwargs: dict = {"address": cfg.address, "runtime_env": runtime_env, "include_dashboard": True, "log_to_driver": True}
+            "(this process connects to an existing cluster)",
+            cfg.serve_ingress,
+            " ".join(f"{k}={v}" for k, v in SERVE_INGRESS_ENV[cfg.serve_ingress].items()),
+        )
+    kwargs: dict = {
+        "address": cfg.address,
+        "runtime_env": runtime_env,
+        "include_dashboard": True,
+        "log_to_driver": True,
+    }
     if cfg.num_cpus is not None:
         kwargs["num_cpus"] = cfg.num_cpus
     try:

@@ -6,75 +6,153 @@ Entry point: ``python -m ray_jobs.train --config tune_configs/quickstart.yaml``.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ray_jobs.config import TUNABLE, PipelineConfig
+from ray_jobs.config import TUNABLE, ModelConfig, PipelineConfig, TrainConfig, absolute_path
 from ray_jobs.data import Split, batch_order, encode, pad_batch
 from ray_jobs.errors import SentimentError
-from ray_jobs.runtime import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, absolute, config_parser, get_logger, init_ray, load_from_args
+from ray_jobs.inference import autocast, autocast_dtype, batched_logits, binary_metrics, confusion_counts
+from ray_jobs.runtime import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    config_parser,
+    configure_logging,
+    init_ray,
+    load_from_args,
+)
 
-log = get_logger("ray_jobs.train")
+log = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.pt"
 METRIC = "val_f1"
 
 
+# --------------------------------------------------------------------------------------------------
+# Pieces of the worker loop (they run inside each Ray Train worker)
+
+
+@dataclass
+class Progress:
+    """Where a run is. Saved in every checkpoint, so that a restarted worker continues from it."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    elapsed_s: float = 0.0
+    horizon: int | None = None  # the LR schedule's last step, when a time budget moved it
+
+
+class LinearSchedule:
+    """Linear warm-up, then linear decay to zero at the horizon (the BERT recipe). With a time budget,
+    the horizon is the step the budget allows, re-estimated from the measured step rate (evaluations
+    included), so that the learning rate reaches zero when the clock runs out instead of being cut
+    off mid-decay."""
+
+    def __init__(
+        self, total_steps: int, warmup_ratio: float, budget_s: float | None = None, horizon: int | None = None
+    ):
+        self.total_steps, self.warmup_ratio, self.budget_s = total_steps, warmup_ratio, budget_s
+        self.horizon = min(total_steps, horizon or total_steps)
+
+    def factor(self, step: int) -> float:
+        """The learning rate's multiplier at `step` (0-based)."""
+        warm = int(self.warmup_ratio * self.horizon)
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        return max(0.0, (self.horizon - step) / max(1, self.horizon - warm))
+
+    def re_estimate(self, step: int, seconds_per_step: float, elapsed_s: float) -> None:
+        if self.budget_s is not None:
+            remaining_steps = (self.budget_s - elapsed_s) / seconds_per_step
+            self.horizon = max(step + 1, min(self.total_steps, int(step + 0.97 * remaining_steps)))
+
+    def over_budget(self, elapsed_s: float) -> bool:
+        return self.budget_s is not None and elapsed_s > self.budget_s
+
+
+@dataclass
+class StepInfo:
+    """What a training callback sees after each optimizer step."""
+
+    rank: int
+    world: int
+    epoch: int  # 0-based
+    step_in_epoch: int  # 1-based
+    steps_in_epoch: int
+    last_checkpoint_at: float  # time.time() of the last epoch-end report
+
+
 @dataclass
 class FaultInjection:
-    """Test hook: the last-ranked worker exits once (guarded by `marker`) in the middle of the epoch
-    after epoch `at_epoch` (0-based) was checkpointed, so tests can prove that Ray Train resumes from
-    that checkpoint rather than from the start."""
+    """A training callback for tests: the last-ranked worker exits once (guarded by `marker`) in the
+    middle of the epoch after epoch `at_epoch` (0-based) was checkpointed, so tests can prove that Ray
+    Train resumes from that checkpoint rather than from the start."""
 
     marker: str
     at_epoch: int = 0
 
-
-# --------------------------------------------------------------------------------------------------
-# Helpers that run inside a worker
-
-
-def cpu_supports_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        return False
-
-
-def autocast_dtype(precision: str, device_type: str):
-    """The autocast dtype for `precision` on this device, or None for plain fp32."""
-    import torch
-
-    if precision == "fp32":
-        return None
-    if precision == "fp16":
-        return torch.float16
-    if precision == "bf16":
-        return torch.bfloat16
-    # auto
-    if device_type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_supports_bf16() else None
+    def on_step(self, s: StepInfo) -> None:
+        if s.epoch != self.at_epoch + 1 or s.step_in_epoch != max(1, s.steps_in_epoch // 2):
+            return
+        if s.rank != s.world - 1 or os.path.exists(self.marker):
+            return
+        # Give the controller time to register the last reported checkpoint, as it would have in a
+        # real run where failures do not strike within a second of a report.
+        time.sleep(max(0.0, 3.0 - (time.time() - s.last_checkpoint_at)))
+        Path(self.marker).write_text("killed once\n")
+        log.warning("fault injection: worker %d exits mid-epoch", s.rank)
+        os._exit(1)
 
 
-def binary_metrics(tp: float, fp: float, fn: float, tn: float) -> dict[str, float]:
-    n = tp + fp + fn + tn
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"accuracy": (tp + tn) / n if n else 0.0, "precision": precision, "recall": recall, "f1": f1}
+@dataclass
+class ShardData:
+    """This rank's token ids: an equal share of the training split (every rank must run the same number
+    of steps: DDP all-reduces every step, and a rank with one batch more would hang) and its share of
+    the validation split (scored per rank, then summed)."""
+
+    train_seqs: list[list[int]]
+    train_labels: list[int]
+    val_seqs: list[list[int]]
+    val_labels: list[int]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(s) for s in self.train_seqs]
 
 
-def _all_reduce(values: list[float], world: int, op: str = "sum") -> list[float]:
+def shard_and_encode(tokenizer, train: Split, val: Split, mc: ModelConfig, rank: int, world: int) -> ShardData:
+    """Each rank tokenizes only its shard."""
+    per_rank = len(train) // world
+    if per_rank < 1:
+        raise ValueError(f"{len(train)} training examples cannot feed {world} workers")
+    shard = list(range(rank, len(train), world))[:per_rank]
+    val_idx = list(range(rank, len(val), world))
+
+    def enc(texts: list[str]) -> list[list[int]]:
+        return encode(
+            tokenizer, texts, max_length=mc.max_length, truncation=mc.truncation, head_fraction=mc.head_fraction
+        )
+
+    return ShardData(
+        enc([train.texts[i] for i in shard]),
+        [train.labels[i] for i in shard],
+        enc([val.texts[i] for i in val_idx]),
+        [val.labels[i] for i in val_idx],
+    )
+
+
+def all_reduce(values: list[float], world: int, op: str = "sum") -> list[float]:
+    """Element-wise sum (or max) over the DDP ranks."""
     if world == 1:
         return values
     import torch
@@ -85,29 +163,22 @@ def _all_reduce(values: list[float], world: int, op: str = "sum") -> list[float]
     return t.tolist()
 
 
-def _validate(model, seqs: list[list[int]], labels: list[int], pad_id: int, batch_size: int, device, amp_dtype, world: int) -> dict[str, float]:
+def validate(model, data: ShardData, pad_id: int, batch_size: int, device, amp_dtype, world: int) -> dict[str, float]:
     """Loss and binary metrics over the whole validation split (each rank scores its shard, then sum)."""
     import torch
 
     model.eval()
-    loss_sum = tp = fp = fn = tn = 0.0
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # length-sorted: little padding
-    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            ids, mask = pad_batch([seqs[i] for i in idx], pad_id)
-            y = torch.tensor([labels[i] for i in idx], device=device)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-            loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
-            pred = logits.argmax(-1)
-            tp += ((pred == 1) & (y == 1)).sum().item()
-            fp += ((pred == 1) & (y == 0)).sum().item()
-            fn += ((pred == 0) & (y == 1)).sum().item()
-            tn += ((pred == 0) & (y == 0)).sum().item()
-    loss_sum, tp, fp, fn, tn = _all_reduce([loss_sum, tp, fp, fn, tn], world)
+    logits = batched_logits(model, data.val_seqs, pad_id, batch_size, device, amp_dtype)
     model.train()
-    n = tp + fp + fn + tn
-    return {"val_loss": loss_sum / max(n, 1), **{f"val_{k}": v for k, v in binary_metrics(tp, fp, fn, tn).items()}}
+    loss_sum = (
+        torch.nn.functional.cross_entropy(logits, torch.tensor(data.val_labels), reduction="sum").item()
+        if data.val_seqs
+        else 0.0
+    )
+    counts = confusion_counts(data.val_labels, logits.argmax(-1).numpy())
+    loss_sum, *counts = all_reduce([loss_sum, *counts], world)
+    n = sum(counts)
+    return {"val_loss": loss_sum / max(n, 1), **{f"val_{k}": v for k, v in binary_metrics(*counts).items()}}
 
 
 def make_optimizer(model, lr: float, weight_decay: float):
@@ -129,7 +200,7 @@ def train_step(model, ids, mask, labels: list[int], optimizer, scaler, amp_dtype
     import torch
 
     y = torch.tensor(labels, device=device)
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with autocast(device.type, amp_dtype):
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
     loss = torch.nn.functional.cross_entropy(logits.float(), y)
     optimizer.zero_grad(set_to_none=True)
@@ -141,177 +212,239 @@ def train_step(model, ids, mask, labels: list[int], optimizer, scaler, amp_dtype
     return loss
 
 
-def _inject_fault(fault: dict, rank: int, world: int, last_report: float) -> None:
-    """Test hook (see FaultInjection): the last rank exits mid-epoch, once."""
-    if rank != world - 1 or os.path.exists(fault["marker"]):
-        return
-    # Give the controller time to register the last reported checkpoint, as it would have in a
-    # real run where failures do not strike within a second of a report.
-    time.sleep(max(0.0, 3.0 - (time.time() - last_report)))
-    Path(fault["marker"]).write_text("killed once\n")
-    get_logger("ray_jobs.train.worker").warning("fault injection: worker %d exits mid-epoch", rank)
-    os._exit(1)
+class WorkerRun:
+    """One DDP worker's training state: the model (restored from Ray Train's checkpoint when there is
+    one), its shard of the data, the optimizer and schedule, and the progress that checkpoints save."""
+
+    def __init__(self, config: dict[str, Any]):
+        import ray.train
+        import ray.train.torch
+        import torch
+
+        from ray_jobs.model import build_model
+
+        self.t_start = time.time()
+        system = config["system"]
+        self.hparams = {k: v for k, v in config.items() if k != "system"}
+        cfg = PipelineConfig.model_validate(system["cfg"]).with_hparams(self.hparams)
+        self.tc: TrainConfig = cfg.train
+        mc = cfg.model
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.set_num_threads(self.tc.threads_per_worker or max(1, int(self.tc.cpus_per_worker)))
+        self.device = ray.train.torch.get_device()
+        self.amp_dtype = autocast_dtype(self.tc.precision, self.device.type)
+        self.callbacks = list(system.get("callbacks") or [])
+
+        # Resume state first: a resumed run continues from the checkpoint's weights and tokenizer.
+        model, self.tokenizer = build_model(mc, seed=self.tc.seed)
+        self.progress, saved = self._restore(model)
+        self.resumed_from_step = self.progress.global_step  # 0 for a fresh run: tests use it to prove a resume
+        self.data = shard_and_encode(self.tokenizer, *ray.get(system["data_ref"]), mc, self.rank, self.world)
+        if mc.freeze_embeddings:
+            model.distilbert.embeddings.word_embeddings.weight.requires_grad_(False)
+        self.model = ray.train.torch.prepare_model(model)
+        self.optimizer = make_optimizer(self.model, self.tc.lr, self.tc.weight_decay)
+        self.steps_per_epoch = math.ceil(len(self.data.train_seqs) / self.tc.batch_size)
+        self.schedule = LinearSchedule(
+            self.steps_per_epoch * self.tc.epochs, self.tc.warmup_ratio, self.tc.time_budget_s, self.progress.horizon
+        )
+        # A lambda, not the bound method: LambdaLR saves no state for plain functions.
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: self.schedule.factor(step))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        if saved is not None:
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.lr_scheduler.load_state_dict(saved["scheduler"])
+            self.scaler.load_state_dict(saved["scaler"])
+        self.pad_id = self.tokenizer.pad_token_id
+        self.meta = {
+            **system.get("meta", {}),
+            "hparams": self.hparams,
+            "max_length": mc.max_length,
+            "truncation": mc.truncation,
+            "head_fraction": mc.head_fraction,
+            "num_workers": self.world,
+        }
+        self.last_checkpoint_at = time.time()
+        # The step rate the time budget is planned with: over the whole run so far, evaluations included.
+        self.t_loop, self.start_step = time.time(), self.progress.global_step
+
+    def _restore(self, model) -> tuple[Progress, dict | None]:
+        """Progress and optimizer states from Ray Train's checkpoint (weights loaded into `model`)."""
+        import ray.train
+        import torch
+        from safetensors.torch import load_file
+
+        checkpoint = ray.train.get_checkpoint()
+        if not checkpoint:
+            return Progress(), None
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(load_file(os.path.join(d, "model.safetensors")), strict=False)
+            saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        progress = Progress(**saved["progress"])
+        if self.rank == 0:
+            log.info("resuming from checkpoint at epoch %d step %d", progress.epoch, progress.step_in_epoch)
+        return progress, saved
+
+    def elapsed(self) -> float:
+        return self.progress.elapsed_s + time.time() - self.t_start
+
+    def _save(self, folder: str, metrics: dict[str, float], epoch: int, step_in_epoch: int) -> None:
+        """The model folder (servable as it is) plus the state a restarted run continues from."""
+        import torch
+
+        from ray_jobs.model import save_model
+
+        save_model(self.model, self.tokenizer, folder, {**self.meta, "metrics": metrics})
+        progress = {
+            **asdict(self.progress),
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "elapsed_s": self.elapsed(),
+            "horizon": self.schedule.horizon,
+        }
+        torch.save(
+            {
+                "progress": progress,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.lr_scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+            },
+            os.path.join(folder, STATE_FILE),
+        )
+
+    def report(self, epoch: int, step_in_epoch: int, window: _Window, stopped: bool) -> None:
+        """Validate, checkpoint (rank 0 writes) and report to Ray Train. Every rank calls it."""
+        import ray.train
+
+        train_loss = all_reduce([window.mean_loss], self.world)[0] / self.world
+        metrics = validate(
+            self.model, self.data, self.pad_id, self.tc.eval_batch_size, self.device, self.amp_dtype, self.world
+        )
+        metrics.update(
+            epoch=epoch + step_in_epoch / self.steps_per_epoch,
+            step=self.progress.global_step,
+            train_loss=train_loss,
+            resumed_from_step=self.resumed_from_step,
+            train_samples_per_s=window.samples * self.world / max(window.seconds, 1e-9),
+            elapsed_s=self.elapsed(),
+            stopped_by_budget=stopped,
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if self.rank == 0:
+                self._save(tmp, metrics, epoch, step_in_epoch)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                log.info(
+                    "epoch %.2f step %d: train_loss %.4f val_loss %.4f val_f1 %.4f val_acc %.4f (%.1f "
+                    "samples/s, %.0fs)",
+                    metrics["epoch"],
+                    metrics["step"],
+                    train_loss,
+                    metrics["val_loss"],
+                    metrics["val_f1"],
+                    metrics["val_accuracy"],
+                    metrics["train_samples_per_s"],
+                    metrics["elapsed_s"],
+                )
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    def train_epoch(self, epoch: int) -> bool:
+        """Run the rest of `epoch` (all of it unless resuming mid-epoch), validating every
+        `eval_every_steps`. False when the time budget ran out (after a last validation and checkpoint)."""
+        tc, p = self.tc, self.progress
+        batches = batch_order(
+            self.data.lengths, tc.batch_size, seed=tc.seed * 1000 + epoch, bucketing=tc.length_bucketing
+        )
+        skip = p.step_in_epoch if epoch == p.epoch else 0
+        window = _Window()
+        for step_in_epoch, idx in enumerate(batches[skip:], start=skip + 1):
+            ids, mask = pad_batch([self.data.train_seqs[i] for i in idx], self.pad_id)
+            loss = train_step(
+                self.model,
+                ids,
+                mask,
+                [self.data.train_labels[i] for i in idx],
+                self.optimizer,
+                self.scaler,
+                self.amp_dtype,
+                tc.max_grad_norm,
+                self.device,
+            )
+            self.lr_scheduler.step()
+            p.global_step += 1
+            window.add(loss.item(), len(idx))
+            if self.rank == 0 and p.global_step % tc.log_every_steps == 0:
+                log.info(
+                    "epoch %d step %d/%d loss %.4f lr %.2e",
+                    epoch + 1,
+                    step_in_epoch,
+                    self.steps_per_epoch,
+                    window.mean_loss,
+                    self.lr_scheduler.get_last_lr()[0],
+                )
+            if p.global_step % 25 == 0 and p.global_step > self.start_step:
+                self.schedule.re_estimate(
+                    p.global_step, (time.time() - self.t_loop) / (p.global_step - self.start_step), self.elapsed()
+                )
+            for callback in self.callbacks:
+                callback.on_step(
+                    StepInfo(self.rank, self.world, epoch, step_in_epoch, len(batches), self.last_checkpoint_at)
+                )
+            # Every rank must take the same decision: the slowest clock decides (all-reduced max).
+            over = (
+                self.schedule.budget_s is not None
+                and all_reduce([float(self.schedule.over_budget(self.elapsed()))], self.world, op="max")[0] > 0
+            )
+            due = tc.eval_every_steps and p.global_step % tc.eval_every_steps == 0 and step_in_epoch < len(batches)
+            if over or due:
+                self.report(epoch, step_in_epoch, window, stopped=over)
+                window = _Window()
+                if over:
+                    if self.rank == 0:
+                        log.info(
+                            "time budget of %.0fs reached at epoch %d step %d: stopped",
+                            self.schedule.budget_s,
+                            epoch + 1,
+                            step_in_epoch,
+                        )
+                    return False
+        self.report(epoch + 1, 0, window, stopped=False)
+        p.epoch, p.step_in_epoch = epoch + 1, 0
+        self.last_checkpoint_at = time.time()
+        return True
+
+
+class _Window:
+    """Training loss and throughput since the last report."""
+
+    def __init__(self):
+        self.loss_sum, self.steps, self.samples, self.t0 = 0.0, 0, 0, time.time()
+
+    def add(self, loss: float, samples: int) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+        self.samples += samples
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(self.steps, 1)
+
+    @property
+    def seconds(self) -> float:
+        return time.time() - self.t0
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One DDP worker. `config` holds the hyper-parameters (flat names from `TUNABLE`) and one
     `system` entry with what is not a hyper-parameter: the validated pipeline config, a Ray object
-    reference to the (train, val) splits, run metadata and the optional fault injection."""
-    import ray
-    import ray.train
-    import ray.train.torch
-    import torch
-    from ray_jobs.model import build_model
-
-    t_start = time.time()
-    system = config["system"]
-    hparams = {k: v for k, v in config.items() if k != "system"}
-    cfg = PipelineConfig.model_validate(system["cfg"]).with_hparams(hparams)
-    tc, mc = cfg.train, cfg.model
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(tc.threads_per_worker or max(1, int(tc.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-    amp_dtype = autocast_dtype(tc.precision, device.type)
-    wlog = get_logger("ray_jobs.train.worker")
-
-    # Resume state first: a resumed run continues from the checkpoint's weights and tokenizer.
-    model, tokenizer = build_model(mc, seed=tc.seed)
-    state: dict[str, Any] = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "elapsed_s": 0.0}
-    checkpoint = ray.train.get_checkpoint()
-    resume_opt = None
-    if checkpoint:
-        from safetensors.torch import load_file
-
-        with checkpoint.as_directory() as d:
-            model.load_state_dict(load_file(os.path.join(d, "model.safetensors")), strict=False)
-            saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-        state = saved["progress"]
-        resume_opt = saved
-        if rank == 0:
-            wlog.info("resuming from checkpoint at epoch %d step %d", state["epoch"], state["step_in_epoch"])
-
-    train_split, val_split = ray.get(system["data_ref"])
-    # Each rank tokenizes only its shard. Shards are cut to equal size so that every rank runs the
-    # same number of steps (DDP all-reduces every step; a rank with one batch more would hang).
-    per_rank = len(train_split) // world
-    if per_rank < 1:
-        raise ValueError(f"{len(train_split)} training examples cannot feed {world} workers")
-    shard = list(range(rank, len(train_split), world))[:per_rank]
-    enc = dict(max_length=mc.max_length, truncation=mc.truncation, head_fraction=mc.head_fraction)
-    train_seqs = encode(tokenizer, [train_split.texts[i] for i in shard], **enc)
-    train_labels = [train_split.labels[i] for i in shard]
-    val_idx = list(range(rank, len(val_split), world))
-    val_seqs = encode(tokenizer, [val_split.texts[i] for i in val_idx], **enc)
-    val_labels = [val_split.labels[i] for i in val_idx]
-    lengths = [len(s) for s in train_seqs]
-
-    if mc.freeze_embeddings:
-        model.distilbert.embeddings.word_embeddings.weight.requires_grad_(False)
-    model = ray.train.torch.prepare_model(model)
-    optimizer = make_optimizer(model, tc.lr, tc.weight_decay)
-    steps_per_epoch = math.ceil(per_rank / tc.batch_size)
-    total_steps = steps_per_epoch * tc.epochs
-    # Linear warm-up and decay to zero at the last step. With a time budget the last step is the
-    # one the budget allows, re-estimated from the measured step rate (evaluations included), so
-    # the learning rate reaches zero when the clock runs out instead of being cut off mid-decay.
-    horizon = [min(total_steps, state.get("horizon", total_steps))]
-
-    def lr_factor(step: int) -> float:
-        warm = int(tc.warmup_ratio * horizon[0])
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        return max(0.0, (horizon[0] - step) / max(1, horizon[0] - warm))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    if resume_opt is not None:
-        optimizer.load_state_dict(resume_opt["optimizer"])
-        scheduler.load_state_dict(resume_opt["scheduler"])
-        scaler.load_state_dict(resume_opt["scaler"])
-
-    resumed_from_step = state["global_step"]  # 0 for a fresh run: tests use it to prove a resume
-    fault = system.get("fault")
-    elapsed_before = state["elapsed_s"]
-    budget = tc.time_budget_s
-    pad_id = tokenizer.pad_token_id
-    meta = {**system.get("meta", {}), "hparams": hparams, "max_length": mc.max_length, "truncation": mc.truncation,
-            "head_fraction": mc.head_fraction, "num_workers": world}
-
-    def elapsed() -> float:
-        return elapsed_before + time.time() - t_start
-
-    def report(epoch: int, step_in_epoch: int, train_loss: float, samples: int, seconds: float, stopped: bool) -> dict:
-        metrics = _validate(model, val_seqs, val_labels, pad_id, tc.eval_batch_size, device, amp_dtype, world)
-        metrics.update(
-            epoch=epoch + step_in_epoch / steps_per_epoch, step=state["global_step"], train_loss=train_loss,
-            resumed_from_step=resumed_from_step,
-            train_samples_per_s=samples * world / max(seconds, 1e-9), elapsed_s=elapsed(), stopped_by_budget=stopped,
-        )
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                from ray_jobs.model import save_model
-
-                save_model(model, tokenizer, tmp, {**meta, "metrics": metrics})
-                torch.save(
-                    {"progress": {**state, "epoch": epoch, "step_in_epoch": step_in_epoch, "elapsed_s": elapsed(), "horizon": horizon[0]},
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()},
-                    os.path.join(tmp, STATE_FILE),
-                )
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-                wlog.info(
-                    "epoch %.2f step %d: train_loss %.4f val_loss %.4f val_f1 %.4f val_acc %.4f (%.1f samples/s, %.0fs)",
-                    metrics["epoch"], state["global_step"], train_loss, metrics["val_loss"], metrics["val_f1"],
-                    metrics["val_accuracy"], metrics["train_samples_per_s"], metrics["elapsed_s"],
-                )
-            ray.train.report(metrics, checkpoint=ckpt)
-        return metrics
-
-    model.train()
-    last_report = time.time()
-    stop = False
-    t_loop, start_step = time.time(), state["global_step"]
-    for epoch in range(state["epoch"], tc.epochs):
-        batches = batch_order(lengths, tc.batch_size, seed=tc.seed * 1000 + epoch, bucketing=tc.length_bucketing)
-        skip = state["step_in_epoch"] if epoch == state["epoch"] else 0
-        loss_sum, loss_n, samples, t_window = 0.0, 0, 0, time.time()
-        step_in_epoch = skip
-        for step_in_epoch, idx in enumerate(batches[skip:], start=skip + 1):
-            ids, mask = pad_batch([train_seqs[i] for i in idx], pad_id)
-            loss = train_step(model, ids, mask, [train_labels[i] for i in idx], optimizer, scaler, amp_dtype, tc.max_grad_norm, device)
-            scheduler.step()
-            state["global_step"] += 1
-            loss_sum += loss.item()
-            loss_n += 1
-            samples += len(idx)
-            if rank == 0 and state["global_step"] % tc.log_every_steps == 0:
-                wlog.info("epoch %d step %d/%d loss %.4f lr %.2e", epoch + 1, step_in_epoch, steps_per_epoch,
-                          loss_sum / loss_n, scheduler.get_last_lr()[0])
-            # Every rank must take the same decision: rank 0's clock decides, all-reduced (max).
-            if budget is not None and state["global_step"] % 25 == 0 and state["global_step"] > start_step:
-                rate = (time.time() - t_loop) / (state["global_step"] - start_step)  # s/step, evals included
-                remaining = (budget - elapsed()) / rate
-                horizon[0] = max(state["global_step"] + 1, min(total_steps, int(state["global_step"] + 0.97 * remaining)))
-            if fault and epoch == fault["at_epoch"] + 1 and step_in_epoch == max(1, len(batches) // 2):
-                _inject_fault(fault, rank, world, last_report)
-            over = budget is not None and _all_reduce([float(elapsed() > budget)], world, op="max")[0] > 0
-            due = tc.eval_every_steps and state["global_step"] % tc.eval_every_steps == 0 and step_in_epoch < len(batches)
-            if over or due:
-                train_loss = _all_reduce([loss_sum / max(loss_n, 1)], world)[0] / world
-                report(epoch, step_in_epoch, train_loss, samples, time.time() - t_window, stopped=bool(over))
-                loss_sum, loss_n, samples, t_window = 0.0, 0, 0, time.time()
-                if over:
-                    stop = True
-                    break
-        if stop:
-            if rank == 0:
-                wlog.info("time budget of %.0fs reached at epoch %d step %d: stopped", budget, epoch + 1, step_in_epoch)
+    reference to the (train, val) splits, run metadata and optional callbacks (`on_step(StepInfo)`)."""
+    configure_logging()  # a Ray worker is a process of its own
+    run = WorkerRun(config)
+    run.model.train()
+    for epoch in range(run.progress.epoch, run.tc.epochs):
+        if not run.train_epoch(epoch):
             break
-        train_loss = _all_reduce([loss_sum / max(loss_n, 1)], world)[0] / world
-        report(epoch + 1, 0, train_loss, samples, time.time() - t_window, stopped=False)
-        state["epoch"], state["step_in_epoch"] = epoch + 1, 0
-        last_report = time.time()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -324,13 +457,12 @@ def hparams_of(cfg: PipelineConfig) -> dict[str, Any]:
     return {k: getattr(sections[s], k) for k, s in TUNABLE.items()}
 
 
-def system_settings(cfg: PipelineConfig, data_ref, meta: dict[str, Any] | None = None, fault: FaultInjection | None = None) -> dict[str, Any]:
-    return {
-        "cfg": cfg.model_dump(mode="json"),
-        "data_ref": data_ref,
-        "meta": meta or {},
-        "fault": None if fault is None else {"marker": fault.marker, "at_epoch": fault.at_epoch},
-    }
+def system_settings(
+    cfg: PipelineConfig, data_ref, meta: dict[str, Any] | None = None, callbacks: list | None = None
+) -> dict[str, Any]:
+    """What every worker gets besides the hyper-parameters. `callbacks` (objects with `on_step(StepInfo)`,
+    e.g. FaultInjection) travel to the workers pickled."""
+    return {"cfg": cfg.model_dump(mode="json"), "data_ref": data_ref, "meta": meta or {}, "callbacks": callbacks or []}
 
 
 def put_data(train: Split, val: Split):
@@ -340,7 +472,13 @@ def put_data(train: Split, val: Split):
     return ray.put((train, val))
 
 
-def fit(cfg: PipelineConfig, system: dict[str, Any], hparams: dict[str, Any] | None = None, run_name: str | None = None, callbacks: list | None = None):
+def fit(
+    cfg: PipelineConfig,
+    system: dict[str, Any],
+    hparams: dict[str, Any] | None = None,
+    run_name: str | None = None,
+    callbacks: list | None = None,
+):
     """Build and fit the TorchTrainer. Returns Ray Train's `Result`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -350,14 +488,17 @@ def fit(cfg: PipelineConfig, system: dict[str, Any], hparams: dict[str, Any] | N
         train_loop_per_worker,
         train_loop_config={**(hparams if hparams is not None else hparams_of(cfg)), "system": system},
         scaling_config=ScalingConfig(
-            num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+            num_workers=tc.num_workers,
+            use_gpu=tc.use_gpu,
             resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})},
         ),
         run_config=RunConfig(
             # A unique name per run: a reused name would resume from the old run's checkpoints.
             name=run_name or f"{cfg.name}-train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
-            storage_path=absolute(tc.storage_path),
-            checkpoint_config=CheckpointConfig(num_to_keep=tc.num_to_keep, checkpoint_score_attribute=METRIC, checkpoint_score_order="max"),
+            storage_path=absolute_path(tc.storage_path),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=tc.num_to_keep, checkpoint_score_attribute=METRIC, checkpoint_score_order="max"
+            ),
             failure_config=FailureConfig(max_failures=tc.max_failures),
             callbacks=callbacks,
         ),
@@ -387,13 +528,20 @@ def start_run(args) -> tuple[PipelineConfig, Any, dict[str, Any]] | None:
     except SentimentError as err:
         log.error("%s", err)
         return None
-    log.info("data: %d train / %d val / %d test examples, digests %s", len(splits.train), len(splits.val), len(splits.test), splits.digests())
+    log.info(
+        "data: %d train / %d val / %d test examples, digests %s",
+        len(splits.train),
+        len(splits.val),
+        len(splits.test),
+        splits.digests(),
+    )
     init_ray(cfg.ray)
     return cfg, put_data(splits.train, splits.val), {"config_digest": cfg.digest(), "data_digests": splits.digests()}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = config_parser("Fine-tune the sentiment classifier with Ray Train (no search, no registry).").parse_args(argv)
+    configure_logging()
     started = start_run(args)
     if started is None:
         return EXIT_USAGE

@@ -10,6 +10,7 @@ reach Tune through `TuneReportCallback`.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -17,12 +18,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray_jobs.config import PipelineConfig
+from ray_jobs.config import PipelineConfig, absolute_path
 from ray_jobs.errors import SentimentError
-from ray_jobs.runtime import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, absolute, config_parser, get_logger
+from ray_jobs.runtime import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, config_parser, configure_logging
 from ray_jobs.train import METRIC, fit, hparams_of, start_run, system_settings
 
-log = get_logger("ray_jobs.tune")
+log = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "checkpoint_path"  # TuneReportCallback puts the checkpoint's path in the metrics under this key
 
@@ -99,8 +100,12 @@ def _tuner(cfg: PipelineConfig, system: dict[str, Any], name: str, restore_path:
     tc = cfg.tune
     scheduler = None
     if tc.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(_max_epochs(cfg), tc.asha.grace_period),
-                                  grace_period=tc.asha.grace_period, reduction_factor=tc.asha.reduction_factor)
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=max(_max_epochs(cfg), tc.asha.grace_period),
+            grace_period=tc.asha.grace_period,
+            reduction_factor=tc.asha.reduction_factor,
+        )
     search_alg = None
     if tc.search_alg == "optuna":
         try:
@@ -113,10 +118,20 @@ def _tuner(cfg: PipelineConfig, system: dict[str, Any], name: str, restore_path:
     return tune.Tuner(
         trainable,
         param_space=param_space(cfg),
-        tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=tc.num_samples, scheduler=scheduler,
-                                    search_alg=search_alg, max_concurrent_trials=tc.max_concurrent_trials),
-        run_config=tune.RunConfig(name=name, storage_path=absolute(tc.storage_path),
-                                  failure_config=tune.FailureConfig(max_failures=tc.max_failures), verbose=1),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            num_samples=tc.num_samples,
+            scheduler=scheduler,
+            search_alg=search_alg,
+            max_concurrent_trials=tc.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=absolute_path(tc.storage_path),
+            failure_config=tune.FailureConfig(max_failures=tc.max_failures),
+            verbose=1,
+        ),
     )
 
 
@@ -124,33 +139,49 @@ def _records(result_grid) -> list[TrialRecord]:
     records = []
     for r in result_grid:
         df = r.metrics_dataframe
-        history = [] if df is None else [{k: v for k, v in row.items() if v == v} for row in df.to_dict("records")]  # v == v drops NaN
+        history = (
+            [] if df is None else [{k: v for k, v in row.items() if v == v} for row in df.to_dict("records")]
+        )  # v == v drops NaN
         hp = {k: v for k, v in (r.config or {}).items() if k != "system"}
         trial_id = (r.metrics or {}).get("trial_id") or (history[-1].get("trial_id") if history else "?")
         if r.error is not None:
             status = "ERROR"
-        elif history and (history[-1].get("epoch", 0) < hp.get("epochs", 0) and not history[-1].get("stopped_by_budget")):
+        elif history and (
+            history[-1].get("epoch", 0) < hp.get("epochs", 0) and not history[-1].get("stopped_by_budget")
+        ):
             status = "STOPPED_EARLY"
         else:
             status = "TERMINATED"
-        records.append(TrialRecord(str(trial_id), hp, status, history, None if r.error is None else str(r.error)[:2000]))
+        records.append(
+            TrialRecord(str(trial_id), hp, status, history, None if r.error is None else str(r.error)[:2000])
+        )
     return records
 
 
-def run_search(cfg: PipelineConfig, data_ref, meta: dict[str, Any], name: str | None = None, restore_path: str | None = None) -> SearchOutcome:
+def run_search(
+    cfg: PipelineConfig, data_ref, meta: dict[str, Any], name: str | None = None, restore_path: str | None = None
+) -> SearchOutcome:
     """Run (or resume) the search. Crashed trials are recorded, not fatal; it fails only if no trial
     produced a checkpoint."""
     name = name or f"{cfg.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     system = system_settings(cfg, data_ref, meta)
     tuner = _tuner(cfg, system, name, restore_path)
     grid = tuner.fit()
-    path = restore_path or f"{absolute(cfg.tune.storage_path)}/{name}"
+    path = restore_path or f"{absolute_path(cfg.tune.storage_path)}/{name}"
     trials = _records(grid)
     for t in trials:
         best = t.best
-        log.info("trial %s %-13s %s best val_f1=%s", t.trial_id, t.status,
-                 {k: (round(v, 6) if isinstance(v, float) else v) for k, v in t.hparams.items() if k in cfg.tune.search_space},
-                 "-" if best is None else f"{best[METRIC]:.4f}")
+        log.info(
+            "trial %s %-13s %s best val_f1=%s",
+            t.trial_id,
+            t.status,
+            {
+                k: (round(v, 6) if isinstance(v, float) else v)
+                for k, v in t.hparams.items()
+                if k in cfg.tune.search_space
+            },
+            "-" if best is None else f"{best[METRIC]:.4f}",
+        )
     outcome = SearchOutcome(trials, path)
     if outcome.best_trial is None:
         errors = "; ".join(t.error or t.status for t in trials)[:2000]
@@ -162,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = config_parser("Search hyper-parameters with Ray Tune (no registry, no gate).")
     parser.add_argument("--resume", metavar="EXPERIMENT_PATH", help="continue an interrupted search from its folder")
     args = parser.parse_args(argv)
+    configure_logging()
     started = start_run(args)
     if started is None:
         return EXIT_USAGE

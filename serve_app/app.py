@@ -1,9 +1,9 @@
 """The Ray Serve application: the champion model behind autoscaled replicas with dynamic batching.
 
-    serve.run(build_app({"model_uri": "models:/sentiment-distilbert@champion"}))   # Python session
-    serve run serve_app.app:build_app model_uri=models:/sentiment-distilbert@champion   # CLI
+    serve.run(build_app({"serve": {"model_uri": "models:/sentiment-distilbert@champion"}}))   # Python session
+    serve run serve_app.app:build_app serve.model_uri=models:/sentiment-distilbert@champion      # CLI
 
-Which model a replica serves travels in `user_config`. `serve.run` (serve_app.deploy) gives each deploy a
+Which model a replica serves travels in `user_config`. `serve.run` (ray_jobs.deploy) gives each deploy a
 new deployment version, so Serve rolls the replicas over (new ones load the model, old ones drain);
 a `serve deploy` of an unchanged config file whose alias moved changes `user_config` only, and Serve
 calls `reconfigure` on the running replicas, which swap the model in between batches.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -30,14 +29,22 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 
+from ray_jobs.config import ServeConfig
+from ray_jobs.registry import Registry, parse_model_uri
 from serve_app.model_worker import ModelWorker, ModelWorkerError, SupervisedModel
-from serve_app.schemas import (AppArgs, BatchPrediction, BatchPredictRequest, ErrorBody, FailedSwap, ModelInfo, Prediction,
-                               PredictRequest)
+from serve_app.schemas import (
+    AppArgs,
+    BatchPrediction,
+    BatchPredictRequest,
+    ErrorBody,
+    FailedSwap,
+    ModelInfo,
+    Prediction,
+    PredictRequest,
+)
 
 # Seconds a client is asked to wait before retrying a 503 (Retry-After).
 RETRY_AFTER_S = 1
-
-_MODELS_URI = re.compile(r"^models:/(?P<name>[A-Za-z0-9_.\-]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>\d+))$")
 
 
 class ApiError(Exception):
@@ -52,34 +59,9 @@ class ApiError(Exception):
         return JSONResponse({"error": self.message}, status_code=self.status, headers=headers)
 
 
-def parse_model_uri(uri: str) -> tuple[str | None, str | None, str | None]:
-    """(name, alias, version) of a models:/ URI; (None, None, None) for a local folder."""
-    m = _MODELS_URI.match(uri)
-    if m:
-        return m["name"], m["alias"], m["version"]
-    if Path(uri).is_dir():
-        return None, None, None
-    raise ValueError(f"model_uri '{uri}' is neither models:/<name>@<alias>, models:/<name>/<version> nor a local folder")
-
-
-def _registry(args: AppArgs, name: str):
-    from ray_jobs.config import RegistryConfig
-    from ray_jobs.registry import Registry
-
-    return Registry(RegistryConfig(tracking_uri=args.tracking_uri, root=args.registry_root, model_name=name))
-
-
 def resolve_version(args: AppArgs, model_uri: str) -> str:
     """The concrete version an alias points to now ('local' for a folder)."""
-    name, alias, version = parse_model_uri(model_uri)
-    if name is None:
-        return "local"
-    if version:
-        return version
-    resolved = _registry(args, name).alias_version(alias)
-    if resolved is None:
-        raise ValueError(f"registered model '{name}' has no alias '{alias}' (has the gate promoted a model yet?)")
-    return resolved
+    return Registry(args.registry).resolve_version(model_uri)
 
 
 def locate_model(args: AppArgs, model_uri: str, version: str) -> tuple[str, ModelInfo]:
@@ -89,26 +71,38 @@ def locate_model(args: AppArgs, model_uri: str, version: str) -> tuple[str, Mode
     if name is None:
         model_dir = model_uri
     else:
-        reg = _registry(args, name)
+        reg = Registry(args.registry).for_model(name)
         model_dir = reg.model_dir(version)
         tags = reg.get_version(version).tags or {}
     f1 = tags.get("test_f1")
-    info = ModelInfo(name=name or Path(model_uri).name, version=version, alias=alias, model_uri=model_uri,
-                     test_f1=float(f1) if f1 else None, data_digest=tags.get("data_digest.test"), loaded_at=time.time())
+    info = ModelInfo(
+        name=name or Path(model_uri).name,
+        version=version,
+        alias=alias,
+        model_uri=model_uri,
+        test_f1=float(f1) if f1 else None,
+        data_digest=tags.get("data_digest.test"),
+        loaded_at=time.time(),
+    )
     return model_dir, info
 
 
 def worker_factory(args: AppArgs, model_dir: str):
     """What starts one model process for `model_dir` (the supervisor calls it again to replace one)."""
-    return functools.partial(ModelWorker, model_dir, num_threads=max(1, int(args.num_cpus)), precision=args.precision,
-                             deadline_s=args.batch_deadline_s)
+    return functools.partial(
+        ModelWorker,
+        model_dir,
+        num_threads=max(1, int(args.serve.num_cpus)),
+        precision=args.serve.precision,
+        deadline_s=args.serve.batch_deadline_s,
+    )
 
 
 async def load_served_model(args: AppArgs, model_uri: str, version: str) -> tuple[SupervisedModel, ModelInfo]:
     """(SupervisedModel, ModelInfo) for a concrete version. The model runs in a process of its own
     (see serve_app.model_worker for why), replaced if it dies or wedges."""
     model_dir, info = await asyncio.to_thread(locate_model, args, model_uri, version)
-    model = await SupervisedModel.create(worker_factory(args, model_dir), max_restarts=args.max_model_restarts)
+    model = await SupervisedModel.create(worker_factory(args, model_dir), max_restarts=args.serve.max_model_restarts)
     return model, info
 
 
@@ -172,12 +166,14 @@ def check_text(text: str, max_chars: int, where: str = "text") -> None:
 
 
 def _body_schema(model_cls) -> dict:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model_cls.model_json_schema()}}}}
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": model_cls.model_json_schema()}}}
+    }
 
 
 api = FastAPI(
     title="Sentiment classifier",
-    description="DistilBERT sentiment classification served by Ray Serve. Errors answer `{\"error\": ...}`.",
+    description='DistilBERT sentiment classification served by Ray Serve. Errors answer `{"error": ...}`.',
     version="0.1.0",
 )
 _ERRORS = {code: {"model": ErrorBody} for code in (400, 413, 415, 422, 503, 504)}
@@ -212,13 +208,13 @@ class SentimentModel:
         # Texts admitted and not yet answered. Serve bounds requests, and one /batch_predict request
         # can hold max_batch_items texts: the bound that keeps queues short is counted in texts.
         self._texts_in_flight = 0
-        self._max_texts = self.args.max_texts_in_flight or 2 * max_ongoing_requests(self.args)
+        self._max_texts = self.args.serve.max_texts_in_flight or 2 * max_ongoing_requests(self.args.serve)
         # The model process computes one batch at a time. Two batches are in flight
         # (`max_concurrent_batches=2`): the next one is already queued there and starts the moment the
         # current one ends, instead of after the event loop has sent the current batch's answers
         # (measured: ~28 ms idle per batch, 13%, with one batch in flight).
         self._in_flight = 0
-        self._wait_s = self.args.batch_wait_timeout_s  # the configured wait, for an idle model
+        self._wait_s = self.args.serve.batch_wait_timeout_s  # the configured wait, for an idle model
         self._forward_s = 0.0  # moving average of one forward pass
 
     # -------------------------------------------------------------- configuration and health
@@ -226,8 +222,8 @@ class SentimentModel:
         """Apply batching settings and, if the model changed, load it and swap it in. Requests in
         flight finish on the model they started with; the next batch uses the new one. A swap that
         fails keeps the old model and is reported by /health, /model and a metric."""
-        self._predict_batch.set_max_batch_size(int(user_config.get("max_batch_size", self.args.max_batch_size)))
-        self._wait_s = float(user_config.get("batch_wait_timeout_s", self.args.batch_wait_timeout_s))
+        self._predict_batch.set_max_batch_size(int(user_config.get("max_batch_size", self.args.serve.max_batch_size)))
+        self._wait_s = float(user_config.get("batch_wait_timeout_s", self.args.serve.batch_wait_timeout_s))
         self._set_wait(self._wait_s)
         uri = user_config.get("model_uri", self.args.model_uri)
         version = str(user_config.get("model_version") or "")
@@ -242,8 +238,9 @@ class SentimentModel:
                     self.load_error = f"{type(err).__name__}: {err}"
                     raise
                 # Keep serving the model we have: a failed swap must not take the endpoint down.
-                self.failed_swap = FailedSwap(model_uri=uri, version=version or None, error=f"{type(err).__name__}: {err}",
-                                              at=time.time())
+                self.failed_swap = FailedSwap(
+                    model_uri=uri, version=version or None, error=f"{type(err).__name__}: {err}", at=time.time()
+                )
                 self.metrics.count_failed_swap()
                 return
             old, self.predictor, self.info = self.predictor, predictor, info
@@ -274,7 +271,11 @@ class SentimentModel:
         if self.predictor.state == "degraded":
             return "degraded", self.predictor.reason
         if self.failed_swap is not None:
-            return "degraded", f"serving v{self.info.version}; the swap to {self.failed_swap.model_uri} failed: {self.failed_swap.error}"
+            return (
+                "degraded",
+                f"serving v{self.info.version}; the swap to {self.failed_swap.model_uri} failed: "
+                f"{self.failed_swap.error}",
+            )
         return "ok", ""
 
     async def check_health(self) -> None:
@@ -322,16 +323,18 @@ class SentimentModel:
         status = 500
         try:
             # The replica's own deadline, so that no request hangs even where the HTTP layer sets none
-            # (`serve run ...:build_app`); the proxy's timeout is set a little longer (serve_app.deploy).
-            response = await asyncio.wait_for(handler(), self.args.request_timeout_s)
+            # (`serve run ...:build_app`); the proxy's timeout is set a little longer (ray_jobs.deploy).
+            response = await asyncio.wait_for(handler(), self.args.serve.request_timeout_s)
             status = 200
             return response
         except ApiError as err:
             status = err.status
             raise
-        except asyncio.TimeoutError:
+        except TimeoutError:
             status = 504
-            raise ApiError(504, f"no answer within the request deadline of {self.args.request_timeout_s:g}s") from None
+            raise ApiError(
+                504, f"no answer within the request deadline of {self.args.serve.request_timeout_s:g}s"
+            ) from None
         except ModelWorkerError as err:
             # Restarts of the model process did not bring it back (or the model failed on this batch).
             status = 503
@@ -358,7 +361,9 @@ class SentimentModel:
     async def health(self):
         state, reason = self.status()
         if state == "unavailable":
-            return JSONResponse({"status": state, "error": reason}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+            return JSONResponse(
+                {"status": state, "error": reason}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)}
+            )
         body = {"status": state, "model_version": self.info.version}
         if reason:
             body["reason"] = reason
@@ -374,24 +379,31 @@ class SentimentModel:
     @api.post("/predict", response_model=Prediction, responses=_ERRORS, openapi_extra=_body_schema(PredictRequest))
     async def predict(self, request: Request):
         async def handle():
-            req = _validated(PredictRequest, await read_json_body(request, self.args.max_body_bytes))
-            check_text(req.text, self.args.max_text_chars)
+            req = _validated(PredictRequest, await read_json_body(request, self.args.serve.max_body_bytes))
+            check_text(req.text, self.args.serve.max_text_chars)
             # A ready JSONResponse skips FastAPI's re-validation and re-encoding of an answer our own
             # code built (the schema stays in /docs): less work on the event loop per request.
             return JSONResponse((await self._predict([req.text]))[0])
 
         return await self._timed("predict", handle)
 
-    @api.post("/batch_predict", response_model=BatchPrediction, responses=_ERRORS, openapi_extra=_body_schema(BatchPredictRequest))
+    @api.post(
+        "/batch_predict",
+        response_model=BatchPrediction,
+        responses=_ERRORS,
+        openapi_extra=_body_schema(BatchPredictRequest),
+    )
     async def batch_predict(self, request: Request):
         async def handle():
-            req = _validated(BatchPredictRequest, await read_json_body(request, self.args.max_body_bytes))
+            req = _validated(BatchPredictRequest, await read_json_body(request, self.args.serve.max_body_bytes))
             if not req.texts:
                 raise ApiError(422, "texts: must hold at least one text")
-            if len(req.texts) > self.args.max_batch_items:
-                raise ApiError(422, f"texts: {len(req.texts)} items exceeds the limit of {self.args.max_batch_items}")
+            if len(req.texts) > self.args.serve.max_batch_items:
+                raise ApiError(
+                    422, f"texts: {len(req.texts)} items exceeds the limit of {self.args.serve.max_batch_items}"
+                )
             for i, t in enumerate(req.texts):
-                check_text(t, self.args.max_text_chars, where=f"texts[{i}]")
+                check_text(t, self.args.serve.max_text_chars, where=f"texts[{i}]")
             return JSONResponse({"predictions": await self._predict(req.texts)})
 
         return await self._timed("batch_predict", handle)
@@ -400,7 +412,7 @@ class SentimentModel:
 SentimentService = serve.deployment(ray_actor_options={"num_cpus": 1})(serve.ingress(api)(SentimentModel))
 
 
-def max_ongoing_requests(a: AppArgs) -> int:
+def max_ongoing_requests(a: ServeConfig) -> int:
     # Ray's default of 5 would cap a batch at 5. Room for two batches in flight and one gathering
     # behind them, and more: requests beyond it wait in the caller's router, which backs off and
     # retries; measured (serve_load.py, default proxy, 128 clients) 2x the batch collapsed to
@@ -411,39 +423,43 @@ def max_ongoing_requests(a: AppArgs) -> int:
 def user_config(args: AppArgs, model_version: str) -> dict[str, Any]:
     """What a redeploy may change without restarting replicas (a `serve deploy` of a config file whose
     args are unchanged while the alias moved: Serve calls `reconfigure`)."""
-    return {"model_uri": args.model_uri, "model_version": model_version,
-            "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s}
+    return {
+        "model_uri": args.model_uri,
+        "model_version": model_version,
+        "max_batch_size": args.serve.max_batch_size,
+        "batch_wait_timeout_s": args.serve.batch_wait_timeout_s,
+    }
 
 
 def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
     """The typed app builder: validates `args`, resolves the model alias to a concrete version now
     (so that a later redeploy with a new champion is a change Serve applies by `reconfigure`), and
-    trial-loads that version (`args.trial_load`): a model that cannot load or predict raises here,
+    trial-loads that version (`serve.trial_load`): a model that cannot load or predict raises here,
     and the running app is left as it is."""
-    a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
-    # Replicas may run in another working directory: pin relative paths to where the app is built.
-    a = a.model_copy(update={"registry_root": str(Path(a.registry_root).resolve())})
-    if not a.model_uri.startswith("models:/"):
-        a = a.model_copy(update={"model_uri": str(Path(a.model_uri).resolve())})
+    a = (args if isinstance(args, AppArgs) else AppArgs.model_validate(args)).with_absolute_paths()
+    s, scaling = a.serve, a.serve.autoscaling
     version = resolve_version(a, a.model_uri)
-    if a.trial_load:
+    if s.trial_load:
         try:
             trial_load(a, a.model_uri, version)
         except Exception as err:
             raise ModelWorkerError(f"deploy refused: {a.model_uri} (version {version}) does not load: {err}") from None
     return SentimentService.options(
-        name=f"{a.name}-model",
-        ray_actor_options={"num_cpus": a.num_cpus},
-        max_ongoing_requests=max_ongoing_requests(a),
-        max_queued_requests=a.max_queued_requests,
+        name=f"{s.app_name}-model",
+        ray_actor_options={"num_cpus": s.num_cpus},
+        max_ongoing_requests=max_ongoing_requests(s),
+        max_queued_requests=s.max_queued_requests,
         # A replica that leaves (downscale, redeploy) stops taking requests, then waits for the ones
         # it holds: up to a request's deadline.
         graceful_shutdown_wait_loop_s=1.0,
-        graceful_shutdown_timeout_s=a.request_timeout_s + 5,
+        graceful_shutdown_timeout_s=s.request_timeout_s + 5,
         autoscaling_config={
-            "min_replicas": a.min_replicas, "initial_replicas": max(1, a.min_replicas), "max_replicas": a.max_replicas,
-            "target_ongoing_requests": a.target_ongoing_requests,
-            "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
+            "min_replicas": scaling.min_replicas,
+            "initial_replicas": max(1, scaling.min_replicas),
+            "max_replicas": scaling.max_replicas,
+            "target_ongoing_requests": scaling.target_ongoing_requests,
+            "upscale_delay_s": scaling.upscale_delay_s,
+            "downscale_delay_s": scaling.downscale_delay_s,
         },
         user_config=user_config(a, version),
-    ).bind(a.model_dump())
+    ).bind(a.model_dump(mode="json"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import collections
-from typing import Iterable
+from collections.abc import Iterable
 
 _LATENCY_BOUNDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 _BATCH_BOUNDS = [1, 2, 4, 8, 16, 32, 64, 128]
@@ -15,12 +15,21 @@ class ServeMetrics:
     def __init__(self) -> None:
         from ray.util.metrics import Counter, Gauge, Histogram
 
-        self.requests = Counter("sentiment_requests_total", "HTTP requests by endpoint and status", tag_keys=("endpoint", "status"))
-        self.latency = Histogram("sentiment_request_latency_s", "request latency in the replica (s)", boundaries=_LATENCY_BOUNDS, tag_keys=("endpoint",))
+        self.requests = Counter(
+            "sentiment_requests_total", "HTTP requests by endpoint and status", tag_keys=("endpoint", "status")
+        )
+        self.latency = Histogram(
+            "sentiment_request_latency_s",
+            "request latency in the replica (s)",
+            boundaries=_LATENCY_BOUNDS,
+            tag_keys=("endpoint",),
+        )
         self.batch_size = Histogram("sentiment_batch_size", "texts per model forward batch", boundaries=_BATCH_BOUNDS)
         self.labels = Counter("sentiment_predictions_total", "predicted labels", tag_keys=("label",))
         self.version = Gauge("sentiment_model_version", "registered model version served (0: a local folder)")
-        self.failed_swaps = Counter("sentiment_model_swap_failures_total", "hot swaps a replica could not make (it kept its model)")
+        self.failed_swaps = Counter(
+            "sentiment_model_swap_failures_total", "hot swaps a replica could not make (it kept its model)"
+        )
         self.restarts = Gauge("sentiment_model_restarts", "model processes replaced in this replica since it started")
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:

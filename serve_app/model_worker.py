@@ -41,9 +41,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
-from typing import Callable, Sequence
 
 _START_TIMEOUT_S = 600.0
 # A batch must be answered within FLOOR + FACTOR x (its texts) x (seconds of one full-length text alone).
@@ -65,16 +65,31 @@ class ModelWorker:
     """A Predictor in a child process. Batches are answered in the order they were submitted: a sender
     thread writes them to the socket, a receiver thread reads the answers and completes the futures."""
 
-    def __init__(self, model_dir: str, num_threads: int = 1, precision: str = "auto", start_timeout_s: float = _START_TIMEOUT_S,
-                 deadline_s: float | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        num_threads: int = 1,
+        precision: str = "auto",
+        start_timeout_s: float = _START_TIMEOUT_S,
+        deadline_s: float | None = None,
+    ):
         """`deadline_s`: seconds a batch may take once the child starts it; None derives it per batch
         from the speed measured at start (see the module docstring)."""
         parent_sock, child_sock = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the same imports as here
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "serve_app.model_worker", str(child_sock.fileno()), str(model_dir), str(num_threads), precision],
-                pass_fds=[child_sock.fileno()], env=env,
+                [
+                    sys.executable,
+                    "-m",
+                    "serve_app.model_worker",
+                    str(child_sock.fileno()),
+                    str(model_dir),
+                    str(num_threads),
+                    precision,
+                ],
+                pass_fds=[child_sock.fileno()],
+                env=env,
                 # Its own session: a Ctrl-C meant for the parent's terminal reaches the parent only; the
                 # child follows when the parent closes the socket.
                 start_new_session=True,
@@ -219,7 +234,9 @@ class ModelWorker:
             with self._lock:
                 still_late = bool(self._pending) and self._head_since == since
             if still_late:
-                self.kill(f"model worker wedged: no answer to a batch of {head} within {self.batch_deadline_s(head):.1f}s")
+                self.kill(
+                    f"model worker wedged: no answer to a batch of {head} within {self.batch_deadline_s(head):.1f}s"
+                )
                 return
 
     def _fail_pending(self, reason: str) -> None:
@@ -245,8 +262,13 @@ class SupervisedModel:
     `max_restarts` replacements were needed within `restart_window_s`, or a replacement cannot load:
     then the replica's health check fails and Serve replaces the whole replica."""
 
-    def __init__(self, start: Callable[[], ModelWorker], max_restarts: int = 3, restart_window_s: float = 60.0,
-                 max_attempts: int = 3):
+    def __init__(
+        self,
+        start: Callable[[], ModelWorker],
+        max_restarts: int = 3,
+        restart_window_s: float = 60.0,
+        max_attempts: int = 3,
+    ):
         self._start = start
         self.max_restarts, self.restart_window_s, self.max_attempts = max_restarts, restart_window_s, max_attempts
         self.worker: ModelWorker | None = None
@@ -256,7 +278,7 @@ class SupervisedModel:
         self._restarting: asyncio.Future | None = None
 
     @classmethod
-    async def create(cls, start: Callable[[], ModelWorker], **kwargs) -> "SupervisedModel":
+    async def create(cls, start: Callable[[], ModelWorker], **kwargs) -> SupervisedModel:
         """Start the first process; raises ModelWorkerError if the model cannot load."""
         model = cls(start, **kwargs)
         model.worker = await asyncio.to_thread(start)
@@ -327,7 +349,7 @@ class SupervisedModel:
 def _child(fd: int, model_dir: str, num_threads: int, precision: str) -> int:
     conn = Connection(fd)
     try:
-        from serve_app.predictor import Predictor
+        from ray_jobs.inference import Predictor
 
         predictor = Predictor(model_dir, num_threads=num_threads, precision=precision)
         predictor.predict(["warm up"])  # the first forward pass allocates; do it before traffic

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+
+from ray_jobs.config import RegistryConfig, ServeConfig, nest_dotted, served_model_uri
 
 
 class PredictRequest(BaseModel):
@@ -54,32 +56,28 @@ class ErrorBody(BaseModel):
 
 
 class AppArgs(BaseModel):
-    """Arguments of `build_app`; `serve run serve_app.app:build_app key=value` fills them from strings."""
+    """Arguments of `build_app`: the pipeline config's `serve` and `registry` sections, so a setting
+    has one declaration (ray_jobs/config.py) whichever way the app is deployed.
+
+    Nested (`{"serve": {"port": 8001}}`, a Serve config file's `args`) or dotted
+    (`serve run serve_app.app:build_app serve.model_uri=... registry.root=runs/mlflow`)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model_uri: str = "models:/sentiment-distilbert@champion"
-    tracking_uri: str | None = None
-    registry_root: str = "runs/mlflow"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    num_cpus: float = Field(1, gt=0)
-    max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
-    max_ongoing_requests: int | None = Field(None, ge=1)
-    max_queued_requests: int = Field(256, ge=-1)
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(16, gt=0)
-    upscale_delay_s: float = Field(10, ge=0)
-    downscale_delay_s: float = Field(60, ge=0)
-    max_text_chars: int = Field(20000, ge=1)
-    max_batch_items: int = Field(64, ge=1)
-    max_body_bytes: int = Field(1_000_000, ge=1024)
-    # Faults (README, Reliability).
-    request_timeout_s: float = Field(30, gt=0, description="a request not answered by then gets 504")
-    max_texts_in_flight: int | None = Field(None, ge=1, description="texts a replica admits at once; default 2 x max_ongoing_requests")
-    batch_deadline_s: float | None = Field(None, gt=0, description="a batch the model process has not answered by then "
-                                           "means a wedged process; default: derived from the model's measured speed")
-    max_model_restarts: int = Field(3, ge=0, description="model-process replacements per minute before the replica is unhealthy")
-    trial_load: bool = Field(True, description="build_app loads the model once first and refuses a deploy it cannot load")
-    name: str = "sentiment"
+    serve: ServeConfig = ServeConfig()
+    registry: RegistryConfig = RegistryConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dotted_keys(cls, data: Any) -> Any:
+        return nest_dotted(data) if isinstance(data, dict) else data
+
+    @property
+    def model_uri(self) -> str:
+        return served_model_uri(self.serve, self.registry)
+
+    def with_absolute_paths(self) -> AppArgs:
+        """Replicas may run in another working directory: pin relative paths to where the app is built."""
+        return self.model_copy(
+            update={"serve": self.serve.with_absolute_paths(), "registry": self.registry.with_absolute_paths()}
+        )

@@ -62,7 +62,9 @@ def request_stream(url: str, text: str, field: str):
             while not stop.is_set():
                 try:
                     r = c.post(f"{url}/predict", json={"text": text})
-                    (answers if r.status_code == 200 else failures).append(r.json()[field] if r.status_code == 200 else r.status_code)
+                    (answers if r.status_code == 200 else failures).append(
+                        r.json()[field] if r.status_code == 200 else r.status_code
+                    )
                 except httpx.HTTPError as err:
                     failures.append(repr(err))
                 time.sleep(0.02)

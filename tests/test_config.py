@@ -16,7 +16,9 @@ def test_shipped_configs_validate(path):
 
 
 def test_overrides_are_parsed_as_yaml(tmp_path):
-    cfg = load_config(ROOT / "tune_configs/quickstart.yaml", ["train.lr=3e-5", "train.num_workers=2", "tune.search_space={}"])
+    cfg = load_config(
+        ROOT / "tune_configs/quickstart.yaml", ["train.lr=3e-5", "train.num_workers=2", "tune.search_space={}"]
+    )
     assert cfg.train.lr == pytest.approx(3e-5)
     assert cfg.train.num_workers == 2
     assert cfg.tune.search_space == {}
@@ -101,3 +103,49 @@ def test_serve_ingress_modes_set_ray_environment(monkeypatch):
     assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
     with pytest.raises(ConfigError, match="ray.serve_ingress"):
         load_config(ROOT / "tune_configs/quickstart.yaml", ["ray.serve_ingress=nginx"])
+
+
+def test_the_serve_app_reads_the_same_settings_as_the_pipeline(tmp_path):
+    """AppArgs is the config's `serve` and `registry` sections: one declaration, nested or dotted keys,
+    the same validation and the same defaults."""
+    from ray_jobs.config import ServeConfig, served_model_uri
+    from serve_app.schemas import AppArgs
+
+    cfg = load_config(ROOT / "tune_configs/quickstart.yaml", ["serve.max_batch_size=8", "registry.model_name=m1"])
+    args = AppArgs(serve=cfg.serve, registry=cfg.registry)
+    assert (
+        args.serve == cfg.serve and args.model_uri == served_model_uri(cfg.serve, cfg.registry) == "models:/m1@champion"
+    )
+    dotted = AppArgs.model_validate(
+        {"serve.max_batch_size": "8", "serve.autoscaling.max_replicas": 3, "registry.root": "r"}
+    )
+    assert (
+        dotted.serve.max_batch_size == 8 and dotted.serve.autoscaling.max_replicas == 3 and dotted.registry.root == "r"
+    )
+    assert AppArgs().serve == ServeConfig()
+    for bad in ({"serve.max_batch_size": 0}, {"serve.lerning_rate": 1}, {"model_uri": "x"}):
+        with pytest.raises(ValueError):
+            AppArgs.model_validate(bad)
+    # Paths are pinned where the app is built (replicas run elsewhere); models:/ URIs are left alone.
+    local = AppArgs.model_validate({"serve.model_uri": "some/dir", "registry.root": "runs/x"}).with_absolute_paths()
+    assert Path(local.serve.model_uri).is_absolute() and Path(local.registry.root).is_absolute()
+    assert AppArgs().with_absolute_paths().model_uri == "models:/sentiment-distilbert@champion"
+
+
+def test_one_models_uri_parser_for_registry_and_serving(tmp_path):
+    from ray_jobs.errors import RegistryError
+    from ray_jobs.registry import parse_model_uri
+
+    assert parse_model_uri("models:/m@champion") == ("m", "champion", None)
+    assert parse_model_uri("models:/m.v2/7") == ("m.v2", None, "7")
+    assert parse_model_uri(str(tmp_path)) == (None, None, None)
+    for bad in ("models:/m", "models:/m@", "models:/m/x", "runs:/abc/model", str(tmp_path / "missing")):
+        with pytest.raises(RegistryError):
+            parse_model_uri(bad)
+
+
+def test_defaults_alone_and_overrides_without_a_file():
+    cfg = load_config(None, ["registry.tracking_uri=http://127.0.0.1:5000"])
+    assert cfg.registry.tracking_uri == "http://127.0.0.1:5000" and Path(cfg.registry.root).is_absolute()
+    with pytest.raises(ConfigError, match="registry.nope"):
+        load_config(None, ["registry.nope=1"])

@@ -4,8 +4,17 @@ import pandas as pd
 import pytest
 
 from ray_jobs.config import DataConfig
-from ray_jobs.data import (Split, batch_order, encode, generate_reviews, load_aclimdb, load_file, load_splits,
-                           split_examples, truncate_ids)
+from ray_jobs.data import (
+    Split,
+    batch_order,
+    encode,
+    generate_reviews,
+    load_aclimdb,
+    load_file,
+    load_splits,
+    split_examples,
+    truncate_ids,
+)
 from ray_jobs.errors import DataError
 
 

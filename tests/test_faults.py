@@ -23,7 +23,14 @@ def replica(replica_context):
     made = []
 
     def make(model_dir: str, **args) -> SentimentModel:
-        svc = SentimentModel({"model_uri": model_dir, "precision": "fp32", "trial_load": False, **args})
+        svc = SentimentModel(
+            {
+                "serve.model_uri": model_dir,
+                "serve.precision": "fp32",
+                "serve.trial_load": False,
+                **{f"serve.{k}": v for k, v in args.items()},
+            }
+        )
         made.append(svc)
         return svc
 
@@ -100,14 +107,23 @@ def test_a_failed_hot_swap_keeps_the_model_and_says_so(replica, untrained_tiny, 
     async def run():
         await svc.reconfigure({"model_uri": untrained_tiny, "model_version": "local"})
         await svc.reconfigure({"model_uri": str(broken), "model_version": "local-2"})
-        after_bad = (svc.status(), (await svc.model()).model_dump(), await svc.health(), await _predict(svc, ["still served"]))
+        after_bad = (
+            svc.status(),
+            (await svc.model()).model_dump(),
+            await svc.health(),
+            await _predict(svc, ["still served"]),
+        )
         await svc.check_health()  # degraded is not unhealthy: Serve must not replace this replica
         await svc.reconfigure({"model_uri": good, "model_version": "local-3"})
         return after_bad, svc.status(), (await svc.model()).model_dump()
 
     (status, info, health, answered), status_after, info_after = asyncio.run(run())
     assert status[0] == "degraded" and "broken" in status[1]
-    assert info["version"] == "local" and info["failed_swap"]["version"] == "local-2" and info["failed_swap"]["model_uri"] == str(broken)
+    assert (
+        info["version"] == "local"
+        and info["failed_swap"]["version"] == "local-2"
+        and info["failed_swap"]["model_uri"] == str(broken)
+    )
     assert health["status"] == "degraded" and health["model_version"] == "local" and "failed" in health["reason"]
     assert answered[0]["model_version"] == "local" and counted == [1]
     assert status_after == ("ok", "") and info_after["version"] == "local-3" and info_after["failed_swap"] is None
@@ -122,14 +138,22 @@ class _Body:
         async def receive():
             return {"type": "http.request", "body": body, "more_body": False}
 
-        scope = {"type": "http", "method": "POST", "path": "/predict", "headers": [(b"content-type", b"application/json")]}
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/predict",
+            "headers": [(b"content-type", b"application/json")],
+        }
         return Request(scope, receive)
 
 
-@pytest.mark.parametrize("body,why", [
-    ("[" * 5000 + "]" * 5000, "RecursionError"),  # nesting past Python's recursion limit
-    ('{"text": ' + "9" * 5000 + "}", "ValueError"),  # an integer past Python's int digit limit
-])
+@pytest.mark.parametrize(
+    "body,why",
+    [
+        ("[" * 5000 + "]" * 5000, "RecursionError"),  # nesting past Python's recursion limit
+        ('{"text": ' + "9" * 5000 + "}", "ValueError"),  # an integer past Python's int digit limit
+    ],
+)
 def test_json_that_python_refuses_is_a_400(body, why):
     with pytest.raises(ApiError) as err:
         asyncio.run(read_json_body(_Body(body.encode()), max_bytes=1_000_000))

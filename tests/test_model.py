@@ -31,8 +31,15 @@ def test_tiny_random_bert_converts_exactly(tmp_path):
     from ray_jobs.model import load_tokenizer
 
     tok = load_tokenizer(minilm_path())
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64, type_vocab_size=2)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+    )
     torch.manual_seed(0)
     bert = BertModel(cfg)
     with torch.no_grad():  # make token-type 0 matter, so that folding it is really tested

@@ -12,13 +12,19 @@ import time
 
 import pytest
 
+from ray_jobs.inference import Predictor
 from serve_app.model_worker import ModelWorker, ModelWorkerError
-from serve_app.predictor import Predictor
 
 pytestmark = pytest.mark.integration  # real model processes, real signals
 
-TEXTS = ["A wonderful, moving film.", "Dull and far too long.", "not bad at all", "the worst acting I have seen",
-         "great fun from start to finish", "I walked out after an hour"]
+TEXTS = [
+    "A wonderful, moving film.",
+    "Dull and far too long.",
+    "not bad at all",
+    "the worst acting I have seen",
+    "great fun from start to finish",
+    "I walked out after an hour",
+]
 
 
 def _gone(pid: int, within_s: float) -> bool:
@@ -47,7 +53,7 @@ def test_answers_equal_the_in_process_predictor_and_pipelined_batches_keep_their
         # Several batches queued before the first is answered: each future gets its own batch's answers.
         batches = [TEXTS[i:] + TEXTS[:i] for i in range(len(TEXTS))]
         futures = [worker.submit(b) for b in batches]
-        for batch, future in zip(batches, futures):
+        for batch, future in zip(batches, futures, strict=True):
             got, seconds = future.result(timeout=60)
             assert seconds > 0
             want = [expected[TEXTS.index(t)] for t in batch]
@@ -88,11 +94,19 @@ def test_a_killed_model_process_fails_its_batches_and_reports_not_alive(untraine
 
 def test_the_model_process_leaves_when_its_parent_is_killed(untrained_tiny):
     """No orphans: a replica killed with SIGKILL (no chance to clean up) takes its model process along."""
-    code = ("import sys, time; from serve_app.model_worker import ModelWorker; "
-            f"w = ModelWorker({untrained_tiny!r}, num_threads=1, precision='fp32'); print(w.pid, flush=True); time.sleep(600)")
+    code = (
+        "import sys, time; from serve_app.model_worker import ModelWorker; "
+        f"w = ModelWorker({untrained_tiny!r}, num_threads=1, precision='fp32'); print(w.pid, flush=True); "
+        "time.sleep(600)"
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    parent = subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": root})
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": root},
+    )
     try:
         child = int(parent.stdout.readline())
         os.kill(child, 0)  # running
@@ -115,7 +129,9 @@ def test_a_killed_model_process_is_replaced_and_its_batches_rerun(untrained_tiny
     expected = Predictor(untrained_tiny, precision="fp32").predict(TEXTS)
 
     async def run():
-        model = await SupervisedModel.create(functools.partial(ModelWorker, untrained_tiny, num_threads=1, precision="fp32"))
+        model = await SupervisedModel.create(
+            functools.partial(ModelWorker, untrained_tiny, num_threads=1, precision="fp32")
+        )
         first = model.worker.pid
         tasks = [asyncio.ensure_future(model.run(TEXTS)) for _ in range(20)]
         await asyncio.sleep(0.05)
@@ -144,7 +160,9 @@ def test_a_wedged_model_process_misses_its_deadline_and_is_replaced(untrained_ti
     from serve_app.model_worker import DEADLINE_FLOOR_S, SupervisedModel
 
     async def run():
-        model = await SupervisedModel.create(functools.partial(ModelWorker, untrained_tiny, num_threads=1, precision="fp32"))
+        model = await SupervisedModel.create(
+            functools.partial(ModelWorker, untrained_tiny, num_threads=1, precision="fp32")
+        )
         first = model.worker.pid
         deadline = model.worker.batch_deadline_s(len(TEXTS))
         os.kill(first, signal.SIGSTOP)
@@ -171,7 +189,7 @@ def test_the_replica_heals_a_dead_model_process_and_is_unhealthy_only_when_resta
     from serve_app.app import SentimentModel
 
     model_dir = str(shutil.copytree(untrained_tiny, tmp_path / "model"))
-    svc = SentimentModel({"model_uri": model_dir, "precision": "fp32"})
+    svc = SentimentModel({"serve.model_uri": model_dir, "serve.precision": "fp32"})
 
     async def run():
         await svc.reconfigure({"model_uri": model_dir, "model_version": "local"})

@@ -9,15 +9,24 @@ import time
 
 import httpx
 import pytest
-
 from conftest import request_stream, tiny_config
+
+from ray_jobs.errors import SentimentError
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # A grid (not a random choice) so that the two trials are sure to differ.
-RUN = ["train.epochs=2", "tune.num_samples=1", "tune.search_space={lr: {type: grid, values: [0.001, 0.002]}}",
-       "gate.floor=0.6", "serve.num_cpus=0.5", "serve.app_name=pipe", "serve.route_prefix=/",
-       "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1"]
+RUN = [
+    "train.epochs=2",
+    "tune.num_samples=1",
+    "tune.search_space={lr: {type: grid, values: [0.001, 0.002]}}",
+    "gate.floor=0.6",
+    "serve.num_cpus=0.5",
+    "serve.app_name=pipe",
+    "serve.route_prefix=/",
+    "serve.autoscaling.min_replicas=1",
+    "serve.autoscaling.max_replicas=1",
+]
 
 
 def _args(tmp, port, *extra):
@@ -73,7 +82,9 @@ def test_pipeline_promotes_blocks_and_hot_swaps(serve_port, tmp_path, capsys):
 
     # 3. A better config, promoted and hot-swapped while requests keep flowing: no request fails.
     with request_stream(url, "a dull and lifeless film", "model_version") as (answers, failures):
-        code = pipeline.main(_args(tmp_path, serve_port, "train.epochs=6", "tune.search_space={}", "tune.num_samples=1"))
+        code = pipeline.main(
+            _args(tmp_path, serve_port, "train.epochs=6", "tune.search_space={}", "tune.num_samples=1")
+        )
         time.sleep(1.0)
     assert code == 0, capsys.readouterr()
     assert failures == []
@@ -101,7 +112,10 @@ def test_pipeline_promotes_blocks_and_hot_swaps(serve_port, tmp_path, capsys):
     assert registry.main([*_args(tmp_path, serve_port), "experiments"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\d{4}-\d\d-\d\d ", line)]
     assert len(rows) == 3, rows  # one parent run per pipeline run, with its version and gate decision
-    assert sum(line.rstrip().endswith("promote") for line in rows) == 2 and sum(line.rstrip().endswith("block") for line in rows) == 1, rows
+    assert (
+        sum(line.rstrip().endswith("promote") for line in rows) == 2
+        and sum(line.rstrip().endswith("block") for line in rows) == 1
+    ), rows
 
 
 def test_unreachable_registry_fails_closed(tmp_path, capsys):
@@ -189,6 +203,6 @@ def test_unloadable_champion_fails_closed(ray_cluster, tmp_path, trained_tiny, u
     shutil.rmtree(reg.model_dir(champ))  # the champion's files are gone
     test = load_splits(cfg.data).test
     chal = _registered(reg, "chal", trained_tiny[2])
-    with pytest.raises(Exception):
+    with pytest.raises(SentimentError):
         run_gate(reg, cfg, chal, evaluate_dir(trained_tiny[2], test), test)
     assert reg.champion() == champ and reg.alias_version("previous") is None

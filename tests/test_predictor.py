@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from ray_jobs.config import ModelConfig
+from ray_jobs.inference import Predictor
 from ray_jobs.model import build_model, save_model
-from serve_app.predictor import Predictor
 
 TEXTS = [
     "Great film.",
@@ -21,7 +21,9 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     model, tok = build_model(ModelConfig(source="tiny"), seed=5)
-    return str(save_model(model, tok, tmp_path_factory.mktemp("m") / "model", {"max_length": 64, "truncation": "head_tail"}))
+    return str(
+        save_model(model, tok, tmp_path_factory.mktemp("m") / "model", {"max_length": 64, "truncation": "head_tail"})
+    )
 
 
 def test_order_preserved_and_batch_equals_one_by_one(model_dir):
@@ -61,7 +63,14 @@ def test_batched_method_awaited_directly_with_concurrent_calls(model_dir, replic
     each gets the answer for its own text."""
     from serve_app.app import SentimentModel
 
-    svc = SentimentModel({"model_uri": model_dir, "precision": "fp32", "max_batch_size": 8, "batch_wait_timeout_s": 0.05})
+    svc = SentimentModel(
+        {
+            "serve.model_uri": model_dir,
+            "serve.precision": "fp32",
+            "serve.max_batch_size": 8,
+            "serve.batch_wait_timeout_s": 0.05,
+        }
+    )
     texts = [f"{TEXTS[i % len(TEXTS)]} #{i}" for i in range(40)]
     expected = Predictor(model_dir).predict(texts)
     from unittest.mock import MagicMock
@@ -69,7 +78,9 @@ def test_batched_method_awaited_directly_with_concurrent_calls(model_dir, replic
     observed = svc.metrics.observe_batch = MagicMock()
 
     async def run():
-        await svc.reconfigure({"model_uri": model_dir, "model_version": "local", "max_batch_size": 8, "batch_wait_timeout_s": 0.05})
+        await svc.reconfigure(
+            {"model_uri": model_dir, "model_version": "local", "max_batch_size": 8, "batch_wait_timeout_s": 0.05}
+        )
         return await asyncio.gather(*(svc._predict_batch(t) for t in texts))
 
     got = asyncio.run(run())
@@ -81,7 +92,7 @@ def test_batched_method_awaited_directly_with_concurrent_calls(model_dir, replic
     # the model idle again the configured wait is in force.
     assert 0 < stats["forward_s"] and svc._forward_s > 0 and svc._in_flight == 0
     assert svc.current_wait_s == pytest.approx(0.05)
-    for g, e in zip(got, expected):
+    for g, e in zip(got, expected, strict=True):
         assert g["label"] == e["label"] and g["score"] == pytest.approx(e["score"], abs=1e-4)
         assert g["model_version"] == "local"
 
@@ -95,19 +106,46 @@ def test_evaluate_cli_known_metrics_and_errors(model_dir, tmp_path, capsys, capl
     labels = pred_labels[:3] + [1 - y for y in pred_labels[3:]]
     f = tmp_path / "eval.jsonl"
     pd.DataFrame({"review": TEXTS, "y": labels}).to_json(f, orient="records", lines=True)
-    code = evaluate.main(["--model", model_dir, "--data", str(f), "--text-column", "review", "--label-column", "y", "--json"])
+    code = evaluate.main(
+        [
+            "--model",
+            model_dir,
+            "--data",
+            str(f),
+            "--set",
+            "data.text_column=review",
+            "--set",
+            "data.label_column=y",
+            "--json",
+        ]
+    )
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 5 and out["accuracy"] == pytest.approx(0.6)
-    tp = sum(1 for p, y in zip(pred_labels, labels) if p == 1 and y == 1)
-    fp = sum(1 for p, y in zip(pred_labels, labels) if p == 1 and y == 0)
-    fn = sum(1 for p, y in zip(pred_labels, labels) if p == 0 and y == 1)
+    tp = sum(1 for p, y in zip(pred_labels, labels, strict=True) if p == 1 and y == 1)
+    fp = sum(1 for p, y in zip(pred_labels, labels, strict=True) if p == 1 and y == 0)
+    fn = sum(1 for p, y in zip(pred_labels, labels, strict=True) if p == 0 and y == 1)
     expected_f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
     assert out["f1"] == pytest.approx(expected_f1, abs=1e-6)
     assert len(out["data_digest"]) == 16
 
-    assert evaluate.main(["--model", model_dir, "--data", str(f), "--text-column", "nope"]) == 2
+    assert evaluate.main(["--model", model_dir, "--data", str(f), "--set", "data.text_column=nope"]) == 2
     assert "missing column" in caplog.text
     assert evaluate.main(["--model", model_dir, "--data", str(tmp_path / "missing.csv")]) == 2
-    assert evaluate.main(["--model", str(tmp_path / "no-model"), "--data", str(f), "--text-column", "review", "--label-column", "y",
-                          "--registry-root", str(tmp_path / "mlflow")]) == 2
+    assert (
+        evaluate.main(
+            [
+                "--model",
+                str(tmp_path / "no-model"),
+                "--data",
+                str(f),
+                "--set",
+                "data.text_column=review",
+                "--set",
+                "data.label_column=y",
+                "--set",
+                f"registry.root={tmp_path / 'mlflow'}",
+            ]
+        )
+        == 2
+    )

@@ -60,20 +60,27 @@ def test_ci_runs_exactly_the_readme_test_command():
 def test_serve_config_file_matches_serves_schema_and_app_args():
     from ray.serve.schema import ServeDeploySchema
 
+    from ray_jobs.config import ServeConfig
     from serve_app.schemas import AppArgs
 
     raw = yaml.safe_load((ROOT / "serve_app" / "serve_config.yaml").read_text())
-    schema = ServeDeploySchema.model_validate(raw) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(raw)
+    schema = (
+        ServeDeploySchema.model_validate(raw)
+        if hasattr(ServeDeploySchema, "model_validate")
+        else ServeDeploySchema.parse_obj(raw)
+    )
     [app] = schema.applications
-    assert app.import_path == "serve_app.app:build_app"
+    assert app.import_path == ServeConfig().import_path == "serve_app.app:build_app"
     args = AppArgs.model_validate(app.args)
     assert args.model_uri.endswith("@champion")
     assert raw["http_options"]["host"] == "127.0.0.1"
 
 
-def test_ruff_is_clean():
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["lint", "format"])
+def test_ruff_is_clean_on_the_whole_tree(command):
+    """pyproject.toml's rules (E, W, F, I, B, UP; lines <= 120) and formatting, on every Python file."""
     ruff = shutil.which("ruff")
     if ruff is None:
         pytest.skip("ruff not installed")
-    r = subprocess.run([ruff, "check", "ray_jobs", "serve_app", "benchmarks", "tests"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([ruff, *command, "."], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -8,7 +8,6 @@ import time
 import httpx
 import pytest
 
-
 pytestmark = pytest.mark.integration
 
 PREFIX = "/svc"
@@ -35,9 +34,20 @@ def app_url(serve_port, registered):
     from serve_app.app import build_app
 
     _, root, _ = registered
-    args = {"model_uri": "models:/svc-model@champion", "registry_root": root, "precision": "fp32", "num_cpus": 0.5,
-            "max_batch_size": 16, "batch_wait_timeout_s": 0.02, "max_text_chars": 2000, "max_batch_items": 8,
-            "max_body_bytes": 4096, "min_replicas": 1, "max_replicas": 1, "name": "svc"}
+    args = {
+        "serve.model_uri": "models:/svc-model@champion",
+        "registry.root": root,
+        "serve.precision": "fp32",
+        "serve.num_cpus": 0.5,
+        "serve.max_batch_size": 16,
+        "serve.batch_wait_timeout_s": 0.02,
+        "serve.max_text_chars": 2000,
+        "serve.max_batch_items": 8,
+        "serve.max_body_bytes": 4096,
+        "serve.autoscaling.min_replicas": 1,
+        "serve.autoscaling.max_replicas": 1,
+        "serve.app_name": "svc",
+    }
     serve.run(build_app(args), name="svc", route_prefix=PREFIX)
     yield f"http://127.0.0.1:{serve_port}{PREFIX}"
     serve.delete("svc")
@@ -54,7 +64,7 @@ def test_health_model_docs(app_url):
 
 
 def test_predict_and_batch_predict_match_the_model(app_url, registered):
-    from serve_app.predictor import Predictor
+    from ray_jobs.inference import Predictor
 
     texts = ["The plot was wonderful and the acting was superb.", "A boring, lifeless mess.", "not bad at all"]
     expected = Predictor(registered[2], precision="fp32").predict(texts)
@@ -72,7 +82,7 @@ def test_predict_and_batch_predict_match_the_model(app_url, registered):
 
 def test_200_concurrent_distinct_requests_each_get_their_own_answer(app_url, registered):
     from ray_jobs.data import generate_reviews
-    from serve_app.predictor import Predictor
+    from ray_jobs.inference import Predictor
 
     texts = [f"{t} (review {i})" for i, t in enumerate(generate_reviews(200, seed=77).texts)]
     expected = Predictor(registered[2], precision="fp32").predict(texts)
@@ -84,7 +94,7 @@ def test_200_concurrent_distinct_requests_each_get_their_own_answer(app_url, reg
     with cf.ThreadPoolExecutor(64) as pool:
         responses = list(pool.map(call, texts))
     assert [r.status_code for r in responses] == [200] * 200
-    for r, e in zip(responses, expected):
+    for r, e in zip(responses, expected, strict=True):
         assert r.json()["label"] == e["label"]
         assert r.json()["score"] == pytest.approx(e["score"], abs=1e-4)
     # at least some of them were served in real batches
@@ -101,14 +111,47 @@ BAD_INPUTS = [
     ("missing text", "/predict", {"json": {}}, 422),
     ("extra field", "/predict", {"json": {"text": "ok", "debug": True}}, 422),
     ("body is a list", "/predict", {"json": ["a"]}, 422),
-    ("malformed JSON", "/predict", {"content": b'{"text": "unterminated', "headers": {"content-type": "application/json"}}, 400),
-    ("JSON nested past the recursion limit", "/predict", {"content": b"[" * 2000 + b"]" * 2000, "headers": {"content-type": "application/json"}}, 400),
-    ("wrong content type", "/predict", {"content": b"text=hello", "headers": {"content-type": "application/x-www-form-urlencoded"}}, 415),
+    (
+        "malformed JSON",
+        "/predict",
+        {"content": b'{"text": "unterminated', "headers": {"content-type": "application/json"}},
+        400,
+    ),
+    (
+        "JSON nested past the recursion limit",
+        "/predict",
+        {"content": b"[" * 2000 + b"]" * 2000, "headers": {"content-type": "application/json"}},
+        400,
+    ),
+    (
+        "wrong content type",
+        "/predict",
+        {"content": b"text=hello", "headers": {"content-type": "application/x-www-form-urlencoded"}},
+        415,
+    ),
     ("no content type", "/predict", {"content": b'{"text": "hi"}'}, 415),
-    ("invalid UTF-8", "/predict", {"content": b'{"text": "\xff\xfe bad"}', "headers": {"content-type": "application/json"}}, 400),
-    ("lone surrogate", "/predict", {"content": b'{"text": "\\ud800 x"}', "headers": {"content-type": "application/json"}}, 422),
+    (
+        "invalid UTF-8",
+        "/predict",
+        {"content": b'{"text": "\xff\xfe bad"}', "headers": {"content-type": "application/json"}},
+        400,
+    ),
+    (
+        "lone surrogate",
+        "/predict",
+        {"content": b'{"text": "\\ud800 x"}', "headers": {"content-type": "application/json"}},
+        422,
+    ),
     ("body over the cap", "/predict", {"json": {"text": "a" * 5000}}, 413),
-    ("chunked body over the cap", "/predict", {"content": iter([b'{"text": "', b"a" * 3000, b"a" * 3000, b'"}']), "headers": {"content-type": "application/json"}}, 413),
+    (
+        "chunked body over the cap",
+        "/predict",
+        {
+            "content": iter([b'{"text": "', b"a" * 3000, b"a" * 3000, b'"}']),
+            "headers": {"content-type": "application/json"},
+        },
+        413,
+    ),
     ("empty batch", "/batch_predict", {"json": {"texts": []}}, 422),
     ("batch too large", "/batch_predict", {"json": {"texts": ["ok"] * 9}}, 422),
     ("batch with an empty text", "/batch_predict", {"json": {"texts": ["ok", " "]}}, 422),
@@ -142,9 +185,18 @@ def test_overload_gets_fast_503_then_recovers(serve_port, registered):
 
     _, root, _ = registered
     # One slot, a queue of one, and a long batch wait: a burst must overflow.
-    args = {"model_uri": "models:/svc-model@champion", "registry_root": root, "num_cpus": 0.5, "max_batch_size": 1,
-            "max_ongoing_requests": 1, "max_queued_requests": 1, "batch_wait_timeout_s": 0.0, "min_replicas": 1,
-            "max_replicas": 1, "name": "tight"}
+    args = {
+        "serve.model_uri": "models:/svc-model@champion",
+        "registry.root": root,
+        "serve.num_cpus": 0.5,
+        "serve.max_batch_size": 1,
+        "serve.max_ongoing_requests": 1,
+        "serve.max_queued_requests": 1,
+        "serve.batch_wait_timeout_s": 0.0,
+        "serve.autoscaling.min_replicas": 1,
+        "serve.autoscaling.max_replicas": 1,
+        "serve.app_name": "tight",
+    }
     serve.run(build_app(args), name="tight", route_prefix="/tight")
     url = f"http://127.0.0.1:{serve_port}/tight/predict"
     try:
@@ -190,14 +242,25 @@ def test_a_killed_model_process_costs_no_request(serve_port, trained_tiny, tmp_p
     import shutil
     import signal
 
+    from conftest import request_stream
     from ray import serve
 
-    from conftest import request_stream
     from serve_app.app import build_app
 
     model_dir = str(shutil.copytree(trained_tiny[2], tmp_path / "model-to-kill"))  # a folder no other app serves
-    serve.run(build_app({"model_uri": model_dir, "num_cpus": 0.5, "min_replicas": 1, "max_replicas": 1, "name": "kill"}),
-              name="kill", route_prefix="/kill")
+    serve.run(
+        build_app(
+            {
+                "serve.model_uri": model_dir,
+                "serve.num_cpus": 0.5,
+                "serve.autoscaling.min_replicas": 1,
+                "serve.autoscaling.max_replicas": 1,
+                "serve.app_name": "kill",
+            }
+        ),
+        name="kill",
+        route_prefix="/kill",
+    )
     url = f"http://127.0.0.1:{serve_port}/kill"
     try:
         first = _model_process(model_dir)
@@ -219,20 +282,34 @@ def test_a_killed_model_process_costs_no_request(serve_port, trained_tiny, tmp_p
         serve.delete("kill")
 
 
-def test_a_deploy_of_a_model_that_cannot_load_is_refused_and_the_app_keeps_serving(app_url, serve_port, registered, tmp_path, caplog):
-    """`serve_app.deploy` trial-loads the model before Serve changes anything: a corrupt model is refused
+def test_a_deploy_of_a_model_that_cannot_load_is_refused_and_the_app_keeps_serving(
+    app_url, serve_port, registered, tmp_path, caplog
+):
+    """`ray_jobs.deploy` trial-loads the model before Serve changes anything: a corrupt model is refused
     with a clear error (exit 1), and the running app answers with its model, its health unchanged."""
     import shutil
 
     from conftest import ROOT, TINY
-    from serve_app import deploy
+
+    from ray_jobs import deploy
 
     broken = shutil.copytree(registered[2], tmp_path / "broken")
     (broken / "model.safetensors").write_bytes(b"\0" * 64)
     before = httpx.get(f"{app_url}/health").json()
-    sets = [*TINY, f"serve.model_uri={broken}", "serve.app_name=svc", f"serve.route_prefix={PREFIX}", f"serve.port={serve_port}",
-            f"registry.root={tmp_path}/mlflow"]
-    assert deploy.main(["--config", str(ROOT / "tune_configs/quickstart.yaml"), *[x for kv in sets for x in ("--set", kv)]]) == 1
+    sets = [
+        *TINY,
+        f"serve.model_uri={broken}",
+        "serve.app_name=svc",
+        f"serve.route_prefix={PREFIX}",
+        f"serve.port={serve_port}",
+        f"registry.root={tmp_path}/mlflow",
+    ]
+    assert (
+        deploy.main(
+            ["--config", str(ROOT / "tune_configs/quickstart.yaml"), *[x for kv in sets for x in ("--set", kv)]]
+        )
+        == 1
+    )
     assert "deploy refused" in caplog.text and str(broken) in caplog.text
     assert httpx.get(f"{app_url}/health").json() == before == {"status": "ok", "model_version": "1"}
     r = httpx.post(f"{app_url}/predict", json={"text": "still the old model"})
@@ -257,7 +334,7 @@ def test_metrics_reach_prometheus(app_url, ray_cluster):
 
 @pytest.mark.slow
 def test_direct_ingress_mode_serves_on_the_proxy_and_the_replica_port(tmp_path, trained_tiny):
-    """`ray.serve_ingress=direct` reaches a cluster that `serve_app.deploy` starts itself (a second,
+    """`ray.serve_ingress=direct` reaches a cluster that `ray_jobs.deploy` starts itself (a second,
     private Ray cluster in a subprocess): the app answers through Serve's proxy on serve.port and
     directly on the replica's own port, with the same prediction."""
     import os
@@ -265,16 +342,40 @@ def test_direct_ingress_mode_serves_on_the_proxy_and_the_replica_port(tmp_path, 
     import sys
 
     from conftest import ROOT, TINY, free_port, terminate
-    from serve_app.deploy import direct_ingress_port
+
+    from ray_jobs.deploy import direct_ingress_port
 
     port = free_port()
-    sets = [*TINY, "ray.num_cpus=2", "ray.address=local", "ray.serve_ingress=direct", f"serve.port={port}",
-            f"serve.model_uri={trained_tiny[2]}", "serve.num_cpus=0.5", "serve.app_name=direct",
-            "serve.autoscaling.min_replicas=1", "serve.autoscaling.max_replicas=1", f"registry.root={tmp_path}/mlflow"]
+    sets = [
+        *TINY,
+        "ray.num_cpus=2",
+        "ray.address=local",
+        "ray.serve_ingress=direct",
+        f"serve.port={port}",
+        f"serve.model_uri={trained_tiny[2]}",
+        "serve.num_cpus=0.5",
+        "serve.app_name=direct",
+        "serve.autoscaling.min_replicas=1",
+        "serve.autoscaling.max_replicas=1",
+        f"registry.root={tmp_path}/mlflow",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_SERVE_")}
-    proc = subprocess.Popen([sys.executable, "-m", "serve_app.deploy", "--config", str(ROOT / "tune_configs/quickstart.yaml"),
-                             *[x for kv in sets for x in ("--set", kv)], "--block"],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ray_jobs.deploy",
+            "--config",
+            str(ROOT / "tune_configs/quickstart.yaml"),
+            *[x for kv in sets for x in ("--set", kv)],
+            "--block",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         url = ""
         for line in proc.stdout:  # deploy prints the endpoint once /model answers
@@ -308,7 +409,8 @@ def test_haproxy_ingress_survives_faults_with_zero_failed_requests(tmp_path, tra
     import sys
 
     from conftest import ROOT, TINY, free_port, request_stream
-    from serve_app.predictor import Predictor
+
+    from ray_jobs.inference import Predictor
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from chaos import cluster_env, descendants, find, model_processes, start_head, stop_head
@@ -317,11 +419,33 @@ def test_haproxy_ingress_survives_faults_with_zero_failed_requests(tmp_path, tra
     port = free_port()
 
     def deploy(model_dir: str) -> subprocess.CompletedProcess:
-        sets = [*TINY, f"ray.address=127.0.0.1:{gcs}", "ray.serve_ingress=haproxy", f"serve.port={port}",
-                f"serve.model_uri={model_dir}", "serve.num_cpus=0.5", "serve.app_name=hs",
-                "serve.autoscaling.min_replicas=2", "serve.autoscaling.max_replicas=2", f"registry.root={tmp_path}/mlflow"]
-        return subprocess.run([sys.executable, "-m", "serve_app.deploy", "--config", str(ROOT / "tune_configs/quickstart.yaml"),
-                               *[x for kv in sets for x in ("--set", kv)]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        sets = [
+            *TINY,
+            f"ray.address=127.0.0.1:{gcs}",
+            "ray.serve_ingress=haproxy",
+            f"serve.port={port}",
+            f"serve.model_uri={model_dir}",
+            "serve.num_cpus=0.5",
+            "serve.app_name=hs",
+            "serve.autoscaling.min_replicas=2",
+            "serve.autoscaling.max_replicas=2",
+            f"registry.root={tmp_path}/mlflow",
+        ]
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ray_jobs.deploy",
+                "--config",
+                str(ROOT / "tune_configs/quickstart.yaml"),
+                *[x for kv in sets for x in ("--set", kv)],
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     def full_strength(old: set[int] = frozenset(), timeout_s: float = 120) -> None:
         """Two replicas with a model process each, none of them among `old`, and /health ok."""
@@ -359,13 +483,19 @@ def test_haproxy_ingress_survives_faults_with_zero_failed_requests(tmp_path, tra
             assert failures == [], (fault, signum, failures[:5])
 
         with request_stream(url, text, "score") as (answers, failures):
-            assert deploy(untrained_tiny).returncode == 0  # returns once the app answers (the swap may still be under way)
+            assert (
+                deploy(untrained_tiny).returncode == 0
+            )  # returns once the app answers (the swap may still be under way)
             deadline = time.time() + 60
-            while httpx.get(f"{url}/model", timeout=10).json()["model_uri"] != untrained_tiny and time.time() < deadline:
+            while (
+                httpx.get(f"{url}/model", timeout=10).json()["model_uri"] != untrained_tiny and time.time() < deadline
+            ):
                 time.sleep(0.2)
             time.sleep(1.0)
         assert failures == []
-        assert answers[0] == pytest.approx(old["score"], abs=1e-3) and answers[-1] == pytest.approx(new["score"], abs=1e-3)
+        assert answers[0] == pytest.approx(old["score"], abs=1e-3) and answers[-1] == pytest.approx(
+            new["score"], abs=1e-3
+        )
 
         broken = shutil.copytree(untrained_tiny, tmp_path / "broken")
         (broken / "model.safetensors").write_bytes(b"\0" * 64)

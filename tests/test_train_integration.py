@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_config
 
 pytestmark = pytest.mark.integration
@@ -46,11 +45,18 @@ def _fit_with_fault(tmp_path, max_failures):
     from ray_jobs.data import load_splits
     from ray_jobs.train import FaultInjection, fit, put_data, system_settings
 
-    cfg = tiny_config(tmp_path, "train.num_workers=2", "train.epochs=3", f"train.max_failures={max_failures}",
-                      "data.synthetic.n_samples=1200")
+    cfg = tiny_config(
+        tmp_path,
+        "train.num_workers=2",
+        "train.epochs=3",
+        f"train.max_failures={max_failures}",
+        "data.synthetic.n_samples=1200",
+    )
     splits = load_splits(cfg.data)
     marker = tmp_path / "killed"
-    system = system_settings(cfg, put_data(splits.train, splits.val), fault=FaultInjection(str(marker), at_epoch=0))
+    system = system_settings(
+        cfg, put_data(splits.train, splits.val), callbacks=[FaultInjection(str(marker), at_epoch=0)]
+    )
     return fit(cfg, system), marker
 
 
@@ -65,7 +71,9 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path):
 
 
 def test_killed_worker_fails_the_run_without_retries(ray_cluster, tmp_path):
-    with pytest.raises(Exception):
+    from ray.train import TrainingFailedError
+
+    with pytest.raises(TrainingFailedError):
         _fit_with_fault(tmp_path, max_failures=0)
 
 

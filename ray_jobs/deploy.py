@@ -1,38 +1,49 @@
 """Deploy the champion, or hot-swap the running application to the current champion.
 
-    python -m serve_app.deploy --config tune_configs/quickstart.yaml      # deploy / hot-swap, then exit
+    python -m ray_jobs.deploy --config tune_configs/quickstart.yaml      # deploy / hot-swap, then exit
 
-Redeploying with only `user_config` changed makes Serve call `reconfigure` on the running replicas:
-they load the new version and swap it in while requests keep being answered.
+The application is the one `serve.import_path` names (default `serve_app.app:build_app`), called with
+the config's `serve` and `registry` sections, as a Serve config file's `import_path` and `args` would
+be: this side (training, registry, gate, deploy) depends on no serving code, only on that contract.
 """
 
 from __future__ import annotations
 
+import logging
+import pkgutil
 import sys
 import time
 
-from ray_jobs.config import PipelineConfig
-from ray_jobs.errors import SentimentError
-from ray_jobs.runtime import (EXIT_FAILURE, EXIT_OK, EXIT_USAGE, config_parser, get_logger, init_ray, load_from_args,
-                              wait_until_interrupted)
-from serve_app.schemas import AppArgs
+from ray_jobs.config import PipelineConfig, served_model_uri
+from ray_jobs.errors import ConfigError, SentimentError
+from ray_jobs.registry import Registry
+from ray_jobs.runtime import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    config_parser,
+    configure_logging,
+    init_ray,
+    load_from_args,
+    wait_until_interrupted,
+)
 
-log = get_logger("ray_jobs.serve")
+log = logging.getLogger(__name__)
 
 
-def app_args(cfg: PipelineConfig) -> AppArgs:
-    s, a = cfg.serve, cfg.serve.autoscaling
-    return AppArgs(
-        model_uri=s.model_uri or f"models:/{cfg.registry.model_name}@champion",
-        tracking_uri=cfg.registry.tracking_uri, registry_root=cfg.registry.root, num_cpus=s.num_cpus,
-        max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s,
-        max_ongoing_requests=s.max_ongoing_requests, max_queued_requests=s.max_queued_requests,
-        min_replicas=a.min_replicas, max_replicas=a.max_replicas, target_ongoing_requests=a.target_ongoing_requests,
-        upscale_delay_s=a.upscale_delay_s, downscale_delay_s=a.downscale_delay_s,
-        max_text_chars=s.max_text_chars, max_batch_items=s.max_batch_items, max_body_bytes=s.max_body_bytes,
-        request_timeout_s=s.request_timeout_s, max_texts_in_flight=s.max_texts_in_flight, batch_deadline_s=s.batch_deadline_s,
-        max_model_restarts=s.max_model_restarts, name=s.app_name,
-    )
+def app_args(cfg: PipelineConfig) -> dict:
+    """The application builder's arguments: the config sections it reads, unchanged."""
+    return {"serve": cfg.serve.model_dump(mode="json"), "registry": cfg.registry.model_dump(mode="json")}
+
+
+def build_application(cfg: PipelineConfig):
+    """The Serve application `serve.import_path` builds from this config (it trial-loads the model and
+    raises if the model cannot load: nothing running has changed then)."""
+    try:
+        builder = pkgutil.resolve_name(cfg.serve.import_path)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"serve.import_path {cfg.serve.import_path!r} names no application builder: {err}") from None
+    return builder(app_args(cfg))
 
 
 def endpoint_url(cfg: PipelineConfig) -> str:
@@ -60,15 +71,13 @@ def deploy(cfg: PipelineConfig, wait_version: str | None = None, timeout_s: floa
     import httpx
     from ray import serve
 
-    from serve_app.app import build_app
-
     s = cfg.serve
     # The replica answers a request past its deadline with 504 itself; the proxy's own timeout (a 408)
     # is only the backstop.
     serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s + 5})
     # Trial-loads the model first (ModelWorkerError: refused, nothing running changed). `serve.run` then
     # rolls the replicas over: new ones start with the model, old ones drain their requests and leave.
-    app = build_app(app_args(cfg))
+    app = build_application(cfg)
     serve.run(app, name=s.app_name, route_prefix=s.route_prefix, blocking=False)
     url = endpoint_url(cfg)
     deadline = time.time() + timeout_s
@@ -82,24 +91,26 @@ def deploy(cfg: PipelineConfig, wait_version: str | None = None, timeout_s: floa
         except httpx.HTTPError as err:
             last = str(err)
         time.sleep(0.5)
-    raise SentimentError(f"the Serve app did not report version {wait_version} within {timeout_s:.0f}s (last answer: {last})")
+    raise SentimentError(
+        f"the Serve app did not report version {wait_version} within {timeout_s:.0f}s (last answer: {last})"
+    )
 
 
 def deploy_champion(cfg: PipelineConfig) -> tuple[str, str]:
     """Start Ray if needed, deploy (or hot-swap to) the configured model and wait until it serves.
     Returns (version, endpoint URL)."""
-    from serve_app.app import resolve_version
-
     init_ray(cfg.ray)
-    args = app_args(cfg)
-    version = resolve_version(args, args.model_uri)
+    version = Registry(cfg.registry).resolve_version(served_model_uri(cfg.serve, cfg.registry))
     return version, deploy(cfg, wait_version=version)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = config_parser("Deploy the champion with Ray Serve, or hot-swap a running app to it.")
-    parser.add_argument("--block", action="store_true", help="stay up until Ctrl-C/SIGTERM (containers, in-process Ray)")
+    parser.add_argument(
+        "--block", action="store_true", help="stay up until Ctrl-C/SIGTERM (containers, in-process Ray)"
+    )
     args = parser.parse_args(argv)
+    configure_logging()
     try:
         cfg = load_from_args(args)
     except SentimentError as err:

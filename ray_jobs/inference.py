@@ -1,0 +1,144 @@
+"""Scoring texts with a classifier, one way for every caller: tokenize, batch by length, forward under
+autocast, count the confusion matrix.
+
+Train's validation, the gate's evaluation, the Serve replica's model process and the benchmarks all
+use these pieces, so a model is scored the same way wherever a number about it comes from.
+Plain Python and PyTorch: no Ray, no MLflow, no Serve.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ray_jobs.data import encode, pad_batch
+from ray_jobs.model import LABELS, load_model
+
+
+def cpu_supports_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def autocast_dtype(precision: str, device_type: str):
+    """The autocast dtype for `precision` on this device, or None for plain fp32."""
+    import torch
+
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    # auto
+    if device_type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else None
+
+
+def autocast(device_type: str, amp_dtype):
+    """torch.autocast for `amp_dtype`, or a no-op context for fp32 (None)."""
+    import torch
+
+    return torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
+def batched_logits(model, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int, device, amp_dtype=None):
+    """(n, 2) float32 logits on the CPU, in input order. Sequences are grouped by length so that each
+    forward pass pads little; the result does not depend on that grouping. The caller sets the model's
+    mode (eval for scoring)."""
+    import torch
+
+    out = torch.zeros((len(seqs), 2), dtype=torch.float32)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    with torch.inference_mode(), autocast(device.type, amp_dtype):
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids, mask = pad_batch([seqs[i] for i in idx], pad_id)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            out[idx] = logits.float().cpu()
+    return out
+
+
+def confusion_counts(labels, preds) -> tuple[float, float, float, float]:
+    """(tp, fp, fn, tn) of binary predictions (1 = positive); array-likes of equal length."""
+    labels, preds = np.asarray(labels), np.asarray(preds)
+    tp = float(((preds == 1) & (labels == 1)).sum())
+    fp = float(((preds == 1) & (labels == 0)).sum())
+    fn = float(((preds == 0) & (labels == 1)).sum())
+    tn = float(((preds == 0) & (labels == 0)).sum())
+    return tp, fp, fn, tn
+
+
+def binary_metrics(tp: float, fp: float, fn: float, tn: float) -> dict[str, float]:
+    """Accuracy, precision, recall and F1 of the positive class from confusion counts (which may be
+    sums over DDP ranks)."""
+    n = tp + fp + fn + tn
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": (tp + tn) / n if n else 0.0, "precision": precision, "recall": recall, "f1": f1}
+
+
+def classification_metrics(labels, preds) -> dict[str, float]:
+    return binary_metrics(*confusion_counts(labels, preds))
+
+
+class Predictor:
+    """Texts in, class probabilities out, for a saved model folder (safetensors)."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        num_threads: int | None = None,
+        precision: str = "fp32",
+        batch_size: int = 64,
+        device: str = "cpu",
+    ):
+        import torch
+
+        if num_threads:
+            # One replica per CPU it reserved: more threads than that only contend with other replicas.
+            torch.set_num_threads(num_threads)
+        self.model, self.tokenizer, self.meta = load_model(model_dir)
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.amp_dtype = autocast_dtype(precision, self.device.type)
+        self.batch_size = batch_size
+        self.max_length = int(self.meta.get("max_length", 128))
+        self.truncation = self.meta.get("truncation", "head")
+        self.head_fraction = float(self.meta.get("head_fraction", 0.25))
+        self.model_dir = str(model_dir)
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        return encode(self.tokenizer, texts, self.max_length, self.truncation, self.head_fraction)
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, 2) class probabilities, in input order."""
+        import torch
+
+        if len(texts) == 0:
+            return np.zeros((0, 2), dtype=np.float32)
+        logits = batched_logits(
+            self.model, self.encode(texts), self.tokenizer.pad_token_id, self.batch_size, self.device, self.amp_dtype
+        )
+        return torch.softmax(logits, dim=-1).numpy()
+
+    def predict(self, texts: Sequence[str]) -> list[dict]:
+        results = []
+        for p in self.predict_proba(texts):
+            label = int(p.argmax())
+            results.append(
+                {
+                    "label": LABELS[label],
+                    "score": float(p[label]),
+                    "probabilities": {LABELS[0]: float(p[0]), LABELS[1]: float(p[1])},
+                }
+            )
+        return results

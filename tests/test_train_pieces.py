@@ -1,0 +1,50 @@
+"""The named pieces of the training loop, without Ray: the schedule and the shard split."""
+
+import pytest
+
+from ray_jobs.data import generate_reviews
+from ray_jobs.train import LinearSchedule, Progress
+
+
+def test_schedule_warms_up_then_decays_to_zero_at_the_horizon():
+    s = LinearSchedule(total_steps=100, warmup_ratio=0.1)
+    factors = [s.factor(step) for step in range(101)]
+    assert factors[0] == pytest.approx(1 / 11) and factors[9] == pytest.approx(10 / 11)
+    assert max(factors) == pytest.approx(1.0) and factors.index(max(factors)) == 10
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+    assert factors[100] == 0.0
+
+
+def test_a_time_budget_moves_the_horizon_to_the_step_it_allows():
+    s = LinearSchedule(total_steps=1000, warmup_ratio=0.0, budget_s=100)
+    s.re_estimate(step=50, seconds_per_step=0.5, elapsed_s=25)  # 75 s left = 150 steps, 3% kept in reserve
+    assert s.horizon == 50 + int(0.97 * 150)
+    assert s.factor(s.horizon) == 0.0
+    assert not s.over_budget(99.9) and s.over_budget(100.1)
+    s.re_estimate(step=999, seconds_per_step=0.001, elapsed_s=0)  # never past the planned steps
+    assert s.horizon == 1000
+    unbudgeted = LinearSchedule(total_steps=10, warmup_ratio=0.0)
+    unbudgeted.re_estimate(step=5, seconds_per_step=100, elapsed_s=1e9)
+    assert unbudgeted.horizon == 10 and not unbudgeted.over_budget(1e9)
+
+
+def test_a_resumed_schedule_keeps_the_horizon_its_checkpoint_saved():
+    assert LinearSchedule(total_steps=100, warmup_ratio=0.1, horizon=40).horizon == 40
+    assert LinearSchedule(total_steps=100, warmup_ratio=0.1, horizon=400).horizon == 100
+    assert Progress(**{"epoch": 1, "step_in_epoch": 3, "global_step": 9, "elapsed_s": 1.5, "horizon": 40}).horizon == 40
+
+
+def test_shards_are_equal_and_disjoint():
+    from ray_jobs.config import ModelConfig
+    from ray_jobs.model import build_model
+    from ray_jobs.train import shard_and_encode
+
+    train, val = generate_reviews(103, seed=1), generate_reviews(11, seed=2)
+    cfg = ModelConfig(source="tiny", max_length=32)
+    _, tok = build_model(cfg)
+    shards = [shard_and_encode(tok, train, val, cfg, rank, 3) for rank in range(3)]
+    assert {len(s.train_seqs) for s in shards} == {103 // 3}  # every rank the same number of steps
+    assert sum(len(s.val_seqs) for s in shards) == 11  # validation: every example scored once
+    assert all(len(seq) <= 32 for s in shards for seq in s.train_seqs)
+    with pytest.raises(ValueError):
+        shard_and_encode(tok, generate_reviews(2, seed=1), val, cfg, 0, 3)
