@@ -23,11 +23,12 @@ WORKDIR /app
 # requirement is already met and pip does not pull another build.
 RUN pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_INDEX}"
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY ray_jobs ./ray_jobs
 COPY serve_app ./serve_app
 COPY tune_configs ./tune_configs
-RUN pip install . && chown -R app:app /app
+# The exact versions CI tested (constraints.txt); torch is already installed above.
+RUN pip install -c constraints.txt . && chown -R app:app /app
 
 USER 10001:10001
 EXPOSE 8000

@@ -53,8 +53,33 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert m, "README must hold the test command in a ```bash block after <!-- test-command -->"
     command = m.group(1).strip()
     assert command in ci.splitlines()
-    for step in ("pip install torch==2.13.0", "pip install -e '.[test]'"):
+    for step in ("pip install torch==2.13.0", "pip install -c constraints.txt -e '.[test]'"):
         assert step in readme and step in ci
+
+
+def test_constraints_pin_every_dependency_exactly():
+    """The lock file pins each of pyproject's dependencies (and their extras' packages) to one version,
+    and torch without a local build label, so that GPU images can keep their CUDA build."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            [spec] = req.specifier
+            assert spec.operator == "==", line
+            pins[canonicalize_name(req.name)] = spec.version
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
+    for dep in wanted:
+        req = Requirement(dep)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"constraints.txt does not pin {req.name}"
+        assert req.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} is outside {req.specifier}"
+    assert "+" not in pins["torch"]
 
 
 def test_serve_config_file_matches_serves_schema_and_app_args():
