@@ -166,9 +166,12 @@ def cluster_env(mode: str) -> dict[str, str]:
     return env
 
 
-def start_head(env: dict[str, str], num_cpus: int) -> tuple[subprocess.Popen, int, str]:
+def start_head(
+    env: dict[str, str], num_cpus: int, dashboard_port: int | None = None
+) -> tuple[subprocess.Popen, int, str]:
     """A `ray start --head --block` cluster that is this process's to stop (`stop_head`), in a temp dir of
     its own (short: Ray puts sockets under it), so that no later `ray.init()` on this machine joins it.
+    With `dashboard_port`, the dashboard and its Jobs API listen there on 127.0.0.1.
     Returns once the head accepts clients: (process, GCS port, temp dir)."""
     # The token the head and its clients share (~/.ray/auth_token; kept if one exists, as ray.init does).
     subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
@@ -181,7 +184,11 @@ def start_head(env: dict[str, str], num_cpus: int) -> tuple[subprocess.Popen, in
             "--block",
             f"--port={gcs}",
             f"--num-cpus={num_cpus}",
-            "--include-dashboard=false",
+            *(
+                ["--include-dashboard=false"]
+                if dashboard_port is None
+                else ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+            ),
             "--disable-usage-stats",
             f"--temp-dir={temp_dir}",
         ],

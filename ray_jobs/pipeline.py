@@ -183,6 +183,8 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
     status = "FAILED"
     try:
         meta = {"config_digest": cfg.digest(), "data_digests": digests, "pipeline_run": run_name}
+        if resume_tune:
+            reg.set_tags(run_id, {"resumed_tune": resume_tune})
         outcome = run_search(cfg, put_data(splits.train, splits.val), meta, name=run_name, restore_path=resume_tune)
         for t in outcome.trials:
             reg.log_trial(run_id, f"trial-{t.trial_id}", t.hparams, t.history, t.status, t.error)

@@ -349,6 +349,25 @@ class WorkerRun:
                 )
             ray.train.report(metrics, checkpoint=checkpoint)
 
+    def report_restored(self) -> None:
+        """A run restored after its last epoch (its driver died before the end was recorded, e.g. a Tune
+        trial that finished within Tune's state-saving period): report the last checkpoint's metrics
+        again, so that whoever waits for this run gets its result instead of none."""
+        import ray.train
+
+        from ray_jobs.model import read_meta
+
+        checkpoint = ray.train.get_checkpoint()
+        with checkpoint.as_directory() as d:
+            metrics = read_meta(d).get("metrics", {})
+        if self.rank == 0:
+            log.info(
+                "restored after the last epoch (step %d): reporting its checkpoint again", self.progress.global_step
+            )
+        ray.train.report(
+            {**metrics, "resumed_from_step": self.resumed_from_step}, checkpoint=checkpoint if self.rank == 0 else None
+        )
+
     def train_epoch(self, epoch: int) -> bool:
         """Run the rest of `epoch` (all of it unless resuming mid-epoch), validating every
         `eval_every_steps`. False when the time budget ran out (after a last validation and checkpoint)."""
@@ -441,6 +460,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     reference to the (train, val) splits, run metadata and optional callbacks (`on_step(StepInfo)`)."""
     configure_logging()  # a Ray worker is a process of its own
     run = WorkerRun(config)
+    if run.resumed_from_step and run.progress.epoch >= run.tc.epochs:
+        run.report_restored()
+        return
     run.model.train()
     for epoch in range(run.progress.epoch, run.tc.epochs):
         if not run.train_epoch(epoch):

@@ -16,10 +16,11 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ray_jobs.config import PipelineConfig, absolute_path
-from ray_jobs.errors import SentimentError
+from ray_jobs.errors import ConfigError, SentimentError
 from ray_jobs.runtime import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, config_parser, configure_logging
 from ray_jobs.train import METRIC, fit, hparams_of, start_run, system_settings
 
@@ -163,6 +164,15 @@ def run_search(
 ) -> SearchOutcome:
     """Run (or resume) the search. Crashed trials are recorded, not fatal; it fails only if no trial
     produced a checkpoint."""
+    if restore_path:
+        restore_path = absolute_path(restore_path).rstrip("/")
+        if not Path(restore_path, "tuner.pkl").is_file():
+            raise ConfigError(f"--resume: {restore_path} is not a Tune experiment folder (no tuner.pkl)")
+        # The experiment's own name, not a new one: each trial's TorchTrainer run is named after it, and
+        # Ray Train resumes a run of the same name from its last checkpoint. A new name would start every
+        # unfinished trial from step 0.
+        name = Path(restore_path).name
+        log.info("resuming search %s: finished trials are kept, unfinished ones continue from their checkpoints", name)
     name = name or f"{cfg.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     system = system_settings(cfg, data_ref, meta)
     tuner = _tuner(cfg, system, name, restore_path)

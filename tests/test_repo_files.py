@@ -109,3 +109,15 @@ def test_ruff_is_clean_on_the_whole_tree(command):
         pytest.skip("ruff not installed")
     r = subprocess.run([ruff, *command, "."], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_every_cluster_the_readme_starts_has_token_auth():
+    readme = (ROOT / "README.md").read_text()
+    m = re.search(r"<!-- quickstart-command -->\s*```bash\n(.+?)\n```", readme, re.S)
+    assert m, "README must hold the quickstart command after <!-- quickstart-command -->"
+    quickstart = m.group(1)
+    assert quickstart.index("export RAY_AUTH_MODE=token") < quickstart.index("ray start")
+    for block in re.findall(r"```bash\n(.+?)```", readme, re.S):
+        for line in block.splitlines():
+            if re.search(r"\b(ray (start|up|job)|serve (run|deploy))\b", line):
+                assert "RAY_AUTH_MODE=token" in block, line

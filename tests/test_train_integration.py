@@ -88,3 +88,19 @@ def test_time_budget_stops_early_and_keeps_a_checkpoint(ray_cluster, tmp_path):
     assert result.metrics["epoch"] < 50
     path, _ = best_checkpoint(result)
     assert (Path(path) / "model.safetensors").is_file()
+
+
+def test_a_run_restored_after_its_last_epoch_reports_its_checkpoint_again(ray_cluster, tmp_path):
+    """A driver that dies after a run's last report but before its end was recorded (a Tune trial within
+    Tune's state-saving period) reruns it on resume: the rerun must give the run's result, not none."""
+    from ray_jobs.data import load_splits
+    from ray_jobs.train import fit, put_data, system_settings
+
+    cfg = tiny_config(tmp_path, "train.epochs=1", "data.synthetic.n_samples=600")
+    splits = load_splits(cfg.data)
+    system = system_settings(cfg, put_data(splits.train, splits.val))
+    first = fit(cfg, system, run_name="restored-run")
+    again = fit(cfg, system, run_name="restored-run")
+    assert again.metrics["resumed_from_step"] == first.metrics["step"] > 0
+    assert again.metrics["val_f1"] == first.metrics["val_f1"] and again.metrics["epoch"] == 1
+    assert again.checkpoint is not None and (Path(again.checkpoint.path) / "model.safetensors").is_file()
