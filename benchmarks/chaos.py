@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -207,13 +208,20 @@ def start_head(
     raise RuntimeError("the Ray head did not come up within 60 s")
 
 
-def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
-    head.send_signal(signal.SIGTERM)  # a clean shutdown; killed if it takes longer than a minute
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        head.kill()
-        head.wait()
+def stop_head(head: subprocess.Popen, temp_dir: str, graceful: bool = True) -> None:
+    """Stop the cluster `start_head` started: SIGTERM, a clean shutdown (killed if it takes longer than a
+    minute); or, with graceful=False (tests that are done with it), SIGKILL to every process of it."""
+    if graceful:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+    else:
+        for pid in [*descendants(head.pid), head.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    head.wait()
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -177,6 +177,7 @@ def absolute_path(path: str) -> str:
 
 class RegistryConfig(_Strict):
     # None: the embedded store sqlite:///<root>/mlflow.db with artifacts under <root>/artifacts.
+    # "{head_ip}" in it stands for the Ray head's address (runtime.with_cluster_addresses).
     tracking_uri: str | None = None
     root: str = "runs/mlflow"
     experiment: str = "sentiment"

@@ -26,6 +26,7 @@ from ray_jobs.runtime import (
     init_ray,
     load_from_args,
     wait_until_interrupted,
+    with_cluster_addresses,
 )
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ def deploy_champion(cfg: PipelineConfig) -> tuple[str, str]:
     """Start Ray if needed, deploy (or hot-swap to) the configured model and wait until it serves.
     Returns (version, endpoint URL)."""
     init_ray(cfg.ray)
+    cfg = with_cluster_addresses(cfg)
     version = Registry(cfg.registry).resolve_version(served_model_uri(cfg.serve, cfg.registry))
     return version, deploy(cfg, wait_version=version)
 

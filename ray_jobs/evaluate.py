@@ -17,7 +17,15 @@ from ray_jobs.data import Split, load_file
 from ray_jobs.errors import SentimentError
 from ray_jobs.gate import Evaluation, evaluation_from
 from ray_jobs.inference import Predictor
-from ray_jobs.runtime import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, config_parser, configure_logging, load_from_args
+from ray_jobs.runtime import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    config_parser,
+    configure_logging,
+    load_from_args,
+    with_cluster_addresses,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from ray_jobs.registry import Registry
 
-        cfg = load_from_args(args)
+        cfg = with_cluster_addresses(load_from_args(args))
         split = load_file(args.data, cfg.data.text_column, cfg.data.label_column)
         model_dir = Registry(cfg.registry).resolve_model_dir(args.model)
         ev = evaluate_dir(model_dir, split, cfg.gate.eval_batch_size, args.precision, name=args.model)

@@ -34,8 +34,9 @@ from ray_jobs.runtime import (
     init_ray,
     load_from_args,
     wait_until_interrupted,
+    with_cluster_addresses,
 )
-from ray_jobs.train import METRIC, put_data
+from ray_jobs.train import METRIC, local_checkpoint_dir, put_data
 from ray_jobs.tune import CHECKPOINT_KEY, SearchOutcome, run_search
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,7 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
     log.info(
         "data: %d train / %d val / %d test, digests %s", len(splits.train), len(splits.val), len(splits.test), digests
     )
+    cfg = with_cluster_addresses(cfg)  # connects to the cluster first only where the URI names its head
     reg = Registry(cfg.registry)
     reg.ping()  # fail before hours of training, not after
     init_ray(cfg.ray)
@@ -190,7 +192,8 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
             reg.log_trial(run_id, f"trial-{t.trial_id}", t.hparams, t.history, t.status, t.error)
         best = outcome.best_trial
         assert best is not None and best.best is not None  # run_search raises otherwise
-        ckpt, val = best.best[CHECKPOINT_KEY], best.best
+        val = best.best
+        ckpt = local_checkpoint_dir(val[CHECKPOINT_KEY], cfg.train.storage_path)
         reg.log_metrics(
             run_id,
             {

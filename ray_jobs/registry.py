@@ -25,7 +25,15 @@ from typing import Any
 
 from ray_jobs.config import PipelineConfig, RegistryConfig, absolute_path
 from ray_jobs.errors import RegistryError, SentimentError
-from ray_jobs.runtime import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, config_parser, configure_logging, load_from_args
+from ray_jobs.runtime import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    config_parser,
+    configure_logging,
+    load_from_args,
+    with_cluster_addresses,
+)
 
 log = logging.getLogger(__name__)
 
@@ -465,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     configure_logging()
     try:
-        reg = Registry(load_from_args(args).registry)
+        reg = Registry(with_cluster_addresses(load_from_args(args)).registry)
         reg.ping()
         if args.cmd == "status":
             _cmd_status(reg)

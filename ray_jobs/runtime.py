@@ -127,6 +127,28 @@ def init_ray(cfg: RayConfig, runtime_env: dict | None = None) -> None:
             raise
 
 
+# In `registry.tracking_uri`, the Ray head's address: one config for every cluster (README, On a cluster).
+HEAD_IP = "{head_ip}"
+
+
+def expand_head_ip(uri: str, gcs_address: str) -> str:
+    """`uri` with HEAD_IP replaced by the host of the cluster's GCS address ("10.0.1.23:6379")."""
+    return uri.replace(HEAD_IP, gcs_address.rsplit(":", 1)[0])
+
+
+def with_cluster_addresses(cfg: PipelineConfig) -> PipelineConfig:
+    """The config with HEAD_IP in `registry.tracking_uri` resolved, once, by the driver (connecting to the
+    cluster if it has not): Train workers and Serve replicas then get the concrete address."""
+    uri = cfg.registry.tracking_uri
+    if not uri or HEAD_IP not in uri:
+        return cfg
+    import ray
+
+    init_ray(cfg.ray)
+    resolved = expand_head_ip(uri, ray.get_runtime_context().gcs_address)
+    return cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"tracking_uri": resolved})})
+
+
 def wait_until_interrupted() -> None:
     """Block until Ctrl-C or SIGTERM: keeps an in-process Ray (and its Serve app) alive."""
     import signal

@@ -528,6 +528,19 @@ def fit(
     return trainer.fit()
 
 
+def local_checkpoint_dir(path: str, storage_path: str) -> str:
+    """A local folder holding the checkpoint that Ray reported at `path`. With local (or NFS) storage that
+    is the folder itself. With remote storage (`s3://`, `gs://`, ...) Ray reports the path without its
+    scheme; the checkpoint is downloaded to a temporary folder."""
+    scheme = storage_path.split("://", 1)[0] if "://" in storage_path else ""
+    if not scheme:
+        return path
+    import ray.train
+
+    uri = path if "://" in path else f"{scheme}://{path}"
+    return ray.train.Checkpoint(uri).to_directory(tempfile.mkdtemp(prefix="sentiment-checkpoint-"))
+
+
 def best_checkpoint(result) -> tuple[str, dict[str, Any]]:
     """(path, metrics) of the checkpoint with the highest validation F1."""
     pairs = getattr(result, "best_checkpoints", None) or []

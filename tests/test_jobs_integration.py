@@ -44,7 +44,7 @@ def job_cluster():
             pytest.fail("the dashboard did not come up")
         yield env, url, token
     finally:
-        stop_head(head, temp_dir)
+        stop_head(head, temp_dir, graceful=False)  # done with it: no need to wait for a clean shutdown
 
 
 def _sets(tmp: Path, *extra: str) -> list[str]:

@@ -121,3 +121,39 @@ def test_every_cluster_the_readme_starts_has_token_auth():
         for line in block.splitlines():
             if re.search(r"\b(ray (start|up|job)|serve (run|deploy))\b", line):
                 assert "RAY_AUTH_MODE=token" in block, line
+
+
+LOOPBACK = ("127.", "localhost", "::1", "0.0.0.0")
+
+
+def test_what_workers_and_replicas_need_is_not_on_a_loopback_address():
+    """On a multi-node cluster, Serve replicas and Train workers run on other nodes than the head: the
+    tracking server and the storage they use must be reachable from there."""
+    from urllib.parse import urlparse
+
+    from ray_jobs.config import load_config
+    from ray_jobs.runtime import HEAD_IP, expand_head_ip
+
+    cfg = load_config(ROOT / "tune_configs" / "imdb.yaml")
+    assert HEAD_IP in cfg.registry.tracking_uri
+    resolved = urlparse(expand_head_ip(cfg.registry.tracking_uri, "10.0.1.23:6379"))
+    assert resolved.hostname == "10.0.1.23" and resolved.port == 5000
+    for storage in (cfg.train.storage_path, cfg.tune.storage_path):
+        assert storage.startswith("s3://"), f"{storage} is not shared by the nodes"
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    [mlflow] = [c for c in config["head_setup_commands"] if "mlflow server" in c]
+    host = re.search(r'--host ("[^"]*"|\S+)', mlflow).group(1)
+    assert not host.strip("\"'").startswith(LOOPBACK) and "hostname -I" in host
+    assert "--serve-artifacts" in mlflow
+    worker = config["available_node_types"]["gpu_worker"]["node_config"]
+    assert "IamInstanceProfile" in worker  # S3 checkpoints need it on the workers
+
+
+def test_head_ip_placeholder_is_resolved_once_by_the_driver():
+    from ray_jobs.config import load_config
+    from ray_jobs.runtime import expand_head_ip, with_cluster_addresses
+
+    assert expand_head_ip("http://{head_ip}:5000", "10.0.0.7:6379") == "http://10.0.0.7:5000"
+    assert expand_head_ip("http://mlflow:5000", "10.0.0.7:6379") == "http://mlflow:5000"
+    plain = load_config(None, ["registry.tracking_uri=http://mlflow.internal:5000"])
+    assert with_cluster_addresses(plain) is plain  # no placeholder: nothing to resolve, no Ray started

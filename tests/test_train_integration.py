@@ -54,20 +54,27 @@ def _fit_with_fault(tmp_path, max_failures):
     )
     splits = load_splits(cfg.data)
     marker = tmp_path / "killed"
-    system = system_settings(
-        cfg, put_data(splits.train, splits.val), callbacks=[FaultInjection(str(marker), at_epoch=0)]
-    )
-    return fit(cfg, system), marker
+    data = put_data(splits.train, splits.val)
+    result = fit(cfg, system_settings(cfg, data, callbacks=[FaultInjection(str(marker), at_epoch=0)]))
+    return result, marker, cfg, data
 
 
 def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path):
-    result, marker = _fit_with_fault(tmp_path, max_failures=1)
+    from ray_jobs.train import fit, system_settings
+
+    result, marker, cfg, data = _fit_with_fault(tmp_path, max_failures=1)
     assert marker.exists(), "the fault was not injected"
     m = result.metrics
     assert m["epoch"] == 3
     steps_per_epoch = m["step"] // 3
     # The restarted workers continued after epoch 1 (global step of its checkpoint), not from step 0.
     assert m["resumed_from_step"] == steps_per_epoch
+
+    # Run again under the same name, as a resumed search reruns a trial whose end its driver did not
+    # record: restored after the last epoch, it reports its last checkpoint again instead of nothing.
+    again = fit(cfg, system_settings(cfg, data), run_name=Path(result.path).name)
+    assert again.metrics["resumed_from_step"] == m["step"] and again.metrics["val_f1"] == m["val_f1"]
+    assert again.metrics["epoch"] == 3 and (Path(again.checkpoint.path) / "model.safetensors").is_file()
 
 
 def test_killed_worker_fails_the_run_without_retries(ray_cluster, tmp_path):
@@ -88,19 +95,3 @@ def test_time_budget_stops_early_and_keeps_a_checkpoint(ray_cluster, tmp_path):
     assert result.metrics["epoch"] < 50
     path, _ = best_checkpoint(result)
     assert (Path(path) / "model.safetensors").is_file()
-
-
-def test_a_run_restored_after_its_last_epoch_reports_its_checkpoint_again(ray_cluster, tmp_path):
-    """A driver that dies after a run's last report but before its end was recorded (a Tune trial within
-    Tune's state-saving period) reruns it on resume: the rerun must give the run's result, not none."""
-    from ray_jobs.data import load_splits
-    from ray_jobs.train import fit, put_data, system_settings
-
-    cfg = tiny_config(tmp_path, "train.epochs=1", "data.synthetic.n_samples=600")
-    splits = load_splits(cfg.data)
-    system = system_settings(cfg, put_data(splits.train, splits.val))
-    first = fit(cfg, system, run_name="restored-run")
-    again = fit(cfg, system, run_name="restored-run")
-    assert again.metrics["resumed_from_step"] == first.metrics["step"] > 0
-    assert again.metrics["val_f1"] == first.metrics["val_f1"] and again.metrics["epoch"] == 1
-    assert again.checkpoint is not None and (Path(again.checkpoint.path) / "model.safetensors").is_file()

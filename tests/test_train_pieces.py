@@ -1,5 +1,7 @@
 """The named pieces of the training loop, without Ray: the schedule and the shard split."""
 
+from pathlib import Path
+
 import pytest
 
 from ray_jobs.data import generate_reviews
@@ -48,3 +50,16 @@ def test_shards_are_equal_and_disjoint():
     assert all(len(seq) <= 32 for s in shards for seq in s.train_seqs)
     with pytest.raises(ValueError):
         shard_and_encode(tok, generate_reviews(2, seed=1), val, cfg, 0, 3)
+
+
+def test_a_checkpoint_on_remote_storage_is_downloaded_for_the_driver(tmp_path):
+    """Ray reports a checkpoint on s3://-style storage without its scheme; the driver gets a local copy.
+    file:// storage takes the same path through pyarrow's filesystem as s3:// does."""
+    from ray_jobs.train import local_checkpoint_dir
+
+    remote = tmp_path / "storage" / "run" / "checkpoint_0"
+    remote.mkdir(parents=True)
+    (remote / "model.safetensors").write_bytes(b"weights")
+    assert local_checkpoint_dir(str(remote), str(tmp_path / "storage")) == str(remote)  # local: the folder itself
+    local = local_checkpoint_dir(str(remote), f"file://{tmp_path}/storage")
+    assert local != str(remote) and (Path(local) / "model.safetensors").read_bytes() == b"weights"
