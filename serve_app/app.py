@@ -284,6 +284,10 @@ class SentimentModel:
         if self.predictor is not None:
             await self.predictor.check()
             self.metrics.set_restarts(self.predictor.restarts)
+        if self.info is not None:
+            # Ray drops a gauge value that is not set again within two metrics export intervals: the
+            # served version is re-set on every health check (every 10 s) so that it stays visible.
+            self.metrics.set_model_version(self.info.version)
         state, reason = self.status()
         if state == "unavailable":
             raise RuntimeError(reason)

@@ -148,8 +148,9 @@ def test_a_search_whose_driver_was_killed_resumes_where_it_stopped(job_cluster, 
     serve_port = free_port()
     sets = _sets(
         tmp_path,
-        "train.epochs=3",
-        "data.synthetic.n_samples=2400",
+        "train.epochs=2",
+        "data.synthetic.n_samples=1600",
+        "gate.floor=0.5",  # this test is about resuming, not about how good two short epochs get
         "tune.scheduler=none",
         "train.num_to_keep=4",
         f"registry.tracking_uri={tracking_uri}",
@@ -205,6 +206,6 @@ def test_a_search_whose_driver_was_killed_resumes_where_it_stopped(job_cluster, 
     assert after[finished] == before[finished], "the finished trial was run again"
     last = json.loads((after[unfinished][-1] / "sentiment_meta.json").read_text())["metrics"]
     saved_steps = {json.loads((c / "sentiment_meta.json").read_text())["metrics"]["step"] for c in before[unfinished]}
-    assert last["epoch"] == 3
+    assert last["epoch"] == 2
     # The unfinished trial continued from a checkpoint it had written before the kill, not from step 0.
     assert last["resumed_from_step"] in saved_steps and last["resumed_from_step"] > 0, (last, saved_steps)
