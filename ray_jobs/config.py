@@ -385,15 +385,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         raise ConfigError(f"override '{override}': {err}") from None
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read a YAML config (None: the defaults), apply ``--set`` overrides, validate once. Errors name
-    the key and the file."""
-    if path is None:
-        raw: dict[str, Any] = {}
-        for override in overrides or []:
-            apply_override(raw, override)
-        return _validate(raw, f"--set {overrides}" if overrides else "the defaults").with_absolute_paths()
-    path = Path(path)
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -406,7 +398,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read a YAML config (None: the defaults), apply ``--set`` overrides, validate once. Errors name
+    the key and the file."""
+    raw = {} if path is None else _read_yaml(Path(path))
     for override in overrides or []:
         apply_override(raw, override)
-    source = str(path) + (f" (with overrides {overrides})" if overrides else "")
-    return _validate(raw, source).with_absolute_paths()
+    source = "the defaults" if path is None else str(path)
+    return _validate(raw, source + (f" (with overrides {overrides})" if overrides else "")).with_absolute_paths()

@@ -300,11 +300,11 @@ class Registry:
     def champion(self) -> str | None:
         return self.alias_version(CHAMPION)
 
-    def model_dir(self, version: str | int, name: str | None = None) -> str:
+    def model_dir(self, version: str | int) -> str:
         """A local folder holding the version's files (downloaded if the artifact store is remote)."""
         import mlflow
 
-        mv = self._call(f"get_model_version {version}", self.client.get_model_version, name or self.name, str(version))
+        mv = self._call(f"get_model_version {version}", self.client.get_model_version, self.name, str(version))
         return self._call(
             "download_artifacts", mlflow.artifacts.download_artifacts, artifact_uri=mv.source, tracking_uri=self.uri
         )

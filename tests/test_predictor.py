@@ -106,19 +106,8 @@ def test_evaluate_cli_known_metrics_and_errors(model_dir, tmp_path, capsys, capl
     labels = pred_labels[:3] + [1 - y for y in pred_labels[3:]]
     f = tmp_path / "eval.jsonl"
     pd.DataFrame({"review": TEXTS, "y": labels}).to_json(f, orient="records", lines=True)
-    code = evaluate.main(
-        [
-            "--model",
-            model_dir,
-            "--data",
-            str(f),
-            "--set",
-            "data.text_column=review",
-            "--set",
-            "data.label_column=y",
-            "--json",
-        ]
-    )
+    columns = ["--set", "data.text_column=review", "--set", "data.label_column=y"]
+    code = evaluate.main(["--model", model_dir, "--data", str(f), *columns, "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 5 and out["accuracy"] == pytest.approx(0.6)
@@ -139,12 +128,9 @@ def test_evaluate_cli_known_metrics_and_errors(model_dir, tmp_path, capsys, capl
                 str(tmp_path / "no-model"),
                 "--data",
                 str(f),
+                *columns,
                 "--set",
-                "data.text_column=review",
-                "--set",
-                "data.label_column=y",
-                "--set",
-                f"registry.root={tmp_path / 'mlflow'}",
+                f"registry.root={tmp_path}/mlflow",
             ]
         )
         == 2
