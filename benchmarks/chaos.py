@@ -168,7 +168,11 @@ def cluster_env(mode: str) -> dict[str, str]:
 
 
 def start_head(
-    env: dict[str, str], num_cpus: int, dashboard_port: int | None = None
+    env: dict[str, str],
+    num_cpus: int,
+    dashboard_port: int | None = None,
+    resources: dict[str, float] | None = None,
+    cwd: str | None = None,
 ) -> tuple[subprocess.Popen, int, str]:
     """A `ray start --head --block` cluster that is this process's to stop (`stop_head`), in a temp dir of
     its own (short: Ray puts sockets under it), so that no later `ray.init()` on this machine joins it.
@@ -192,8 +196,10 @@ def start_head(
             ),
             "--disable-usage-stats",
             f"--temp-dir={temp_dir}",
+            *([f"--resources={json.dumps(resources)}"] if resources else []),
         ],
         env=env,
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -206,6 +212,39 @@ def start_head(
         time.sleep(1)
     stop_head(head, temp_dir)
     raise RuntimeError("the Ray head did not come up within 60 s")
+
+
+def start_worker(
+    env: dict[str, str], gcs: int, num_cpus: int, resources: dict[str, float], cwd: str
+) -> tuple[subprocess.Popen, str]:
+    """Another Ray node on this machine joining the head at `gcs`, with its own temp dir (so each node
+    unpacks a job's working_dir into a folder of its own) and its own working folder `cwd`. Returns once
+    the cluster lists its resources: (process, temp dir); `stop_head` stops it."""
+    temp_dir = tempfile.mkdtemp(prefix="ray-node-", dir="/tmp")
+    node = subprocess.Popen(
+        [
+            "ray",
+            "start",
+            "--block",
+            f"--address=127.0.0.1:{gcs}",
+            f"--num-cpus={num_cpus}",
+            f"--resources={json.dumps(resources)}",
+            "--disable-usage-stats",
+            f"--temp-dir={temp_dir}",
+        ],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(60):
+        cmd = ["ray", "status", f"--address=127.0.0.1:{gcs}"]
+        status = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if status.returncode == 0 and all(f" {name}" in status.stdout for name in resources):
+            return node, temp_dir
+        time.sleep(1)
+    stop_head(node, temp_dir)
+    raise RuntimeError(f"the Ray node with {resources} did not join within 60 s")
 
 
 def stop_head(head: subprocess.Popen, temp_dir: str, graceful: bool = True) -> None:

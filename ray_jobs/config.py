@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ray_jobs.errors import ConfigError
 
@@ -105,6 +105,14 @@ class TrainConfig(_Strict):
     max_failures: int = Field(1, ge=0)
     storage_path: str = "runs/ray"
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads; default: cpus_per_worker")
+    # Custom Ray resources each worker also needs, e.g. {trainer: 1} to keep training on the nodes that
+    # `ray start --resources '{"trainer": N}'` offers (CPU and GPU come from the fields above).
+    resources_per_worker: dict[str, float] = {}
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_only(cls, v: dict[str, float]) -> dict[str, float]:
+        return _custom_resources(v)
 
 
 class ChoiceParam(_Strict):
@@ -169,6 +177,16 @@ class TuneConfig(_Strict):
         return self
 
 
+def _custom_resources(v: dict[str, float]) -> dict[str, float]:
+    standard = sorted(set(v) & {"CPU", "GPU", "memory", "object_store_memory"})
+    if standard:
+        raise ValueError(f"{standard} have fields of their own; list only custom resources here")
+    negative = sorted(k for k, q in v.items() if q <= 0)
+    if negative:
+        raise ValueError(f"resource quantities must be positive: {negative}")
+    return v
+
+
 def absolute_path(path: str) -> str:
     """A local path made absolute (Ray and MLflow want them, and Tune trials and Serve replicas run in
     other working directories); URIs (s3://, gs://, ...) pass through."""
@@ -199,6 +217,9 @@ class GateConfig(_Strict):
     alpha: float = Field(0.05, gt=0, lt=1)
     bootstrap_samples: int = Field(1000, ge=100)
     eval_batch_size: int = Field(64, ge=1)
+    # How long a pipeline waits for another driver's gate decision on the same registry (the lock is
+    # held while the champion is evaluated on the test split).
+    lock_timeout_s: float = Field(3600, gt=0)
 
 
 class AutoscalingConfig(_Strict):
@@ -222,10 +243,15 @@ class ServeConfig(_Strict):
     app_name: str = "sentiment"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    # Where Serve runs its HTTP proxy: EveryNode (every node with a replica, and the head) suits a load
+    # balancer in front of the nodes; HeadOnly one entry point (and several nodes on one machine).
+    proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
     route_prefix: str = "/"
     # None: models:/<registry.model_name>@champion. Else a models:/ URI, or a local model folder.
     model_uri: str | None = None
     num_cpus: float = Field(1, gt=0)
+    # Custom Ray resources a replica also needs, e.g. {serve: 1} to place replicas on serving nodes.
+    resources: dict[str, float] = {}
     # auto: bf16 where the CPU has AVX-512 BF16/AMX (same predictions within 0.1 point of F1), else fp32.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     max_batch_size: int = Field(32, ge=1)
@@ -247,6 +273,11 @@ class ServeConfig(_Strict):
     # refused before Serve changes anything.
     trial_load: bool = True
     autoscaling: AutoscalingConfig = AutoscalingConfig()
+
+    @field_validator("resources")
+    @classmethod
+    def _custom_only(cls, v: dict[str, float]) -> dict[str, float]:
+        return _custom_resources(v)
 
     def with_absolute_paths(self) -> ServeConfig:
         if self.model_uri is None or self.model_uri.startswith("models:/"):

@@ -75,7 +75,10 @@ def deploy(cfg: PipelineConfig, wait_version: str | None = None, timeout_s: floa
     s = cfg.serve
     # The replica answers a request past its deadline with 504 itself; the proxy's own timeout (a 408)
     # is only the backstop.
-    serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s + 5})
+    serve.start(
+        proxy_location=s.proxy_location,
+        http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s + 5},
+    )
     # Trial-loads the model first (ModelWorkerError: refused, nothing running changed). `serve.run` then
     # rolls the replicas over: new ones start with the model, old ones drain their requests and leave.
     app = build_application(cfg)

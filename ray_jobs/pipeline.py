@@ -5,7 +5,9 @@
 
 Exit codes: 0 promoted (and deployed unless --no-deploy), 3 blocked by the gate (a valid outcome),
 2 bad config or data, 1 failure (nothing promoted, no alias changed), 4 promoted in the registry (the
-champion alias moved) but a later step failed: recording the decision, deploying, or the sample request.
+champion alias moved) but a later step failed: recording the decision, deploying, or the sample request;
+130 interrupted (Ctrl-C, or SIGTERM from `ray job stop`) before a promotion: the MLflow run ends KILLED,
+and a version registered but not yet gated keeps the tag gate.decision=pending.
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ from ray_jobs.registry import Registry
 from ray_jobs.runtime import (
     EXIT_BLOCKED,
     EXIT_FAILURE,
+    EXIT_INTERRUPTED,
     EXIT_NOT_DEPLOYED,
     EXIT_OK,
     EXIT_USAGE,
     config_parser,
     configure_logging,
     init_ray,
+    interrupt_on_sigterm,
     load_from_args,
+    sigterm_received,
     wait_until_interrupted,
     with_cluster_addresses,
 )
@@ -75,7 +80,7 @@ def run_gate(
     and evaluated on the same test split inside the lock, and re-read before the write: a decision
     is never taken against a stale champion or a stale stored F1. Any error leaves aliases unchanged."""
     policy = policy_from_config(cfg.gate)
-    with reg.lock():
+    with reg.lock(timeout_s=cfg.gate.lock_timeout_s) as lease:
         champ = reg.champion()
         champ_eval = None
         if champ is not None and champ != version:
@@ -95,6 +100,7 @@ def run_gate(
         }
         reg.set_version_tags(version, tags)
         if decision.promote:
+            lease.check()  # still ours: no other driver can have moved the alias since we read it
             if reg.champion() != champ:
                 raise GateError("the champion changed while the gate was deciding; no alias written")
             reg.set_aliases(version, champ)
@@ -118,7 +124,7 @@ def promoted_steps(version: str | None, what: str):
     becomes PromotedNotDeployedError, which tells the truth about the registry."""
     try:
         yield
-    except Exception as err:
+    except (Exception, KeyboardInterrupt) as err:  # KeyboardInterrupt: Ctrl-C, or SIGTERM (`ray job stop`)
         if version is None or isinstance(err, PromotedNotDeployedError):
             raise
         raise PromotedNotDeployedError(version, f"{what} failed: {type(err).__name__}: {err}") from err
@@ -178,6 +184,7 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
     reg = Registry(cfg.registry)
     reg.ping()  # fail before hours of training, not after
     init_ray(cfg.ray)
+    interrupt_on_sigterm()  # again: ray.init replaced it with a plain exit that skips the cleanup below
     run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     run_id = reg.start_pipeline_run(
         cfg, digests, {k: len(getattr(splits, k)) for k in ("train", "val", "test")}, run_name
@@ -188,6 +195,8 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
         if resume_tune:
             reg.set_tags(run_id, {"resumed_tune": resume_tune})
         outcome = run_search(cfg, put_data(splits.train, splits.val), meta, name=run_name, restore_path=resume_tune)
+        if sigterm_received():  # Tune ended the search early on it: register nothing
+            raise KeyboardInterrupt("SIGTERM")
         for t in outcome.trials:
             reg.log_trial(run_id, f"trial-{t.trial_id}", t.hparams, t.history, t.status, t.error)
         best = outcome.best_trial
@@ -213,6 +222,9 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
             run_id,
             ckpt,
             {
+                # Until the gate writes its decision: a version whose pipeline died before (a stopped
+                # job, a lost driver) says so instead of looking like a gated model.
+                "gate.decision": "pending",
                 "test_f1": f"{challenger.f1:.6f}",
                 "test_accuracy": f"{challenger.metrics['accuracy']:.6f}",
                 "test_n": challenger.n,
@@ -242,8 +254,11 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
                 result.sample = _sample_request(result.url)
         status = "FINISHED"
         return result
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
-        reg.end_run(run_id, status)
+        reg.end_run(run_id, "KILLED" if sigterm_received() else status)
 
 
 def _print_summary(cfg: PipelineConfig, out: Outcome) -> None:
@@ -290,9 +305,6 @@ def main(argv: list[str] | None = None) -> int:
             out = run_pipeline(cfg, deploy_app=not args.no_deploy, resume_tune=args.resume_tune)
             _print_summary(cfg, out)
             code = EXIT_OK if out.decision.promote else EXIT_BLOCKED
-    except (ConfigError, DataError) as err:
-        log.error("%s", err)
-        return EXIT_USAGE
     except PromotedNotDeployedError as err:
         log.error(
             "version %s was promoted in the registry (it is the champion now), not deployed: %s. "
@@ -302,10 +314,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"gate           PROMOTED v{err.version} in the registry, NOT DEPLOYED: {err}", flush=True)
         return EXIT_NOT_DEPLOYED
-    except SentimentError as err:
-        log.error("pipeline failed, nothing promoted: %s", err)
-        return EXIT_FAILURE
-    except Exception as err:  # noqa: BLE001 - the last line of defence prints what broke
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - the last line of defence says what broke
+        if isinstance(err, KeyboardInterrupt) or sigterm_received():
+            # A promotion (the alias moved) that was interrupted afterwards exits 4 (promoted_steps).
+            log.error("interrupted (Ctrl-C or SIGTERM) before any promotion: nothing promoted")
+            return EXIT_INTERRUPTED
+        if isinstance(err, (ConfigError, DataError)):
+            log.error("%s", err)
+            return EXIT_USAGE
+        if isinstance(err, SentimentError):
+            log.error("pipeline failed, nothing promoted: %s", err)
+            return EXIT_FAILURE
         log.exception("pipeline failed, nothing promoted: %s: %s", type(err).__name__, err)
         return EXIT_FAILURE
     if args.keep_serving:
@@ -315,4 +334,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # `ray job stop` sends SIGTERM (SIGKILL 3 s later): handled as Ctrl-C, so that the MLflow run ends
+    # KILLED. Only here: a process that calls main() keeps its own signal handling.
+    interrupt_on_sigterm()
     sys.exit(main())

@@ -10,15 +10,16 @@ python -m ray_jobs.registry --config ... experiments
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from ray_jobs.runtime import (
 log = logging.getLogger(__name__)
 
 CHAMPION, PREVIOUS = "champion", "previous"
+LOCK_SUFFIX = ".gate-lock"
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[A-Za-z0-9_.\-]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>\d+))$")
 
@@ -144,31 +146,25 @@ class Registry:
                 self._experiment_id = exp.experiment_id
         return self._experiment_id
 
+    @property
+    def lock_name(self) -> str:
+        return f"{self.name}{LOCK_SUFFIX}"
+
     @contextlib.contextmanager
-    def lock(self, timeout_s: float = 600) -> Iterator[None]:
-        """An exclusive lock for alias changes. Pipelines run their drivers on one host (the head node
-        under `ray job submit`), so a host file lock serialises every gate decision on this registry."""
-        if self.uri.startswith("sqlite:///"):
-            path = Path(self.uri.removeprefix("sqlite:///")).with_suffix(".gate.lock")
-        else:
-            path = (
-                Path.home() / ".cache" / "sentiment-ray" / f"{hashlib.sha256(self.uri.encode()).hexdigest()[:16]}.lock"
-            )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            deadline = time.time() + timeout_s
-            while True:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.time() > deadline:
-                        raise RegistryError(f"timed out waiting for the gate lock {path}") from None
-                    time.sleep(0.2)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+    def lock(self, timeout_s: float = 3600, lease_s: float = 60) -> Iterator[GateLease]:
+        """An exclusive lease on this model's aliases, held in the registry itself so that it holds for
+        every driver that shares the registry: on other nodes, in other clusters. The lock is a registered
+        model `<name>.gate-lock` that exists while held; creating one is atomic in every MLflow backend
+        (a unique name in sqlite, PostgreSQL, MySQL). A heartbeat renews it every lease_s/4; a holder
+        that died (SIGKILL, a lost node) stops renewing, and a waiter that sees no renewal for lease_s of
+        its own clock takes the lock over, so host clocks need not agree. Yields a GateLease whose
+        `check()` raises if the lease was taken over (a holder stalled for longer than lease_s)."""
+        lease = GateLease(self, lease_s)
+        lease.acquire(timeout_s)
+        try:
+            yield lease
+        finally:
+            lease.release()
 
     # ------------------------------------------------------------------ tracking
     def start_run(self, run_name: str, tags: dict[str, str] | None = None, parent_run_id: str | None = None) -> str:
@@ -259,14 +255,13 @@ class Registry:
 
         self._call("log_artifacts", self.client.log_artifacts, run_id, model_dir, "model")
         try:
-            self.client.get_registered_model(self.name)
-        except MlflowException:
-            self._call(
-                "create_registered_model",
-                self.client.create_registered_model,
-                self.name,
-                description="DistilBERT sentiment classifier (Hugging Face folder, safetensors)",
+            self.client.create_registered_model(
+                self.name, description="DistilBERT sentiment classifier (Hugging Face folder, safetensors)"
             )
+        except MlflowException as err:
+            # Exists already: the usual case, and the loser of two first registrations at once.
+            if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+                raise RegistryError(f"MLflow create_registered_model failed at {self.uri}: {err}") from None
         run = self._call("get_run", self.client.get_run, run_id)
         mv = self._call(
             "create_model_version",
@@ -287,11 +282,7 @@ class Registry:
         try:
             return str(self.client.get_model_version_by_alias(self.name, alias).version)
         except MlflowException as err:
-            if (
-                "RESOURCE_DOES_NOT_EXIST" in str(getattr(err, "error_code", ""))
-                or "not found" in str(err).lower()
-                or "does not exist" in str(err).lower()
-            ):
+            if _does_not_exist(err):
                 return None
             raise RegistryError(f"MLflow alias lookup failed at {self.uri}: {err}") from None
         except Exception as err:
@@ -372,6 +363,129 @@ class Registry:
         return {a: str(v) for a, v in (rm.aliases or {}).items()}
 
 
+class GateLease:
+    """The registry-held lock of `Registry.lock` (see there)."""
+
+    def __init__(self, reg: Registry, lease_s: float):
+        if lease_s <= 0:
+            raise ValueError("lease_s must be positive")
+        self.reg, self.lease_s = reg, lease_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._lost: str | None = None
+        self._beat: threading.Thread | None = None
+
+    def _tags(self) -> dict[str, str] | None:
+        """The lock's tags, or None when nobody holds it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return dict(self.reg.client.get_registered_model(self.reg.lock_name).tags or {})
+        except MlflowException as err:
+            if _does_not_exist(err):
+                return None
+            raise
+
+    def _try_create(self) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.reg.client.create_registered_model(
+                self.reg.lock_name,
+                tags={"owner": self.owner, "heartbeat": "0"},
+                description=f"gate lock of {self.reg.name}: exists while a driver decides (ray_jobs.registry)",
+            )
+            return True
+        except MlflowException as err:
+            # Taken (or released between the insert and MLflow's look-up of the existing one): wait.
+            if "RESOURCE_ALREADY_EXISTS" in str(err.error_code) or _does_not_exist(err):
+                return False
+            raise
+
+    def acquire(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        seen: tuple[str, str] | None = None  # (owner, heartbeat) last seen, and since when it has not moved
+        seen_since = time.monotonic()
+        waited = False
+        while True:
+            if self.reg._call("create the gate lock", self._try_create):
+                break
+            tags = self.reg._call("read the gate lock", self._tags)
+            now = time.monotonic()
+            if tags is not None:
+                current = (tags.get("owner", ""), tags.get("heartbeat", ""))
+                if current != seen:
+                    seen, seen_since = current, now
+                elif now - seen_since > self.lease_s:
+                    log.warning("gate lock of %s not renewed for %.0f s: taking it over", seen[0], now - seen_since)
+                    self._take_over(seen[0])
+                    seen = None
+                    continue
+                if not waited:
+                    log.info("waiting for the gate lock on %s (held by %s)", self.reg.name, current[0])
+                    waited = True
+            if now > deadline:
+                raise RegistryError(
+                    f"timed out after {timeout_s:.0f} s waiting for the gate lock {self.reg.lock_name} "
+                    f"(held by {seen[0] if seen else 'nobody'})"
+                )
+            time.sleep(0.2 + 0.3 * (uuid.uuid4().int % 100) / 100)  # jitter: waiters do not poll in step
+        self._beat = threading.Thread(target=self._heartbeat, name="gate-lock-heartbeat", daemon=True)
+        self._beat.start()
+
+    def _take_over(self, stale_owner: str) -> None:
+        """Delete a dead holder's lock, unless it changed hands since we looked."""
+        from mlflow.exceptions import MlflowException
+
+        tags = self.reg._call("read the gate lock", self._tags)
+        if tags is None or tags.get("owner") != stale_owner:
+            return
+        try:
+            self.reg.client.delete_registered_model(self.reg.lock_name)
+        except MlflowException as err:
+            if not _does_not_exist(err):
+                raise RegistryError(f"MLflow delete of a stale gate lock failed at {self.reg.uri}: {err}") from None
+
+    def _heartbeat(self) -> None:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.reg.uri, self.reg.uri)  # its own client: the driver's is busy elsewhere
+        beat = 0
+        while not self._stop.wait(self.lease_s / 4):
+            beat += 1
+            try:
+                tags = client.get_registered_model(self.reg.lock_name).tags or {}
+                if tags.get("owner") != self.owner:
+                    self._lost = f"taken over by {tags.get('owner')}"
+                    return
+                client.set_registered_model_tag(self.reg.lock_name, "heartbeat", str(beat))
+            except Exception as err:  # noqa: BLE001 - one missed beat is not a lost lease; check() decides
+                log.warning("gate lock heartbeat failed: %s: %s", type(err).__name__, str(err)[:200])
+
+    def check(self) -> None:
+        """Raise RegistryError unless this process still holds the lock (call before writing aliases)."""
+        tags = self.reg._call("read the gate lock", self._tags)
+        if self._lost or tags is None or tags.get("owner") != self.owner:
+            why = self._lost or f"now held by {(tags or {}).get('owner')}"
+            raise RegistryError(f"lost the gate lock {self.reg.lock_name} ({why})")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout=30)
+        try:
+            tags = self._tags()
+            if tags is not None and tags.get("owner") == self.owner:
+                self.reg.client.delete_registered_model(self.reg.lock_name)
+        except Exception as err:  # noqa: BLE001 - the lease expires by itself; say so and go on
+            log.warning("could not release the gate lock (it expires in %.0f s): %s", self.lease_s, err)
+
+
+def _does_not_exist(err: Exception) -> bool:
+    text = f"{getattr(err, 'error_code', '')} {err}".lower()
+    return "resource_does_not_exist" in text or "not found" in text or "does not exist" in text
+
+
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -435,9 +549,10 @@ def _cmd_experiments(reg: Registry, limit: int) -> None:
 
 
 def _manual_alias_change(reg: Registry, new: str, kind: str, reason: str) -> None:
-    with reg.lock():
+    with reg.lock() as lease:
         old = reg.champion()
         reg.get_version(new)  # must exist
+        lease.check()
         reg.set_aliases(new, old)
         event = {
             "event": kind,

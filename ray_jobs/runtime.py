@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 
 from ray_jobs.config import PipelineConfig, RayConfig, load_config
 from ray_jobs.errors import ConfigError
@@ -16,6 +18,7 @@ EXIT_FAILURE = 1  # something broke; nothing was promoted
 EXIT_USAGE = 2  # bad config, bad arguments or bad input data
 EXIT_BLOCKED = 3  # pipeline/gate: a valid run whose challenger the gate did not promote
 EXIT_NOT_DEPLOYED = 4  # pipeline: promoted in the registry (the alias moved), then deploying or recording failed
+EXIT_INTERRUPTED = 130  # pipeline: Ctrl-C or SIGTERM (`ray job stop`) before any promotion
 
 
 # The project's loggers: modules log to logging.getLogger(__name__) under these names.
@@ -149,9 +152,28 @@ def with_cluster_addresses(cfg: PipelineConfig) -> PipelineConfig:
     return cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"tracking_uri": resolved})})
 
 
+_sigterm = threading.Event()
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (`ray job stop` sends it, then SIGKILL 3 s later) as Ctrl-C: a KeyboardInterrupt in the main
+    thread, so that cleanup runs. It is also recorded, because code in between may catch the interrupt
+    and raise something else (Ray Tune does): `sigterm_received()` still tells."""
+
+    def handler(signum, frame):
+        _sigterm.set()
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():  # Python allows handlers only there
+        signal.signal(signal.SIGTERM, handler)
+
+
+def sigterm_received() -> bool:
+    return _sigterm.is_set()
+
+
 def wait_until_interrupted() -> None:
     """Block until Ctrl-C or SIGTERM: keeps an in-process Ray (and its Serve app) alive."""
-    import signal
     import time
 
     signal.signal(signal.SIGTERM, signal.default_int_handler)

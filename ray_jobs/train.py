@@ -512,7 +512,11 @@ def fit(
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers,
             use_gpu=tc.use_gpu,
-            resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})},
+            resources_per_worker={
+                "CPU": tc.cpus_per_worker,
+                **({"GPU": 1} if tc.use_gpu else {}),
+                **tc.resources_per_worker,
+            },
         ),
         run_config=RunConfig(
             # A unique name per run: a reused name would resume from the old run's checkpoints.

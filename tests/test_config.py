@@ -149,3 +149,17 @@ def test_defaults_alone_and_overrides_without_a_file():
     assert cfg.registry.tracking_uri == "http://127.0.0.1:5000" and Path(cfg.registry.root).is_absolute()
     with pytest.raises(ConfigError, match="registry.nope"):
         load_config(None, ["registry.nope=1"])
+
+
+def test_custom_resources_place_work_and_standard_ones_are_refused():
+    cfg = load_config(
+        None,
+        ["train.resources_per_worker={trainer: 1}", "serve.resources={serve: 0.5}", "serve.proxy_location=HeadOnly"],
+    )
+    assert cfg.train.resources_per_worker == {"trainer": 1} and cfg.serve.resources == {"serve": 0.5}
+    with pytest.raises(ConfigError, match="train.resources_per_worker.*fields of their own"):
+        load_config(None, ["train.resources_per_worker={CPU: 2}"])
+    with pytest.raises(ConfigError, match="serve.resources.*positive"):
+        load_config(None, ["serve.resources={serve: 0}"])
+    with pytest.raises(ConfigError, match="serve.proxy_location"):
+        load_config(None, ["serve.proxy_location=Nowhere"])

@@ -1,15 +1,25 @@
-"""`ray job submit` against a `ray start` cluster with token auth: the Jobs API refuses requests without
-the token, a job's status follows the pipeline's exit code, and a search whose driver was killed resumes
-where it stopped (finished trials kept, the unfinished one continued from its checkpoint)."""
+"""`ray job submit` against a multi-node `ray start` cluster with token auth, on this machine: a head with
+no CPUs (it runs the job drivers), a training node offering the `trainer` resource and a serving node
+offering `serve` (and a second driver slot), each node with a Ray temp dir and a working folder of its own,
+so each unpacks a job's code somewhere else. The registry is a real `mlflow server` with artifact proxying
+(its own registry in PostgreSQL where this machine has it), checkpoints go through a folder standing in
+for shared storage. Tested: the Jobs API refuses requests without the token; a job's status follows the
+pipeline's exit code; a search whose driver was killed, or whose job was stopped, resumes where it
+stopped; two pipelines gating at once from different nodes end with the better model as champion."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import pwd
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -18,21 +28,87 @@ from conftest import ROOT, TINY, free_port, terminate
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+# role -> (CPUs, custom resources). The resources pin work to nodes: drivers via `ray job submit
+# --entrypoint-resources`, Train workers via train.resources_per_worker, replicas via serve.resources.
+NODES = {
+    "head": (0, {"driver_a": 1}),
+    "train": (2, {"trainer": 2}),
+    "serve": (1, {"serve": 1, "driver_b": 1}),
+}
+ON_NODES = [
+    "train.resources_per_worker={trainer: 1}",
+    "serve.resources={serve: 1}",
+    "serve.proxy_location=HeadOnly",  # one HTTP proxy: every node of this cluster shares 127.0.0.1
+]
+
+
+@dataclass
+class JobCluster:
+    env: dict[str, str]
+    url: str
+    token: str
+    node_ids: dict[str, str]  # role -> Ray node id
+    temp_dirs: list[str]  # each node's Ray temp dir
+
+    def job(self, submission_id: str) -> dict:
+        """The job's status, message and driver node, from the Jobs API (with the token)."""
+        r = httpx.get(f"{self.url}/api/jobs/{submission_id}", headers=self._auth(), timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def wait(self, submission_id: str, timeout_s: float = 600) -> dict:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            job = self.job(submission_id)
+            if job["status"] in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return job
+            time.sleep(1)
+        pytest.fail(f"job {submission_id} still {self.job(submission_id)['status']} after {timeout_s:.0f} s")
+
+    def logs(self, submission_id: str) -> str:
+        """The driver's log, read from its node's Ray temp dir: the Jobs API serves logs of drivers on
+        worker nodes through their agents' HTTP ports, which nodes sharing one machine do not get."""
+        found = [f for d in self.temp_dirs for f in Path(d).glob(f"session_*/logs/job-driver-{submission_id}.log")]
+        return "\n".join(f.read_text(errors="replace") for f in found)
+
+    def actors_by_node(self, class_name: str) -> dict[str, str]:
+        """actor id -> node role of every actor of `class_name` (alive or dead), from Ray's state API."""
+        out = subprocess.run(
+            ["ray", "list", "actors", f"--address={self.url}", f"--filter=class_name={class_name}"]
+            + ["--format=json", "--detail", "--limit=1000"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        roles = {node: role for role, node in self.node_ids.items()}
+        return {a["actor_id"]: roles.get(a["node_id"], a["node_id"]) for a in json.loads(out)}
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
 
 @pytest.fixture(scope="module")
-def job_cluster():
-    """A private head (3 CPUs, dashboard on 127.0.0.1) with RAY_AUTH_MODE=token; yields (env, Jobs API URL)."""
+def job_cluster(tmp_path_factory):
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from chaos import cluster_env, start_head, stop_head
+    from chaos import cluster_env, start_head, start_worker, stop_head
 
     env = cluster_env("proxy")
+    work = tmp_path_factory.mktemp("nodes")
+    for role in NODES:
+        (work / role).mkdir()
     dash = free_port()
-    head, _, temp_dir = start_head(env, num_cpus=3, dashboard_port=dash)
-    url = f"http://127.0.0.1:{dash}"
-    token = subprocess.run(
-        ["ray", "get-auth-token"], env=env, capture_output=True, text=True, check=True
-    ).stdout.strip()
+    cpus, resources = NODES["head"]
+    head, gcs, head_temp = start_head(env, cpus, dashboard_port=dash, resources=resources, cwd=str(work / "head"))
+    nodes = [(head, head_temp)]
     try:
+        for role in ("train", "serve"):
+            cpus, resources = NODES[role]
+            nodes.append(start_worker(env, gcs, cpus, resources, cwd=str(work / role)))
+        url = f"http://127.0.0.1:{dash}"
+        token = subprocess.run(
+            ["ray", "get-auth-token"], env=env, capture_output=True, text=True, check=True
+        ).stdout.strip()
         for _ in range(90):
             try:
                 if httpx.get(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=2).is_success:
@@ -42,29 +118,92 @@ def job_cluster():
             time.sleep(1)
         else:
             pytest.fail("the dashboard did not come up")
-        yield env, url, token
+        listed = subprocess.run(
+            ["ray", "list", "nodes", f"--address={url}", "--format=json", "--detail"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        node_ids = {}
+        for node in json.loads(listed):
+            total = node.get("resources_total", {})
+            role = next(r for r, (_, res) in NODES.items() if set(res) <= set(total))
+            node_ids[role] = node["node_id"]
+        assert set(node_ids) == set(NODES), listed[:2000]
+        yield JobCluster(env, url, token, node_ids, [temp_dir for _, temp_dir in nodes])
     finally:
-        stop_head(head, temp_dir, graceful=False)  # done with it: no need to wait for a clean shutdown
+        for proc, temp_dir in reversed(nodes):
+            stop_head(proc, temp_dir, graceful=False)  # done with it: no need to wait for a clean shutdown
 
 
-def _sets(tmp: Path, *extra: str) -> list[str]:
-    # Absolute paths: a job runs in a copy of the working directory that Ray unpacks somewhere else.
-    paths = [f"train.storage_path={tmp}/ray", f"tune.storage_path={tmp}/tune", f"registry.root={tmp}/mlflow"]
-    return [x for kv in [*TINY, *paths, *extra] for x in ("--set", kv)]
+def _pg_bindir() -> str | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    initdb = found[-1] if found else shutil.which("initdb")
+    return os.path.dirname(os.path.realpath(initdb)) if initdb else None
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 that proxies artifacts (clients never see its folder)."""
-    root = tmp_path_factory.mktemp("mlflow-server")
+def postgres():
+    """A private PostgreSQL server on 127.0.0.1 for the tracking server's registry: yields (URI, None),
+    or (None, why not) where this machine has no PostgreSQL or no driver for it."""
+    bindir = _pg_bindir()
+    if bindir is None:
+        yield None, "PostgreSQL (initdb, pg_ctl) is not installed"
+        return
+    try:
+        import psycopg2  # noqa: F401 - MLflow's server needs it for postgresql:// URIs
+    except ImportError:
+        yield None, "psycopg2 is not installed (pip install -e '.[test]')"
+        return
+    as_postgres: list[str] = []
+    data = tempfile.mkdtemp(prefix="pg-", dir="/tmp")
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            yield None, "running as root and there is no postgres user to run PostgreSQL as"
+            return
+        os.chown(data, user.pw_uid, user.pw_gid)
+        as_postgres = ["runuser", "-u", "postgres", "--"]
     port = free_port()
-    cmd = ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--serve-artifacts"]
-    cmd += ["--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination", str(root / "artifacts")]
+    run = [*as_postgres, f"{bindir}/pg_ctl", "-D", data]
+    try:
+        subprocess.run(
+            [*as_postgres, f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync"],
+            capture_output=True,
+            check=True,
+        )
+        opts = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off"
+        subprocess.run([*run, "-l", f"{data}/server.log", "-w", "-o", opts, "start"], capture_output=True, check=True)
+        subprocess.run(
+            [*as_postgres, f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow"],
+            capture_output=True,
+            check=True,
+        )
+        yield f"postgresql://postgres@127.0.0.1:{port}/mlflow", None
+    finally:
+        subprocess.run([*run, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory, postgres):
+    """A real `mlflow server` on 127.0.0.1 that proxies artifacts (clients never see its folder), its
+    registry in PostgreSQL where there is one, else sqlite. Yields (URI, artifact root, backend URI)."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    # SQLAlchemy 2.1 reads plain postgresql:// as psycopg 3; name the driver installed here.
+    backend = (
+        postgres[0].replace("postgresql://", "postgresql+psycopg2://") if postgres[0] else f"sqlite:///{root}/mlflow.db"
+    )
+    port = free_port()
+    cmd = ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "2", "--serve-artifacts"]
+    cmd += ["--backend-store-uri", backend, "--artifacts-destination", str(root / "artifacts")]
     log = open(root / "server.log", "w")
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
+        for _ in range(240):
             try:
                 if httpx.get(f"{uri}/health", timeout=2).is_success:
                     break
@@ -74,32 +213,37 @@ def mlflow_server(tmp_path_factory):
             time.sleep(0.5)
         else:
             pytest.fail("mlflow server did not come up")
-        yield uri, root
+        yield uri, root, backend
     finally:
         terminate(server)
         log.close()
 
 
+def _sets(tmp: Path, *extra: str) -> list[str]:
+    # Absolute paths: a job runs in a copy of the working directory that each node unpacks elsewhere.
+    paths = [f"train.storage_path={tmp}/ray", f"tune.storage_path={tmp}/tune", f"registry.root={tmp}/mlflow"]
+    return [x for kv in [*TINY, *paths, *ON_NODES, *extra] for x in ("--set", kv)]
+
+
 def _submit(
-    env: dict, url: str, args: list[str], submission_id: str, wait: bool = True, deploy: bool = False
+    cluster: JobCluster,
+    args: list[str],
+    submission_id: str,
+    wait: bool = True,
+    deploy: bool = False,
+    driver: str = "driver_a",
 ) -> subprocess.CompletedProcess:
-    cmd = ["ray", "job", "submit", f"--address={url}", f"--submission-id={submission_id}", "--working-dir=."]
-    cmd += [] if wait else ["--no-wait"]
+    cmd = ["ray", "job", "submit", f"--address={cluster.url}", f"--submission-id={submission_id}", "--working-dir=."]
+    cmd += [f"--entrypoint-resources={json.dumps({driver: 1})}", *([] if wait else ["--no-wait"])]
     entry = [sys.executable, "-m", "ray_jobs.pipeline", "--config", "tune_configs/quickstart.yaml"]
     entry += [] if deploy else ["--no-deploy"]
-    return subprocess.run([*cmd, "--", *entry, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-
-def _job(cluster: tuple, submission_id: str) -> dict:
-    """The job's status and message, from the Jobs API (with the token)."""
-    _, url, token = cluster
-    r = httpx.get(f"{url}/api/jobs/{submission_id}", headers={"Authorization": f"Bearer {token}"}, timeout=10)
-    r.raise_for_status()
-    return r.json()
+    return subprocess.run(
+        [*cmd, "--", *entry, *args], cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_the_jobs_api_refuses_requests_without_the_token(job_cluster):
-    _, url, token = job_cluster
+    url, token = job_cluster.url, job_cluster.token
     assert httpx.get(f"{url}/api/jobs/", timeout=10).status_code in (401, 403)
     assert httpx.get(f"{url}/api/jobs/", headers={"Authorization": "Bearer wrong"}, timeout=10).status_code in (
         401,
@@ -111,9 +255,8 @@ def test_the_jobs_api_refuses_requests_without_the_token(job_cluster):
 def test_a_jobs_status_follows_the_pipelines_exit_code(job_cluster, tmp_path):
     """A non-zero exit is a FAILED job whose message names the code (3 for a blocked gate, 2 here: a
     config error), and the job's log carries what the pipeline printed."""
-    env, url, _ = job_cluster
-    r = _submit(env, url, _sets(tmp_path, "train.epochs=0"), "bad-config-1")
-    job = _job(job_cluster, "bad-config-1")
+    r = _submit(job_cluster, _sets(tmp_path, "train.epochs=0"), "bad-config-1")
+    job = job_cluster.job("bad-config-1")
     assert job["status"] == "FAILED" and "code 2" in job["message"], (job, r.stdout[-3000:])
     assert "train.epochs" in r.stdout  # the config error, in the job's log
 
@@ -137,14 +280,36 @@ def _checkpoints(train_root: Path) -> dict[str, list[Path]]:
     return {run.name: sorted(c for c in run.glob("checkpoint_*") if c.is_dir()) for run in runs}
 
 
+def _wait_for_checkpoints(cluster: JobCluster, submission_id: str, train_root: Path, trials: int) -> None:
+    """Until `trials` Train runs each have a checkpoint that Ray Train registered (its snapshot written),
+    so that an interruption lands in the middle of the last one with something to resume from."""
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        runs = _checkpoints(train_root)
+        if len(runs) == trials and all(runs.values()):
+            if all((train_root / run / "checkpoint_manager_snapshot.json").is_file() for run in runs):
+                return
+        assert cluster.job(submission_id)["status"] in ("PENDING", "RUNNING"), cluster.job(submission_id)
+        time.sleep(0.5)
+    pytest.fail(f"the search did not checkpoint {trials} trials: {_checkpoints(train_root)}")
+
+
+def _resumed_from(before: dict[str, list[Path]], after: dict[str, list[Path]], run: str, epochs: int) -> None:
+    """The interrupted trial ran to the end, continuing from a checkpoint written before the interruption."""
+    last = json.loads((after[run][-1] / "sentiment_meta.json").read_text())["metrics"]
+    saved_steps = {json.loads((c / "sentiment_meta.json").read_text())["metrics"]["step"] for c in before[run]}
+    assert last["epoch"] == epochs
+    assert last["resumed_from_step"] in saved_steps and last["resumed_from_step"] > 0, (last, saved_steps)
+
+
 def test_a_search_whose_driver_was_killed_resumes_where_it_stopped(job_cluster, mlflow_server, tmp_path):
     """Also: the registry is a real MLflow tracking server with artifact proxying, and the Serve replica
-    downloads the model through it (nothing of the model on a path the driver and replica share)."""
+    downloads the model through it (nothing of the model on a path the driver and replica share); the
+    driver, the Train workers and the replica each run on their own node."""
     from ray_jobs.config import RegistryConfig
     from ray_jobs.registry import Registry
 
-    env, url, _ = job_cluster
-    tracking_uri, server_root = mlflow_server
+    tracking_uri, server_root, _ = mlflow_server
     serve_port = free_port()
     sets = _sets(
         tmp_path,
@@ -161,51 +326,141 @@ def test_a_search_whose_driver_was_killed_resumes_where_it_stopped(job_cluster, 
         "serve.autoscaling.max_replicas=1",
         "serve.request_timeout_s=5",  # the replica drains for this + 5 s when the cluster stops
     )
-    assert _submit(env, url, sets, "search-1", wait=False).returncode == 0
+    assert _submit(job_cluster, sets, "search-1", wait=False).returncode == 0
     train_root = tmp_path / "ray"
     # Kill the driver once the first trial has finished and the second one has checkpointed an epoch.
-    deadline = time.time() + 400
-    while time.time() < deadline:
-        runs = _checkpoints(train_root)
-        # The second trial's first checkpoint registered by Ray Train (its snapshot written), so that
-        # the kill lands in the middle of that trial with something to resume from.
-        if len(runs) == 2 and all(runs.values()):
-            if all((train_root / run / "checkpoint_manager_snapshot.json").is_file() for run in runs):
-                break
-        assert _job(job_cluster, "search-1")["status"] in ("PENDING", "RUNNING"), _job(job_cluster, "search-1")
-        time.sleep(0.5)
-    else:
-        pytest.fail(f"the search did not reach its second trial: {_checkpoints(train_root)}")
+    _wait_for_checkpoints(job_cluster, "search-1", train_root, trials=2)
     pids = _driver_pids(str(tmp_path))
     assert pids, "no pipeline driver found"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     before = _checkpoints(train_root)
-    for _ in range(60):
-        if _job(job_cluster, "search-1")["status"] == "FAILED":
-            break
-        time.sleep(1)
-    assert _job(job_cluster, "search-1")["status"] == "FAILED"
+    assert job_cluster.wait("search-1", timeout_s=60)["status"] == "FAILED"
     # Killed before registering: no version, no alias.
     reg = Registry(RegistryConfig(tracking_uri=tracking_uri))
     assert reg.versions() == [] and reg.champion() is None
 
     [experiment] = [p for p in (tmp_path / "tune").iterdir() if p.is_dir()]
-    r = _submit(env, url, [*sets, "--resume-tune", str(experiment)], "search-2", deploy=True)
-    assert _job(job_cluster, "search-2")["status"] == "SUCCEEDED", r.stdout[-4000:]
+    r = _submit(job_cluster, [*sets, "--resume-tune", str(experiment)], "search-2", deploy=True)
+    job = job_cluster.job("search-2")
+    assert job["status"] == "SUCCEEDED", r.stdout[-4000:]
     assert "gate           PROMOTED" in r.stdout and '"model_version":"1"' in r.stdout
     # The replica serves version 1, fetched through the server: the model lives only in its artifact store.
     info = httpx.get(f"http://127.0.0.1:{serve_port}/model", timeout=10).json()
     assert info["version"] == "1" and info["model_uri"] == "models:/sentiment-distilbert@champion"
     assert list((server_root / "artifacts").rglob("model.safetensors")) and not (tmp_path / "mlflow").exists()
     assert reg.champion() == "1"
+    # Each piece ran where the resources put it: driver on the head, training and serving on their nodes.
+    assert job["driver_node_id"] == job_cluster.node_ids["head"]
+    assert set(job_cluster.actors_by_node("RayTrainWorker").values()) == {"train"}
+    assert set(job_cluster.actors_by_node("ServeReplica:resumed:resumed-model").values()) == {"serve"}
 
     after = _checkpoints(train_root)
     assert set(after) == set(before), "a resumed search must reuse each trial's Train run, not start new ones"
     finished, unfinished = sorted(before, key=lambda run: len(before[run]), reverse=True)
     assert after[finished] == before[finished], "the finished trial was run again"
-    last = json.loads((after[unfinished][-1] / "sentiment_meta.json").read_text())["metrics"]
-    saved_steps = {json.loads((c / "sentiment_meta.json").read_text())["metrics"]["step"] for c in before[unfinished]}
-    assert last["epoch"] == 2
-    # The unfinished trial continued from a checkpoint it had written before the kill, not from step 0.
-    assert last["resumed_from_step"] in saved_steps and last["resumed_from_step"] > 0, (last, saved_steps)
+    _resumed_from(before, after, unfinished, epochs=2)
+
+
+def test_a_stopped_job_changes_nothing_and_resumes_when_resubmitted(job_cluster, tmp_path):
+    """`ray job stop` (SIGTERM, then SIGKILL): the job is STOPPED, its MLflow run ends KILLED, nothing is
+    registered or promoted; resubmitted with --resume-tune, the trial continues from its checkpoint."""
+    from ray_jobs.config import RegistryConfig
+    from ray_jobs.registry import Registry
+
+    sets = _sets(
+        tmp_path,
+        "train.epochs=4",  # the stop lands after the first epoch's checkpoint, well before the last
+        "data.synthetic.n_samples=1600",
+        "gate.floor=0.5",
+        "tune.num_samples=1",
+        "tune.scheduler=none",
+        "train.num_to_keep=4",
+    )
+    assert _submit(job_cluster, sets, "stopped-1", wait=False, driver="driver_b").returncode == 0
+    train_root = tmp_path / "ray"
+    _wait_for_checkpoints(job_cluster, "stopped-1", train_root, trials=1)
+    subprocess.run(
+        ["ray", "job", "stop", f"--address={job_cluster.url}", "stopped-1"],
+        env=job_cluster.env,
+        capture_output=True,
+        check=True,
+        timeout=120,
+    )
+    before = _checkpoints(train_root)
+    assert job_cluster.wait("stopped-1", timeout_s=60)["status"] == "STOPPED"
+    reg = Registry(RegistryConfig(root=f"{tmp_path}/mlflow"))
+    assert reg.champion() is None
+    assert all(v.tags.get("gate.decision") == "pending" for v in reg.versions())  # none, or flagged as such
+    [run] = reg.client.search_runs([reg.experiment_id()])
+    assert run.info.status == "KILLED", run.info.status  # the SIGTERM reached the driver's cleanup
+
+    [experiment] = [p for p in (tmp_path / "tune").iterdir() if p.is_dir()]
+    # --no-wait: `ray job submit` stops tailing early when the driver is on a worker node; poll instead.
+    _submit(job_cluster, [*sets, "--resume-tune", str(experiment)], "stopped-2", wait=False, driver="driver_b")
+    assert job_cluster.wait("stopped-2")["status"] == "SUCCEEDED", job_cluster.logs("stopped-2")[-4000:]
+    assert reg.champion() == "1"
+    after = _checkpoints(train_root)
+    assert set(after) == set(before)
+    [trial] = before
+    try:
+        _resumed_from(before, after, trial, epochs=4)
+    except AssertionError:
+        print(job_cluster.logs("stopped-1")[-6000:], "\n=====\n", job_cluster.logs("stopped-2")[-10000:])
+        raise
+
+
+def test_two_pipelines_gating_at_once_from_different_nodes_end_with_the_better_model(
+    job_cluster, mlflow_server, tmp_path
+):
+    """Drivers on the head and on the serving node share one tracking server (and its registry): the gate
+    lock lives in that registry, so the decisions are taken one after the other whatever the order, the
+    better model ends as champion and the history records both decisions."""
+    from ray_jobs.config import RegistryConfig
+    from ray_jobs.registry import Registry
+
+    tracking_uri = mlflow_server[0]
+    common = [
+        "train.epochs=2",
+        "data.synthetic.n_samples=1600",
+        "tune.num_samples=1",
+        "gate.floor=0.0",  # whichever decides first may become champion: the second must then win or lose on F1
+        f"registry.tracking_uri={tracking_uri}",
+        "registry.model_name=raced",
+    ]
+    runs = {"good": ("driver_a", "train.lr=1e-3"), "bad": ("driver_b", "train.lr=0")}
+    for name, (driver, lr) in runs.items():
+        args = _sets(tmp_path / name, *common, lr)
+        assert _submit(job_cluster, args, f"race-{name}", wait=False, driver=driver).returncode == 0
+    jobs = {name: job_cluster.wait(f"race-{name}") for name in runs}
+    for name, job in jobs.items():
+        # SUCCEEDED: promoted; FAILED with exit code 3: blocked by the gate. Anything else is a failure.
+        assert job["status"] == "SUCCEEDED" or "code 3" in job["message"], (job, job_cluster.logs(f"race-{name}"))
+    assert jobs["good"]["driver_node_id"] != jobs["bad"]["driver_node_id"]
+
+    reg = Registry(RegistryConfig(tracking_uri=tracking_uri, model_name="raced"))
+    versions = {v.tags["pipeline_run"]: v for v in reg.versions()}
+    assert len(versions) == 2 and all(v.tags["gate.decision"] in ("promote", "block") for v in versions.values())
+    best = max(versions.values(), key=lambda v: float(v.tags["test_f1"]))
+    worst = min(versions.values(), key=lambda v: float(v.tags["test_f1"]))
+    assert float(best.tags["test_f1"]) > float(worst.tags["test_f1"])
+    assert reg.champion() == best.version
+    tags = reg.client.get_registered_model("raced").tags
+    history = [json.loads(v) for k, v in tags.items() if k.startswith("history.")]
+    assert sorted(e["version"] for e in history if e["event"] == "gate") == sorted(v.version for v in versions.values())
+    # The lock was released: nothing of it is left in the registry.
+    assert [m.name for m in reg.client.search_registered_models(filter_string="name LIKE 'raced%'")] == ["raced"]
+
+
+def test_the_tracking_server_keeps_its_registry_in_postgresql(postgres, mlflow_server):
+    """The tests above ran against this server; where PostgreSQL is installed its registry lives there."""
+    uri, why_not = postgres
+    if uri is None:
+        pytest.skip(f"tracking server tested on sqlite only: {why_not}")
+    import psycopg2
+
+    assert mlflow_server[2].startswith("postgresql+psycopg2://")
+    with psycopg2.connect(uri) as conn, conn.cursor() as cur:
+        cur.execute("SELECT name FROM registered_models ORDER BY name")
+        names = [row[0] for row in cur.fetchall()]
+    assert "raced" in names and "sentiment-distilbert" in names, names

@@ -132,6 +132,28 @@ def test_bad_config_exit_code(tmp_path):
     assert pipeline.main(_args(tmp_path, 1, "train.epochs=zero")) == 2
 
 
+def test_a_pipeline_interrupted_before_its_gate_decision_leaves_a_pending_version(
+    ray_cluster, tmp_path, monkeypatch, caplog
+):
+    """Ctrl-C or SIGTERM (`ray job stop`) between registering and deciding: exit 130, no alias, the MLflow
+    run KILLED, and the version says gate.decision=pending rather than look like a gated model."""
+    from ray_jobs import pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_gate", interrupted)
+    args = _args(tmp_path, 1, "train.epochs=1", "tune.num_samples=1", "tune.search_space={}")
+    assert pipeline.main([*args, "--set", "data.synthetic.n_samples=800", "--no-deploy"]) == 130
+    assert "nothing promoted" in caplog.text
+    reg = _registry(tmp_path)
+    assert reg.aliases() == {}
+    [version] = reg.versions()
+    assert version.tags["gate.decision"] == "pending"
+    [run] = [r for r in reg.client.search_runs([reg.experiment_id()]) if "mlflow.parentRunId" not in r.data.tags]
+    assert run.info.status == "KILLED"
+
+
 def _registered(reg, run_name, model_dir, f1_tag="0"):
     run_id = reg.start_run(run_name)
     return reg.register(run_id, model_dir, {"test_f1": f1_tag})
