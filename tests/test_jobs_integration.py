@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,9 +103,14 @@ def job_cluster(tmp_path_factory):
     head, gcs, head_temp = start_head(env, cpus, dashboard_port=dash, resources=resources, cwd=str(work / "head"))
     nodes = [(head, head_temp)]
     try:
-        for role in ("train", "serve"):
-            cpus, resources = NODES[role]
-            nodes.append(start_worker(env, gcs, cpus, resources, cwd=str(work / role)))
+        with ThreadPoolExecutor(2) as pool:  # the two nodes start side by side
+            started = [
+                pool.submit(start_worker, env, gcs, *NODES[role], cwd=str(work / role)) for role in ("train", "serve")
+            ]
+            errors = [f.exception() for f in started]
+            nodes += [f.result() for f in started if f.exception() is None]  # stopped below, even on an error
+            if any(errors):
+                raise next(e for e in errors if e)
         url = f"http://127.0.0.1:{dash}"
         token = subprocess.run(
             ["ray", "get-auth-token"], env=env, capture_output=True, text=True, check=True

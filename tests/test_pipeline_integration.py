@@ -17,6 +17,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # A grid (not a random choice) so that the two trials are sure to differ.
 RUN = [
+    "data.synthetic.n_samples=2000",
     "train.epochs=2",
     "tune.num_samples=1",
     "tune.search_space={lr: {type: grid, values: [0.001, 0.002]}}",
