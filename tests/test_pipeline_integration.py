@@ -74,7 +74,8 @@ def test_pipeline_promotes_blocks_and_hot_swaps(serve_port, tmp_path, capsys):
     v1_f1 = float(reg.get_version("1").tags["test_f1"])
 
     # 2. A deliberately worse model (lr=0): blocked, exit code 3, champion and endpoint unchanged.
-    assert pipeline.main(_args(tmp_path, serve_port, "train.lr=0", "tune.search_space={}", "tune.num_samples=1")) == 3
+    worse = _args(tmp_path, serve_port, "train.lr=0", "train.epochs=1", "tune.search_space={}", "tune.num_samples=1")
+    assert pipeline.main(worse) == 3
     assert "BLOCKED" in capsys.readouterr().out
     assert reg.champion() == "1"
     v2 = reg.get_version("2")
@@ -84,7 +85,7 @@ def test_pipeline_promotes_blocks_and_hot_swaps(serve_port, tmp_path, capsys):
     # 3. A better config, promoted and hot-swapped while requests keep flowing: no request fails.
     with request_stream(url, "a dull and lifeless film", "model_version") as (answers, failures):
         code = pipeline.main(
-            _args(tmp_path, serve_port, "train.epochs=6", "tune.search_space={}", "tune.num_samples=1")
+            _args(tmp_path, serve_port, "train.epochs=5", "tune.search_space={}", "tune.num_samples=1")
         )
         time.sleep(1.0)
     assert code == 0, capsys.readouterr()
@@ -134,18 +135,25 @@ def test_bad_config_exit_code(tmp_path):
 
 
 def test_a_pipeline_interrupted_before_its_gate_decision_leaves_a_pending_version(
-    ray_cluster, tmp_path, monkeypatch, caplog
+    ray_cluster, tmp_path, trained_tiny, monkeypatch, caplog
 ):
     """Ctrl-C or SIGTERM (`ray job stop`) between registering and deciding: exit 130, no alias, the MLflow
-    run KILLED, and the version says gate.decision=pending rather than look like a gated model."""
+    run KILLED, and the version says gate.decision=pending rather than look like a gated model. (The
+    search is the session's trained model: this test is about what happens after it.)"""
     from ray_jobs import pipeline
+    from ray_jobs.train import METRIC
+    from ray_jobs.tune import CHECKPOINT_KEY, SearchOutcome, TrialRecord
+
+    _, _, path, metrics = trained_tiny
+    trial = TrialRecord("t0", {"lr": 0.001}, "TERMINATED", history=[{**metrics, CHECKPOINT_KEY: path}])
+    assert trial.best is not None and trial.best[METRIC] == metrics[METRIC]
+    monkeypatch.setattr(pipeline, "run_search", lambda *a, **k: SearchOutcome([trial], str(tmp_path / "tune")))
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline, "run_gate", interrupted)
-    args = _args(tmp_path, 1, "train.epochs=1", "tune.num_samples=1", "tune.search_space={}")
-    assert pipeline.main([*args, "--set", "data.synthetic.n_samples=800", "--no-deploy"]) == 130
+    assert pipeline.main([*_args(tmp_path, 1), "--no-deploy"]) == 130
     assert "nothing promoted" in caplog.text
     reg = _registry(tmp_path)
     assert reg.aliases() == {}

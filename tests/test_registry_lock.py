@@ -94,18 +94,18 @@ def test_a_killed_holders_lock_is_taken_over_after_its_lease(uri, tmp_path):
 def test_a_live_holder_keeps_its_lock_and_a_stalled_one_learns_it_lost_it(uri, tmp_path):
     ctx = multiprocessing.get_context("spawn")
     ready, go, out = tmp_path / "ready", tmp_path / "go", tmp_path / "out"
-    holder = ctx.Process(target=_hold_until_told, args=(uri, str(ready), str(go), str(out), 2))
+    holder = ctx.Process(target=_hold_until_told, args=(uri, str(ready), str(go), str(out), 1))
     holder.start()
     _wait_for(ready, holder)
     reg = Registry(RegistryConfig(tracking_uri=uri))
-    # Alive and renewing: a waiter gives up rather than take it (three leases long).
+    # Alive and renewing (every 0.25 s): a waiter gives up rather than take it (four leases long).
     with pytest.raises(RegistryError, match="timed out .* gate lock"):
-        with reg.lock(timeout_s=6, lease_s=2):
+        with reg.lock(timeout_s=4, lease_s=1):
             pass
     # Stalled (SIGSTOP: a frozen VM, a long GC pause): its lease runs out and a waiter takes over.
     os.kill(holder.pid, signal.SIGSTOP)
     try:
-        with reg.lock(timeout_s=60, lease_s=2):
+        with reg.lock(timeout_s=60, lease_s=1):
             os.kill(holder.pid, signal.SIGCONT)
             go.touch()
             holder.join(timeout=30)
