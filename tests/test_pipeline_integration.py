@@ -21,6 +21,7 @@ RUN = [
     "train.epochs=2",
     "tune.num_samples=1",
     "tune.search_space={lr: {type: grid, values: [0.001, 0.002]}}",
+    "tune.max_concurrent_trials=2",  # side by side: their start-up costs overlap
     "gate.floor=0.6",
     "serve.num_cpus=0.5",
     "serve.app_name=pipe",
