@@ -175,18 +175,25 @@ def postgres():
     port = free_port()
     run = [*as_postgres, f"{bindir}/pg_ctl", "-D", data]
     try:
-        subprocess.run(
-            [*as_postgres, f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync"],
-            capture_output=True,
-            check=True,
-        )
-        opts = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off"
-        subprocess.run([*run, "-l", f"{data}/server.log", "-w", "-o", opts, "start"], capture_output=True, check=True)
-        subprocess.run(
-            [*as_postgres, f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow"],
-            capture_output=True,
-            check=True,
-        )
+        try:
+            subprocess.run(
+                [*as_postgres, f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync"],
+                capture_output=True,
+                check=True,
+            )
+            opts = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off"
+            subprocess.run(
+                [*run, "-l", f"{data}/server.log", "-w", "-o", opts, "start"], capture_output=True, check=True
+            )
+            subprocess.run(
+                [*as_postgres, f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow"],
+                capture_output=True,
+                check=True,
+            )
+        except (OSError, subprocess.CalledProcessError) as err:
+            why = getattr(err, "stderr", b"") or b""
+            yield None, f"PostgreSQL did not start: {err} {why.decode(errors='replace')[-300:]}"
+            return
         yield f"postgresql://postgres@127.0.0.1:{port}/mlflow", None
     finally:
         subprocess.run([*run, "-m", "immediate", "stop"], capture_output=True)
