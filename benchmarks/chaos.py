@@ -167,33 +167,25 @@ def cluster_env(mode: str) -> dict[str, str]:
     return env
 
 
-def start_head(
+def _ray_start(
     env: dict[str, str],
+    gcs: int,
+    args: list[str],
     num_cpus: int,
-    dashboard_port: int | None = None,
-    resources: dict[str, float] | None = None,
-    cwd: str | None = None,
-) -> tuple[subprocess.Popen, int, str]:
-    """A `ray start --head --block` cluster that is this process's to stop (`stop_head`), in a temp dir of
-    its own (short: Ray puts sockets under it), so that no later `ray.init()` on this machine joins it.
-    With `dashboard_port`, the dashboard and its Jobs API listen there on 127.0.0.1.
-    Returns once the head accepts clients: (process, GCS port, temp dir)."""
-    # The token the head and its clients share (~/.ray/auth_token; kept if one exists, as ray.init does).
-    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
-    gcs, temp_dir = free_port(), tempfile.mkdtemp(prefix="ray-chaos-", dir="/tmp")
-    head = subprocess.Popen(
+    resources: dict[str, float] | None,
+    cwd: str | None,
+    prefix: str,
+) -> tuple[subprocess.Popen, str]:
+    """`ray start --block ARGS` in a temp dir of its own (short: Ray puts sockets under it); returns once the
+    cluster at `gcs` answers `ray status` and lists `resources`: (process, temp dir)."""
+    temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    node = subprocess.Popen(
         [
             "ray",
             "start",
-            "--head",
             "--block",
-            f"--port={gcs}",
+            *args,
             f"--num-cpus={num_cpus}",
-            *(
-                ["--include-dashboard=false"]
-                if dashboard_port is None
-                else ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
-            ),
             "--disable-usage-stats",
             f"--temp-dir={temp_dir}",
             *([f"--resources={json.dumps(resources)}"] if resources else []),
@@ -204,14 +196,39 @@ def start_head(
         stderr=subprocess.DEVNULL,
     )
     for _ in range(60):
-        if (
-            subprocess.run(["ray", "status", f"--address=127.0.0.1:{gcs}"], env=env, capture_output=True).returncode
-            == 0
-        ):
-            return head, gcs, temp_dir
+        status = subprocess.run(
+            ["ray", "status", f"--address=127.0.0.1:{gcs}"], env=env, capture_output=True, text=True
+        )
+        if status.returncode == 0 and all(f" {name}" in status.stdout for name in resources or {}):
+            return node, temp_dir
         time.sleep(1)
-    stop_head(head, temp_dir)
-    raise RuntimeError("the Ray head did not come up within 60 s")
+    stop_head(node, temp_dir)
+    raise RuntimeError(f"the Ray node ({' '.join(args)}, {resources}) did not come up within 60 s")
+
+
+def start_head(
+    env: dict[str, str],
+    num_cpus: int,
+    dashboard_port: int | None = None,
+    resources: dict[str, float] | None = None,
+    cwd: str | None = None,
+) -> tuple[subprocess.Popen, int, str]:
+    """A `ray start --head --block` cluster that is this process's to stop (`stop_head`), in a temp dir of
+    its own, so that no later `ray.init()` on this machine joins it.
+    With `dashboard_port`, the dashboard and its Jobs API listen there on 127.0.0.1.
+    Returns once the head accepts clients: (process, GCS port, temp dir)."""
+    # The token the head and its clients share (~/.ray/auth_token; kept if one exists, as ray.init does).
+    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
+    gcs = free_port()
+    dashboard = (
+        ["--include-dashboard=false"]
+        if dashboard_port is None
+        else ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+    )
+    head, temp_dir = _ray_start(
+        env, gcs, ["--head", f"--port={gcs}", *dashboard], num_cpus, resources, cwd, "ray-chaos-"
+    )
+    return head, gcs, temp_dir
 
 
 def start_worker(
@@ -220,31 +237,7 @@ def start_worker(
     """Another Ray node on this machine joining the head at `gcs`, with its own temp dir (so each node
     unpacks a job's working_dir into a folder of its own) and its own working folder `cwd`. Returns once
     the cluster lists its resources: (process, temp dir); `stop_head` stops it."""
-    temp_dir = tempfile.mkdtemp(prefix="ray-node-", dir="/tmp")
-    node = subprocess.Popen(
-        [
-            "ray",
-            "start",
-            "--block",
-            f"--address=127.0.0.1:{gcs}",
-            f"--num-cpus={num_cpus}",
-            f"--resources={json.dumps(resources)}",
-            "--disable-usage-stats",
-            f"--temp-dir={temp_dir}",
-        ],
-        env=env,
-        cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(60):
-        cmd = ["ray", "status", f"--address=127.0.0.1:{gcs}"]
-        status = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if status.returncode == 0 and all(f" {name}" in status.stdout for name in resources):
-            return node, temp_dir
-        time.sleep(1)
-    stop_head(node, temp_dir)
-    raise RuntimeError(f"the Ray node with {resources} did not join within 60 s")
+    return _ray_start(env, gcs, [f"--address=127.0.0.1:{gcs}"], num_cpus, resources, cwd, "ray-node-")
 
 
 def stop_head(head: subprocess.Popen, temp_dir: str, graceful: bool = True) -> None:
