@@ -17,10 +17,11 @@ injected per round:
     python benchmarks/chaos.py --modes haproxy --faults replica-kill --seconds 20
 
 Per fault it prints requests sent, failures by status (or `conn` for a broken connection), p99 from the
-fault until recovery, and seconds to full recovery: until every replica runs with a model process and
-/health says ok again. Each mode gets its own cluster (the ingress mode is read when Ray starts) with
-`--replicas` replicas of a 384-wide 6-layer DistilBERT at 128 tokens (random head: answers are not the
-point). Requests are bounded in count and time; everything goes to 127.0.0.1.
+fault until recovery, and seconds to full recovery: until every replica runs with a model process, Serve
+reports it RUNNING (routes to it) and /health says ok again, and no request is slow or failing. Each
+mode gets its own cluster (the ingress mode is read when Ray starts) with `--replicas` replicas of a
+384-wide 6-layer DistilBERT at 128 tokens (random head: answers are not the point). Requests are bounded
+in count and time; everything goes to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ class Load:
             for b in bodies
         ]
         self.records: list[tuple[float, float, int | str]] = []
+        self.in_flight: dict[int, float] = {}  # client -> start of its unanswered request
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
@@ -132,7 +134,7 @@ class Load:
         async def client(k: int) -> None:
             i, conn = k, None
             while not self._stop.is_set() and len(self.records) < self.max_requests:
-                t0 = time.monotonic()
+                t0 = self.in_flight[k] = time.monotonic()
                 try:
                     if conn is None:
                         conn = await asyncio.open_connection("127.0.0.1", self.port)
@@ -147,6 +149,7 @@ class Load:
                     conn = None
                     await asyncio.sleep(0.05)  # a refused connection answers at once: no busy loop
                 self.records.append((t0, time.monotonic(), status))
+                del self.in_flight[k]
                 i += self.clients
             if conn is not None:
                 conn[1].close()
@@ -157,10 +160,10 @@ class Load:
 # ------------------------------------------------------------------------------------ the cluster
 def cluster_env(mode: str) -> dict[str, str]:
     """The environment of a private cluster in ingress `mode` (and of every command that talks to it)."""
-    from ray_jobs.runtime import SERVE_INGRESS_ENV
+    from ray_jobs.runtime import serve_ingress_env
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith(("RAY_SERVE_", "RAY_AUTH_"))}
-    env.update(SERVE_INGRESS_ENV[mode])
+    env.update(serve_ingress_env(mode))
     # Token auth on, and said so: with RAY_AUTH_MODE unset, `ray start` turns it on by itself once any
     # `ray.init()` has left ~/.ray/auth_token, while the `ray status` CLI then cannot authenticate.
     env["RAY_AUTH_MODE"] = "token"
@@ -231,6 +234,25 @@ def start_head(
     return head, gcs, temp_dir
 
 
+def auth_token(env: dict[str, str]) -> str:
+    """The token of the clusters `start_head` starts (the one `ray get-auth-token` prints)."""
+    return subprocess.run(["ray", "get-auth-token"], env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def running_replicas(dashboard: str, token: str, app: str) -> int:
+    """Replicas of `app` that Serve reports RUNNING (Serve's REST API on the dashboard at `dashboard`):
+    the ones it routes to. A replica whose process is up can stay STARTING for seconds while it loads its
+    model; a second fault in that window hits a one-replica app. 0 while the API does not answer."""
+    import httpx
+
+    try:
+        r = httpx.get(f"{dashboard}/api/serve/applications/", headers={"Authorization": f"Bearer {token}"}, timeout=5)
+        deployments = r.json()["applications"][app]["deployments"] if r.status_code == 200 else {}
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return 0
+    return sum(rep["state"] == "RUNNING" for d in deployments.values() for rep in d["replicas"])
+
+
 def start_worker(
     env: dict[str, str], gcs: int, num_cpus: int, resources: dict[str, float], cwd: str
 ) -> tuple[subprocess.Popen, str]:
@@ -262,7 +284,11 @@ class Cluster:
         self.mode, self.tmp, self.args = mode, tmp, args
         self.port = free_port()
         self.env = cluster_env(mode)
-        self.head, self.gcs, self.temp_dir = start_head(self.env, args.cluster_cpus)
+        self.dashboard = f"http://127.0.0.1:{free_port()}"
+        self.head, self.gcs, self.temp_dir = start_head(
+            self.env, args.cluster_cpus, dashboard_port=int(self.dashboard.rsplit(":", 1)[1])
+        )
+        self.token = auth_token(self.env)
 
     def deploy(self, model_dir: str, replicas: int) -> subprocess.CompletedProcess:
         sets = [
@@ -293,12 +319,15 @@ class Cluster:
         )
 
     def healthy(self, replicas_wanted: int) -> bool:
+        """Full strength: every replica runs with a model process, Serve routes to all of them (RUNNING),
+        and /health is ok."""
         import httpx
 
         procs = descendants(self.head.pid)  # one scan of /proc per poll: it runs beside the load
         if (
             len(replicas(self.head.pid, procs)) != replicas_wanted
             or len(model_processes(self.head.pid, procs)) != replicas_wanted
+            or running_replicas(self.dashboard, self.token, APP) != replicas_wanted
         ):
             return False
         try:
@@ -362,8 +391,8 @@ def _p99(latencies: list[float]) -> float:
 
 def run_fault(fault: str, cluster: Cluster, models: dict[str, str], texts: list[str], state: dict, args) -> dict:
     """Load, the fault after `lead` seconds, and load on until the system is back: full strength (every
-    replica with its model process, /health ok, the model the last deploy asked for) and every request
-    answered at normal speed (no failure and nothing slower than 3x the p99 before the fault) for 5 s.
+    replica with its model process and RUNNING, /health ok, the model the last deploy asked for) and every
+    request answered at normal speed (no failure and nothing slower than 3x the p99 before the fault) for 5 s.
     Recovery time is the later of the two, from the fault."""
     import httpx
 
@@ -392,14 +421,16 @@ def run_fault(fault: str, cluster: Cluster, models: dict[str, str], texts: list[
                 ):
                     strength = now
             bad = [e for s, e, st in list(load.records) if e >= t_fault and (st != 200 or e - s > slow_s)]
-            calm_since = max(bad, default=t_fault)
+            # A request still unanswered past slow_s (a wedged model holds it) is not calm either.
+            stuck = [now for start in list(load.in_flight.values()) if now - start > slow_s]
+            calm_since = max([*bad, *stuck], default=t_fault)
             if strength is not None and now - calm_since >= 5 and now - t_fault >= args.seconds - lead:
                 break
             if now - t_fault > args.seconds + 180:
                 break
             time.sleep(0.25)
     records = load.records
-    recovered = None if strength is None else max(strength, max(bad, default=t_fault))
+    recovered = None if strength is None else max(strength, calm_since)
     failed: dict[str, int] = {}
     for _, _, status in records:
         if status != 200:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -66,7 +67,8 @@ def load_from_args(args: argparse.Namespace) -> PipelineConfig:
     return load_config(args.config, args.overrides)
 
 
-# The environment each `ray.serve_ingress` mode needs when the Ray cluster starts.
+# The environment each `ray.serve_ingress` mode needs when the Ray cluster starts (`serve_ingress_env`
+# adds the HAProxy command of this install).
 SERVE_INGRESS_ENV: dict[str, dict[str, str]] = {
     "proxy": {},
     "direct": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
@@ -79,15 +81,45 @@ SERVE_INGRESS_ENV: dict[str, dict[str, str]] = {
         # send again, to another replica (`option redispatch`): a killed replica then costs no request.
         "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response 503",
         "RAY_SERVE_HAPROXY_RETRIES": "3",
+        # A replica is taken out at its first failed connection, not its third: when it was the only
+        # one HAProxy knew (its peer's replacement still loading), the retries then go to Serve's
+        # proxy, which waits for a replica, instead of all three to the dead one (measured:
+        # benchmarks/chaos.py, 6 of 6 replica kills lost 1-2 requests with 3, none with 1). A live
+        # replica taken out by mistake is back after two health checks, 0.5 s.
+        "RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT": "1",
+        # A replica that leaves (rollout, downscale) stays reachable this long before it refuses new
+        # connections, so that load balancers can drop it first. Ray's 30 s is for load balancers
+        # outside the cluster; HAProxy here drops it within a second of the controller's broadcast,
+        # and an old HAProxy process that still sends it a request after the window is refused and
+        # retries another replica. 30 s made each replica of a rollout take 30 s to leave.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
     },
 }
+HAPROXY_COMMAND = "sentiment-haproxy"  # ray_jobs/haproxy.py, installed by pip next to the interpreter
+
+
+def serve_ingress_env(mode: str) -> dict[str, str]:
+    """SERVE_INGRESS_ENV[mode]; for `haproxy`, also RAY_SERVE_HAPROXY_BINARY_PATH: the `sentiment-haproxy`
+    command of this install (ray_jobs/haproxy.py: Ray's HAProxy, buffering each request so that it can
+    be replayed)."""
+    env = dict(SERVE_INGRESS_ENV[mode])
+    if mode == "haproxy":
+        beside = os.path.join(os.path.dirname(sys.executable), HAPROXY_COMMAND)
+        command = beside if os.access(beside, os.X_OK) else shutil.which(HAPROXY_COMMAND)
+        if command is None:
+            raise ConfigError(
+                f"ray.serve_ingress=haproxy needs the {HAPROXY_COMMAND} command, which `pip install` of this "
+                "project puts next to the Python interpreter; it is not there"
+            )
+        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = os.path.abspath(command)
+    return env
 
 
 def apply_serve_ingress(mode: str) -> dict[str, str]:
     """Put the variables of `mode` into this process's environment, from where a Ray cluster started
     by this process passes them to its workers. A variable the shell already set to another value
     is a configuration error, not something to override silently."""
-    env = SERVE_INGRESS_ENV[mode]
+    env = serve_ingress_env(mode)
     for key, value in env.items():
         have = os.environ.get(key)
         if have is not None and have != value:
@@ -109,7 +141,7 @@ def init_ray(cfg: RayConfig, runtime_env: dict | None = None) -> None:
             "ray.serve_ingress=%s only takes effect on a cluster started with %s in its environment "
             "(this process connects to an existing cluster)",
             cfg.serve_ingress,
-            " ".join(f"{k}={v}" for k, v in SERVE_INGRESS_ENV[cfg.serve_ingress].items()),
+            " ".join(f"{k}={v}" for k, v in serve_ingress_env(cfg.serve_ingress).items()),
         )
     kwargs: dict = {
         "address": cfg.address,

@@ -406,9 +406,11 @@ def test_direct_ingress_mode_serves_on_the_proxy_and_the_replica_port(tmp_path, 
 def test_haproxy_ingress_survives_faults_with_zero_failed_requests(tmp_path, trained_tiny, untrained_tiny):
     """The production shape: a `ray start` cluster in `haproxy` mode (with the retry policy of
     ray_jobs.runtime.SERVE_INGRESS_ENV), two replicas, a stream of requests through HAProxy on
-    serve.port while, one after another: a replica actor is SIGKILLed, a model process is SIGKILLed, a
-    model process is wedged (SIGSTOP), the model is hot-swapped, and a corrupt model is deployed. No
-    request fails; the corrupt deploy is refused and the app keeps serving the swapped-in model."""
+    serve.port while, one after another: a replica actor is SIGKILLed and the other one too while the
+    first one's replacement still loads its model (HAProxy is then left with no live replica in its
+    list), a model process is SIGKILLed, a model process is wedged (SIGSTOP), the model is hot-swapped,
+    and a corrupt model is deployed. No request fails; the corrupt deploy is refused and the app keeps
+    serving the swapped-in model."""
     import os
     import shutil
     import signal
@@ -420,10 +422,19 @@ def test_haproxy_ingress_survives_faults_with_zero_failed_requests(tmp_path, tra
     from ray_jobs.inference import Predictor
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from chaos import cluster_env, descendants, find, model_processes, start_head, stop_head
+    from chaos import (
+        auth_token,
+        cluster_env,
+        descendants,
+        find,
+        model_processes,
+        running_replicas,
+        start_head,
+        stop_head,
+    )
 
     env = cluster_env("haproxy")
-    port = free_port()
+    port, dashboard = free_port(), free_port()
 
     def deploy(model_dir: str) -> subprocess.CompletedProcess:
         sets = [
@@ -455,12 +466,17 @@ def test_haproxy_ingress_survives_faults_with_zero_failed_requests(tmp_path, tra
         )
 
     def full_strength(old: set[int] = frozenset(), timeout_s: float = 120) -> None:
-        """Two replicas with a model process each, none of them among `old`, and /health ok."""
+        """Two replicas with a model process each, none of them among `old`, both RUNNING (Serve routes
+        to them), and /health ok."""
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             below = descendants(head.pid)
             procs = set(find(head.pid, "ServeReplica:hs:", below)) | set(model_processes(head.pid, below))
-            if len(procs) == 4 and not procs & old:
+            if (
+                len(procs) == 4
+                and not procs & old
+                and running_replicas(f"http://127.0.0.1:{dashboard}", token, "hs") == 2
+            ):
                 try:
                     if httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok":
                         return
@@ -473,17 +489,27 @@ def test_haproxy_ingress_survives_faults_with_zero_failed_requests(tmp_path, tra
     text = "a dull and lifeless film, but the ending was wonderful"
     old, new = (Predictor(m, precision="auto").predict([text])[0] for m in (trained_tiny[2], untrained_tiny))
     # The cluster's processes are this test's to stop, leaving the tests' own cluster alone.
-    head, gcs, temp_dir = start_head(env, num_cpus=3)
+    head, gcs, temp_dir = start_head(env, num_cpus=3, dashboard_port=dashboard)
+    token = auth_token(env)
     try:
         assert deploy(trained_tiny[2]).returncode == 0
         full_strength()
 
-        for fault, signum in (("replica", signal.SIGKILL), ("model", signal.SIGKILL), ("model", signal.SIGSTOP)):
-            victim = (find(head.pid, "ServeReplica:hs:") if fault == "replica" else model_processes(head.pid))[0]
+        for fault, signum in (("replicas", signal.SIGKILL), ("model", signal.SIGKILL), ("model", signal.SIGSTOP)):
             with request_stream(url, text, "score") as (answers, failures):
                 time.sleep(1.0)
-                os.kill(victim, signum)
-                full_strength(old={victim})
+                if fault == "replicas":
+                    first, second = find(head.pid, "ServeReplica:hs:")
+                    victims = {first, second}
+                    os.kill(first, signum)
+                    deadline = time.time() + 60
+                    while not set(find(head.pid, "ServeReplica:hs:")) - victims and time.time() < deadline:
+                        time.sleep(0.1)  # until the replacement's process is up: it then loads its model
+                    os.kill(second, signum)
+                else:
+                    victims = {model_processes(head.pid)[0]}
+                    os.kill(*victims, signum)
+                full_strength(old=victims)
                 n = len(answers)
                 while len(answers) < n + 5:
                     time.sleep(0.2)

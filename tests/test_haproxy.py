@@ -1,0 +1,48 @@
+"""`sentiment-haproxy` (ray_jobs/haproxy.py): Ray's HAProxy, run on Ray's config with request buffering added.
+The end-to-end check (a request whose replica is killed under it is replayed, for a client that sends the
+body in a write of its own) is test_serve_integration.py::test_haproxy_ingress_survives_faults_..."""
+
+import os
+import subprocess
+
+from ray_jobs.haproxy import OPTION, add_option, config_path
+from ray_jobs.runtime import serve_ingress_env
+
+CONFIG = """global
+    maxconn 64
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend web
+    bind 127.0.0.1:18080
+    default_backend app
+backend app
+    server one 127.0.0.1:1
+"""
+
+
+def test_the_option_goes_into_the_defaults_section_once():
+    changed = add_option(CONFIG)
+    lines = changed.splitlines()
+    assert lines[lines.index("defaults") + 1].strip() == OPTION
+    assert add_option(changed) == changed  # a reload runs the command again on Ray's new file
+    assert add_option("global\n    maxconn 64\n") == "global\n    maxconn 64\n"  # nothing to add it to
+    assert config_path(["-db", "-f", "/x/haproxy.cfg", "-sf", "12"]) == "/x/haproxy.cfg"
+    assert config_path(["-v"]) is None
+
+
+def test_the_command_runs_the_bundled_haproxy_on_the_buffered_config(tmp_path):
+    """As Ray runs it: RAY_SERVE_HAPROXY_BINARY_PATH names the command itself (it must not run itself
+    again), with Ray's arguments; `-c` makes HAProxy check the config and exit."""
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(CONFIG)
+    command = serve_ingress_env("haproxy")["RAY_SERVE_HAPROXY_BINARY_PATH"]
+    env = {**os.environ, "RAY_SERVE_HAPROXY_BINARY_PATH": command}
+    done = subprocess.run([command, "-c", "-f", str(cfg)], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "Configuration file is valid" in done.stdout + done.stderr
+    assert f"    {OPTION}\n" in cfg.read_text()
+    cfg.write_text(CONFIG.replace("mode http", "mode nonsense"))  # HAProxy's own verdict comes back
+    assert subprocess.run([command, "-c", "-f", str(cfg)], env=env, capture_output=True, timeout=30).returncode != 0
