@@ -284,10 +284,9 @@ class Cluster:
         self.mode, self.tmp, self.args = mode, tmp, args
         self.port = free_port()
         self.env = cluster_env(mode)
-        self.dashboard = f"http://127.0.0.1:{free_port()}"
-        self.head, self.gcs, self.temp_dir = start_head(
-            self.env, args.cluster_cpus, dashboard_port=int(self.dashboard.rsplit(":", 1)[1])
-        )
+        dashboard_port = free_port()
+        self.dashboard = f"http://127.0.0.1:{dashboard_port}"
+        self.head, self.gcs, self.temp_dir = start_head(self.env, args.cluster_cpus, dashboard_port=dashboard_port)
         self.token = auth_token(self.env)
 
     def deploy(self, model_dir: str, replicas: int) -> subprocess.CompletedProcess:
@@ -422,8 +421,8 @@ def run_fault(fault: str, cluster: Cluster, models: dict[str, str], texts: list[
                     strength = now
             bad = [e for s, e, st in list(load.records) if e >= t_fault and (st != 200 or e - s > slow_s)]
             # A request still unanswered past slow_s (a wedged model holds it) is not calm either.
-            stuck = [now for start in list(load.in_flight.values()) if now - start > slow_s]
-            calm_since = max([*bad, *stuck], default=t_fault)
+            stuck = any(now - start > slow_s for start in list(load.in_flight.values()))
+            calm_since = now if stuck else max(bad, default=t_fault)
             if strength is not None and now - calm_since >= 5 and now - t_fault >= args.seconds - lead:
                 break
             if now - t_fault > args.seconds + 180:

@@ -84,7 +84,7 @@ SERVE_INGRESS_ENV: dict[str, dict[str, str]] = {
         # A replica is taken out at its first failed connection, not its third: when it was the only
         # one HAProxy knew (its peer's replacement still loading), the retries then go to Serve's
         # proxy, which waits for a replica, instead of all three to the dead one (measured:
-        # benchmarks/chaos.py, 6 of 6 replica kills lost 1-2 requests with 3, none with 1). A live
+        # benchmarks/chaos.py, 4 of 6 replica kills lost 1-2 requests with 3, none of 6 with 1). A live
         # replica taken out by mistake is back after two health checks, 0.5 s.
         "RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT": "1",
         # A replica that leaves (rollout, downscale) stays reachable this long before it refuses new
@@ -136,12 +136,13 @@ def init_ray(cfg: RayConfig, runtime_env: dict | None = None) -> None:
 
     if ray.is_initialized():
         return
-    if apply_serve_ingress(cfg.serve_ingress) and (cfg.address not in (None, "local") or os.environ.get("RAY_ADDRESS")):
+    ingress_env = apply_serve_ingress(cfg.serve_ingress)
+    if ingress_env and (cfg.address not in (None, "local") or os.environ.get("RAY_ADDRESS")):
         logging.getLogger(__name__).warning(
             "ray.serve_ingress=%s only takes effect on a cluster started with %s in its environment "
             "(this process connects to an existing cluster)",
             cfg.serve_ingress,
-            " ".join(f"{k}={v}" for k, v in serve_ingress_env(cfg.serve_ingress).items()),
+            " ".join(f"{k}={v}" for k, v in ingress_env.items()),
         )
     kwargs: dict = {
         "address": cfg.address,

@@ -92,7 +92,7 @@ class JobCluster:
 @pytest.fixture(scope="module")
 def job_cluster(tmp_path_factory):
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from chaos import cluster_env, start_head, start_worker, stop_head
+    from chaos import auth_token, cluster_env, start_head, start_worker, stop_head
 
     env = cluster_env("proxy")
     work = tmp_path_factory.mktemp("nodes")
@@ -112,9 +112,7 @@ def job_cluster(tmp_path_factory):
             if any(errors):
                 raise next(e for e in errors if e)
         url = f"http://127.0.0.1:{dash}"
-        token = subprocess.run(
-            ["ray", "get-auth-token"], env=env, capture_output=True, text=True, check=True
-        ).stdout.strip()
+        token = auth_token(env)
         for _ in range(90):
             try:
                 if httpx.get(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=2).is_success:

@@ -405,7 +405,7 @@ def test_direct_ingress_mode_serves_on_the_proxy_and_the_replica_port(tmp_path, 
 @pytest.mark.slow
 def test_haproxy_ingress_survives_faults_with_zero_failed_requests(tmp_path, trained_tiny, untrained_tiny):
     """The production shape: a `ray start` cluster in `haproxy` mode (with the retry policy of
-    ray_jobs.runtime.SERVE_INGRESS_ENV), two replicas, a stream of requests through HAProxy on
+    ray_jobs.runtime.serve_ingress_env), two replicas, a stream of requests through HAProxy on
     serve.port while, one after another: a replica actor is SIGKILLed and the other one too while the
     first one's replacement still loads its model (HAProxy is then left with no live replica in its
     list), a model process is SIGKILLed, a model process is wedged (SIGSTOP), the model is hot-swapped,
