@@ -27,7 +27,8 @@ import httpx
 import pytest
 from conftest import ROOT, TINY, free_port, terminate
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# The whole module runs on clusters of its own (and after the tests that use the shared one).
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("no_session_cluster")]
 
 # role -> (CPUs, custom resources). The resources pin work to nodes: drivers via `ray job submit
 # --entrypoint-resources`, Train workers via train.resources_per_worker, replicas via serve.resources.

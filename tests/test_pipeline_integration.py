@@ -46,8 +46,20 @@ def _registry(tmp):
     return Registry(RegistryConfig(root=f"{tmp}/mlflow"))
 
 
-def test_pipeline_promotes_blocks_and_hot_swaps(serve_port, tmp_path, capsys):
+@pytest.fixture
+def pipe_app(serve_port):
+    """Serve's port for the app the pipeline deploys, deleted afterwards (the replica would otherwise
+    keep a share of the 2 cores busy for the rest of the session)."""
+    from ray import serve
+
+    yield serve_port
+    serve.delete("pipe")
+
+
+def test_pipeline_promotes_blocks_and_hot_swaps(pipe_app, tmp_path, capsys):
     from ray_jobs import pipeline, registry
+
+    serve_port = pipe_app
 
     url = f"http://127.0.0.1:{serve_port}"
 

@@ -340,7 +340,7 @@ def test_metrics_reach_prometheus(app_url, ray_cluster):
 
 
 @pytest.mark.slow
-def test_direct_ingress_mode_serves_on_the_proxy_and_the_replica_port(tmp_path, trained_tiny):
+def test_direct_ingress_mode_serves_on_the_proxy_and_the_replica_port(tmp_path, trained_tiny, no_session_cluster):
     """`ray.serve_ingress=direct` reaches a cluster that `ray_jobs.deploy` starts itself (a second,
     private Ray cluster in a subprocess): the app answers through Serve's proxy on serve.port and
     directly on the replica's own port, with the same prediction."""
@@ -403,7 +403,9 @@ def test_direct_ingress_mode_serves_on_the_proxy_and_the_replica_port(tmp_path, 
 
 
 @pytest.mark.slow
-def test_haproxy_ingress_survives_faults_with_zero_failed_requests(tmp_path, trained_tiny, untrained_tiny):
+def test_haproxy_ingress_survives_faults_with_zero_failed_requests(
+    tmp_path, trained_tiny, untrained_tiny, no_session_cluster
+):
     """The production shape: a `ray start` cluster in `haproxy` mode (with the retry policy of
     ray_jobs.runtime.serve_ingress_env), two replicas, a stream of requests through HAProxy on
     serve.port while, one after another: a replica actor is SIGKILLed and the other one too while the
