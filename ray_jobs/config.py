@@ -210,6 +210,12 @@ class RegistryConfig(_Strict):
         return self.model_copy(update={"root": absolute_path(self.root)})
 
 
+class BehaviourGateConfig(_Strict):
+    # Block a challenger whose behavioural failure rate (ray_jobs.behaviour: MFT, INV or DIR) exceeds
+    # this. None (default): the suite runs on every registered version and is only reported.
+    max_failure_rate: float | None = Field(None, ge=0, le=1)
+
+
 class GateConfig(_Strict):
     floor: float = Field(0.85, ge=0, le=1, description="F1 the first model must reach")
     min_delta: float = Field(0.0, ge=-1, le=1, description="challenger F1 must be >= champion F1 + min_delta")
@@ -220,6 +226,7 @@ class GateConfig(_Strict):
     # How long a pipeline waits for another driver's gate decision on the same registry (the lock is
     # held while the champion is evaluated on the test split).
     lock_timeout_s: float = Field(3600, gt=0)
+    behaviour: BehaviourGateConfig = BehaviourGateConfig()
 
 
 class AutoscalingConfig(_Strict):

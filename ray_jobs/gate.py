@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import numpy as np
 
+from ray_jobs.behaviour import Report
 from ray_jobs.errors import GateError
 from ray_jobs.inference import classification_metrics
 
@@ -46,6 +47,9 @@ class Policy:
     alpha: float = 0.05
     bootstrap_samples: int = 1000
     seed: int = 0
+    # Block a challenger whose behavioural failure rate (ray_jobs.behaviour) of any test type exceeds
+    # this; None: the suite is reported, not gated on.
+    behaviour_max_failure_rate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,9 @@ class Decision:
     policy: dict = field(default_factory=dict)
     p_value: float | None = None
     delta_ci_low: float | None = None
+    # The challenger's behavioural failure rates per test type, and, where they blocked it, the
+    # failing tests with examples.
+    behaviour: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,10 +104,44 @@ def bootstrap_delta_low(
     return float(np.quantile(deltas, alpha))
 
 
-def decide(challenger: Evaluation, champion: Evaluation | None, policy: Policy) -> Decision:
+def behaviour_check(report: Report | None, max_rate: float | None) -> tuple[str | None, dict | None]:
+    """(why the behavioural suite blocks, None if it does not; what the decision records of it)."""
+    if report is None:
+        if max_rate is not None:
+            raise GateError("gate.behaviour.max_failure_rate is set but no behavioural report was given")
+        return None, None
+    rates = report.failure_rates()
+    record: dict = {"suite_version": report.suite_version, "failure_rates": rates}
+    if max_rate is None:
+        return None, record
+    over = {kind: rate for kind, rate in rates.items() if rate > max_rate}
+    if not over:
+        return None, record
+    record["failing"] = [
+        {"test": t.name, "type": t.type, "failure_rate": t.failure_rate, "examples": t.examples}
+        for t in report.tests
+        if t.type in over and t.failures
+    ]
+    worst = ", ".join(f"{kind} {rate:.1%}" for kind, rate in over.items())
+    return f"behavioural failure rate {worst} > max {max_rate:.1%}", record
+
+
+def decide(
+    challenger: Evaluation, champion: Evaluation | None, policy: Policy, behaviour: Report | None = None
+) -> Decision:
     """Promote iff the challenger is at least as good as the champion on the same test split
     (F1 >= champion F1 + min_delta, with statistical evidence when the policy asks for it); with
-    no champion, iff its F1 reaches the floor."""
+    no champion, iff its F1 reaches the floor. Either way, a challenger whose behavioural report
+    fails the policy's bound is blocked."""
+    decision = _decide_f1(challenger, champion, policy)
+    blocked_by, record = behaviour_check(behaviour, policy.behaviour_max_failure_rate)
+    if blocked_by is not None:
+        reason = f"{blocked_by} (F1 check: {decision.reason})"
+        return replace(decision, promote=False, reason=reason, behaviour=record)
+    return replace(decision, behaviour=record)
+
+
+def _decide_f1(challenger: Evaluation, champion: Evaluation | None, policy: Policy) -> Decision:
     pol = asdict(policy)
     f1 = challenger.f1
     if champion is None:
@@ -143,6 +184,7 @@ def policy_from_config(gate_cfg) -> Policy:
         significance=gate_cfg.significance,
         alpha=gate_cfg.alpha,
         bootstrap_samples=gate_cfg.bootstrap_samples,
+        behaviour_max_failure_rate=gate_cfg.behaviour.max_failure_rate,
     )
 
 

@@ -19,6 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from ray_jobs.behaviour import Report, run_on_model
 from ray_jobs.config import PipelineConfig
 from ray_jobs.data import Split, load_splits
 from ray_jobs.errors import ConfigError, DataError, GateError, PromotedNotDeployedError, SentimentError
@@ -73,12 +74,32 @@ def _evaluate(cfg: PipelineConfig, model_dir: str, test: Split, name: str) -> Ev
     return evaluate_dir(model_dir, test, batch_size=cfg.gate.eval_batch_size, precision="fp32", name=name)
 
 
+def run_behaviour(reg: Registry, cfg: PipelineConfig, run_id: str, version: str, model_dir: str) -> Report:
+    """The behavioural suite on a registered version: failure rates as run metrics and version tags,
+    the whole report (with failing examples) as behaviour.json."""
+    report = run_on_model(model_dir, cfg.gate.eval_batch_size)
+    rates = report.failure_rates()
+    log.info("behavioural suite: %s", ", ".join(f"{k} {v:.1%} failed" for k, v in rates.items()))
+    reg.log_metrics(run_id, {f"behaviour.{k}_failure_rate": v for k, v in rates.items()})
+    reg.log_dict(run_id, report.to_dict(), "behaviour.json")
+    tags = {f"behaviour.{k}_failure_rate": f"{v:.4f}" for k, v in rates.items()}
+    reg.set_version_tags(version, {**tags, "behaviour.suite_version": report.suite_version})
+    return report
+
+
 def run_gate(
-    reg: Registry, cfg: PipelineConfig, version: str, challenger: Evaluation, test: Split, run_id: str | None = None
+    reg: Registry,
+    cfg: PipelineConfig,
+    version: str,
+    challenger: Evaluation,
+    test: Split,
+    run_id: str | None = None,
+    behaviour: Report | None = None,
 ) -> tuple[Decision, str | None]:
     """Decide under the registry lock and write aliases only on a promotion. The champion is read
     and evaluated on the same test split inside the lock, and re-read before the write: a decision
-    is never taken against a stale champion or a stale stored F1. Any error leaves aliases unchanged."""
+    is never taken against a stale champion or a stale stored F1. Any error leaves aliases unchanged.
+    `behaviour`: the challenger's behavioural report, which `gate.behaviour.max_failure_rate` gates on."""
     policy = policy_from_config(cfg.gate)
     with reg.lock(timeout_s=cfg.gate.lock_timeout_s) as lease:
         champ = reg.champion()
@@ -86,7 +107,7 @@ def run_gate(
         if champ is not None and champ != version:
             log.info("evaluating champion version %s on the test split (%d examples)", champ, len(test))
             champ_eval = _evaluate(cfg, reg.model_dir(champ), test, f"v{champ}")
-        decision = decide(challenger, champ_eval, policy)
+        decision = decide(challenger, champ_eval, policy, behaviour)
         tags = {
             "gate.decision": "promote" if decision.promote else "block",
             "gate.reason": decision.reason,
@@ -109,7 +130,11 @@ def run_gate(
         # From here on a promotion has happened: a failure says so (exit code 4), never "nothing promoted".
         promoted = version if decision.promote else None
         with promoted_steps(promoted, "recording the gate decision"):
-            reg.record_history({"event": "gate", "version": version, "champion_before": champ, **decision.to_dict()})
+            # A tag holds 5,000 characters: the failing examples stay in gate_decision.json.
+            event = {"event": "gate", "version": version, "champion_before": champ, **decision.to_dict()}
+            if decision.behaviour:
+                event["behaviour"] = {k: v for k, v in decision.behaviour.items() if k != "failing"}
+            reg.record_history(event)
     with promoted_steps(promoted, "recording the gate decision"):
         if run_id:
             reg.log_dict(
@@ -238,7 +263,8 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
             },
         )
         reg.set_tags(run_id, {"registered_version": version})
-        decision, champ_before = run_gate(reg, cfg, version, challenger, splits.test, run_id)
+        behaviour = run_behaviour(reg, cfg, run_id, version, ckpt)
+        decision, champ_before = run_gate(reg, cfg, version, challenger, splits.test, run_id, behaviour)
         log.info("%s", decision.summary())
         result = Outcome(decision, version, champ_before, best_metrics=dict(val))
         promoted = version if decision.promote else None

@@ -83,8 +83,10 @@ def test_pipeline_promotes_blocks_and_hot_swaps(pipe_app, tmp_path, capsys):
     assert p.data.tags["data_digest.test"] and p.data.tags["config_digest"] and p.data.tags["version.ray"]
     artifacts = {a.path for a in client.list_artifacts(p.info.run_id)}
     assert {"config.yaml", "gate_decision.json", "tune_trials.png", "confusion_matrix.png", "model"} <= artifacts
+    assert "behaviour.json" in artifacts and "behaviour.MFT_failure_rate" in p.data.metrics
     assert reg.champion() == "1"
     v1_f1 = float(reg.get_version("1").tags["test_f1"])
+    assert 0 <= float(reg.get_version("1").tags["behaviour.INV_failure_rate"]) <= 1  # the suite ran on it
 
     # 2. A deliberately worse model (lr=0): blocked, exit code 3, champion and endpoint unchanged.
     worse = _args(tmp_path, serve_port, "train.lr=0", "train.epochs=1", "tune.search_space={}", "tune.num_samples=1")
