@@ -243,6 +243,33 @@ class AutoscalingConfig(_Strict):
         return self
 
 
+class ExplainConfig(_Strict):
+    """POST /explain: integrated gradients in a Serve deployment of its own (serve_app.explainer), so
+    that attribution work never joins /predict's batches. Its cost is bounded: the model's max_length
+    tokens, at most max_n_steps steps, one explanation at a time per replica, a bounded queue (503
+    beyond it) and a deadline (504)."""
+
+    enabled: bool = True
+    n_steps: int = Field(20, ge=1, description="integration steps when a request names none")
+    max_n_steps: int = Field(64, ge=1, description="the most steps a request may ask for (422 beyond)")
+    num_cpus: float = Field(1, gt=0)
+    # 0: no replica (no memory, no CPU) until the first /explain, which waits for one to start; it
+    # leaves again after downscale_delay_s without requests.
+    min_replicas: int = Field(0, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    downscale_delay_s: float = Field(300, ge=0)
+    max_queued_requests: int = Field(4, ge=0, description="explanations waiting for a replica; more get 503")
+    timeout_s: float = Field(30, gt=0, description="deadline of one /explain (504 after it)")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ExplainConfig:
+        if self.n_steps > self.max_n_steps:
+            raise ValueError(f"n_steps ({self.n_steps}) must be <= max_n_steps ({self.max_n_steps})")
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+
 class ServeConfig(_Strict):
     # The Serve application builder, as a Serve config file's `import_path` names it: the deploy step
     # calls it with the `serve` and `registry` sections (serve_app.schemas.AppArgs).
@@ -280,11 +307,21 @@ class ServeConfig(_Strict):
     # refused before Serve changes anything.
     trial_load: bool = True
     autoscaling: AutoscalingConfig = AutoscalingConfig()
+    explain: ExplainConfig = ExplainConfig()
 
     @field_validator("resources")
     @classmethod
     def _custom_only(cls, v: dict[str, float]) -> dict[str, float]:
         return _custom_resources(v)
+
+    @model_validator(mode="after")
+    def _explain_within_the_request_deadline(self) -> ServeConfig:
+        if self.explain.timeout_s > self.request_timeout_s:
+            raise ValueError(
+                f"explain.timeout_s ({self.explain.timeout_s:g}) must be <= request_timeout_s "
+                f"({self.request_timeout_s:g}): the HTTP proxy gives up on a request after the latter"
+            )
+        return self
 
     def with_absolute_paths(self) -> ServeConfig:
         if self.model_uri is None or self.model_uri.startswith("models:/"):

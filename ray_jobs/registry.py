@@ -300,6 +300,11 @@ class Registry:
             "download_artifacts", mlflow.artifacts.download_artifacts, artifact_uri=mv.source, tracking_uri=self.uri
         )
 
+    def version_dir(self, model_uri: str, version: str) -> str:
+        """A local folder holding `version` of the model `model_uri` names (a local folder: itself)."""
+        name, _, _ = parse_model_uri(model_uri)
+        return model_uri if name is None else self.for_model(name).model_dir(version)
+
     def for_model(self, name: str | None) -> Registry:
         """This registry for another registered model name (a models:/ URI may name any)."""
         if name is None or name == self.name:

@@ -28,15 +28,19 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 
 from ray_jobs.config import ServeConfig
 from ray_jobs.registry import Registry, parse_model_uri
+from serve_app.explainer import explain_deployment
 from serve_app.model_worker import ModelWorker, ModelWorkerError, SupervisedModel
 from serve_app.schemas import (
     AppArgs,
     BatchPrediction,
     BatchPredictRequest,
     ErrorBody,
+    ExplainRequest,
+    Explanation,
     FailedSwap,
     ModelInfo,
     Prediction,
@@ -67,13 +71,9 @@ def resolve_version(args: AppArgs, model_uri: str) -> str:
 def locate_model(args: AppArgs, model_uri: str, version: str) -> tuple[str, ModelInfo]:
     """(model folder, ModelInfo) for a concrete version, reading metadata from the registry."""
     name, alias, _ = parse_model_uri(model_uri)
-    tags: dict[str, str] = {}
-    if name is None:
-        model_dir = model_uri
-    else:
-        reg = Registry(args.registry).for_model(name)
-        model_dir = reg.model_dir(version)
-        tags = reg.get_version(version).tags or {}
+    reg = Registry(args.registry)
+    model_dir = reg.version_dir(model_uri, version)
+    tags = (reg.for_model(name).get_version(version).tags or {}) if name is not None else {}
     f1 = tags.get("test_f1")
     info = ModelInfo(
         name=name or Path(model_uri).name,
@@ -176,7 +176,7 @@ api = FastAPI(
     description='DistilBERT sentiment classification served by Ray Serve. Errors answer `{"error": ...}`.',
     version="0.1.0",
 )
-_ERRORS = {code: {"model": ErrorBody} for code in (400, 413, 415, 422, 503, 504)}
+_ERRORS = {code: {"model": ErrorBody} for code in (400, 404, 413, 415, 422, 503, 504)}
 
 
 @api.exception_handler(ApiError)
@@ -193,10 +193,12 @@ class SentimentModel:
     """The replica's logic. Plain class so that tests can await its batched method without a cluster;
     `SentimentService` below is the Serve deployment built from it."""
 
-    def __init__(self, args: dict[str, Any]):
+    def __init__(self, args: dict[str, Any], explainer=None):
+        """`explainer`: a handle to the /explain deployment (serve_app.explainer), None where it is off."""
         from serve_app.metrics import ServeMetrics
 
         self.args = AppArgs.model_validate(args)
+        self.explainer = explainer
         self.predictor: SupervisedModel | None = None
         self.info: ModelInfo | None = None
         self.load_error: str | None = None
@@ -322,13 +324,14 @@ class SentimentModel:
         self.metrics.count_labels(r["label"] for r in results)
         return results
 
-    async def _timed(self, endpoint: str, handler):
+    async def _timed(self, endpoint: str, handler, timeout_s: float | None = None):
         start = time.perf_counter()
         status = 500
+        timeout_s = timeout_s or self.args.serve.request_timeout_s
         try:
             # The replica's own deadline, so that no request hangs even where the HTTP layer sets none
             # (`serve run ...:build_app`); the proxy's timeout is set a little longer (ray_jobs.deploy).
-            response = await asyncio.wait_for(handler(), self.args.serve.request_timeout_s)
+            response = await asyncio.wait_for(handler(), timeout_s)
             status = 200
             return response
         except ApiError as err:
@@ -336,9 +339,7 @@ class SentimentModel:
             raise
         except TimeoutError:
             status = 504
-            raise ApiError(
-                504, f"no answer within the request deadline of {self.args.serve.request_timeout_s:g}s"
-            ) from None
+            raise ApiError(504, f"no answer within the request deadline of {timeout_s:g}s") from None
         except ModelWorkerError as err:
             # Restarts of the model process did not bring it back (or the model failed on this batch).
             status = 503
@@ -412,6 +413,34 @@ class SentimentModel:
 
         return await self._timed("batch_predict", handle)
 
+    @api.post("/explain", response_model=Explanation, responses=_ERRORS, openapi_extra=_body_schema(ExplainRequest))
+    async def explain(self, request: Request):
+        """Word attributions of the served model's prediction, computed by the explainer deployment."""
+        e = self.args.serve.explain
+
+        async def handle():
+            if self.explainer is None:
+                raise ApiError(404, "explanations are off for this app (serve.explain.enabled: false)")
+            req = _validated(ExplainRequest, await read_json_body(request, self.args.serve.max_body_bytes))
+            check_text(req.text, self.args.serve.max_text_chars)
+            n_steps = req.n_steps or e.n_steps
+            if n_steps > e.max_n_steps:
+                raise ApiError(422, f"n_steps: {n_steps} exceeds the limit of {e.max_n_steps}")
+            info = self.info
+            if info is None:
+                raise ApiError(503, self.load_error or "no model loaded")
+            response = self.explainer.explain.remote(info.model_uri, info.version, req.text, n_steps)
+            try:
+                result = await response
+            except BackPressureError:
+                raise ApiError(503, f"explainer busy: {e.max_queued_requests} explanations already wait") from None
+            except asyncio.CancelledError:
+                response.cancel()  # past the deadline: the explainer drops it if it has not started it
+                raise
+            return JSONResponse({**result, "model_version": info.version})
+
+        return await self._timed("explain", handle, e.timeout_s)
+
 
 SentimentService = serve.deployment(ray_actor_options={"num_cpus": 1})(serve.ingress(api)(SentimentModel))
 
@@ -466,4 +495,4 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
             "downscale_delay_s": scaling.downscale_delay_s,
         },
         user_config=user_config(a, version),
-    ).bind(a.model_dump(mode="json"))
+    ).bind(a.model_dump(mode="json"), explain_deployment(a))

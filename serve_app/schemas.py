@@ -30,6 +30,36 @@ class BatchPrediction(BaseModel):
     predictions: list[Prediction]
 
 
+class ExplainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: StrictStr = Field(description="the review to explain (non-empty; at most max_text_chars characters)")
+    n_steps: int | None = Field(
+        None, ge=1, description="integration steps (default serve.explain.n_steps, at most serve.explain.max_n_steps)"
+    )
+
+
+class WordAttribution(BaseModel):
+    word: str = Field(description="the word as it appears in the text: text[start:end]")
+    start: int
+    end: int
+    score: float = Field(description="> 0 pushed toward the predicted label, < 0 against it")
+
+
+class Explanation(BaseModel):
+    label: Literal["positive", "negative"]
+    score: float
+    probabilities: dict[str, float]
+    words: list[WordAttribution] = Field(description="every word the model saw, in the order of the text")
+    method: Literal["integrated_gradients"]
+    target: str = Field(description="what the word scores add up to: the predicted label's logit margin")
+    n_steps: int
+    convergence_delta: float = Field(description="|sum of scores - change of the target from the baseline|")
+    tokens: int
+    truncated: bool = Field(description="the text was cut to the model's max_length: later words have no score")
+    seconds: float
+    model_version: str
+
+
 class FailedSwap(BaseModel):
     """A hot swap this replica could not make: it kept serving the model it had."""
 

@@ -47,6 +47,12 @@ def app_url(serve_port, registered):
         "serve.autoscaling.min_replicas": 1,
         "serve.autoscaling.max_replicas": 1,
         "serve.app_name": "svc",
+        "serve.request_timeout_s": 60,
+        # The first /explain starts the explainer's replica (min_replicas 0): room for that.
+        "serve.explain.timeout_s": 60,
+        "serve.explain.num_cpus": 0.5,
+        "serve.explain.max_n_steps": 512,
+        "serve.explain.max_queued_requests": 2,
     }
     serve.run(build_app(args), name="svc", route_prefix=PREFIX)
     yield f"http://127.0.0.1:{serve_port}{PREFIX}"
@@ -157,6 +163,13 @@ BAD_INPUTS = [
     ("batch with an empty text", "/batch_predict", {"json": {"texts": ["ok", " "]}}, 422),
     ("batch with a non-string", "/batch_predict", {"json": {"texts": ["ok", 3]}}, 422),
     ("texts not a list", "/batch_predict", {"json": {"texts": "ok"}}, 422),
+    ("explain: empty text", "/explain", {"json": {"text": ""}}, 422),
+    ("explain: zero steps", "/explain", {"json": {"text": "ok", "n_steps": 0}}, 422),
+    ("explain: steps over the cap", "/explain", {"json": {"text": "ok", "n_steps": 513}}, 422),
+    ("explain: steps not a number", "/explain", {"json": {"text": "ok", "n_steps": "many"}}, 422),
+    ("explain: extra field", "/explain", {"json": {"text": "ok", "target": 1}}, 422),
+    ("explain: text too long", "/explain", {"json": {"text": "a" * 2001}}, 422),
+    ("GET on explain", "/explain", {"method": "GET"}, 405),
     ("GET on predict", "/predict", {"method": "GET"}, 405),
     ("unknown path", "/nope", {"method": "GET"}, 404),
 ]
@@ -176,6 +189,54 @@ def test_bad_input_gets_a_clear_4xx(app_url, name, path, kwargs, status):
 def test_unusual_but_valid_text_is_answered(app_url, text):
     r = httpx.post(f"{app_url}/predict", json={"text": text})
     assert r.status_code == 200 and r.json()["label"] in ("positive", "negative")
+
+
+def test_explain_answers_with_the_word_scores_of_the_served_model(app_url, registered):
+    """The first /explain also starts the explainer's replica (min_replicas 0)."""
+    from ray_jobs.explain import Explainer
+
+    text = "The plot was terrible, but the acting was wonderful."
+    r = httpx.post(f"{app_url}/explain", json={"text": text, "n_steps": 16}, timeout=90)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = Explainer(registered[2]).explain(text, n_steps=16)
+    assert body["model_version"] == "1" and body["label"] == expected["label"] and body["n_steps"] == 16
+    assert [(w["word"], w["start"], w["end"]) for w in body["words"]] == [
+        (w["word"], w["start"], w["end"]) for w in expected["words"]
+    ]
+    assert all(text[w["start"] : w["end"]] == w["word"] for w in body["words"])
+    assert [w["score"] for w in body["words"]] == pytest.approx([w["score"] for w in expected["words"]], abs=1e-3)
+    assert body["method"] == "integrated_gradients" and body["convergence_delta"] >= 0 and not body["truncated"]
+    assert httpx.post(f"{app_url}/predict", json={"text": text}).json()["label"] == body["label"]
+    assert "/explain" in httpx.get(f"{app_url}/openapi.json").json()["paths"]
+
+
+def test_a_busy_explainer_holds_up_no_prediction_and_turns_its_overflow_away(app_url):
+    """Six slow explanations at once against one explainer replica that takes one at a time and queues
+    two: the rest get 503 with Retry-After at once, and /predict answers all along."""
+    text = " ".join(["the acting was wonderful and the plot was dull."] * 6)  # the model's 64 tokens
+    httpx.post(f"{app_url}/explain", json={"text": "warm up", "n_steps": 1}, timeout=90).raise_for_status()
+
+    def explain():
+        with httpx.Client(timeout=90) as c:
+            r = c.post(f"{app_url}/explain", json={"text": text, "n_steps": 512})
+            return r, time.monotonic()
+
+    predicted: list[tuple[int, float]] = []
+    with cf.ThreadPoolExecutor(6) as pool:
+        explains = [pool.submit(explain) for _ in range(6)]
+        with httpx.Client(timeout=30) as c:
+            while not all(f.done() for f in explains):
+                r = c.post(f"{app_url}/predict", json={"text": "a wonderful film"})
+                predicted.append((r.status_code, time.monotonic()))
+    done = [f.result() for f in explains]
+    codes = sorted(r.status_code for r, _ in done)
+    assert set(codes) == {200, 503} and codes.count(200) >= 3, codes
+    busy = next(r for r, _ in done if r.status_code == 503)
+    assert busy.headers["retry-after"] and "explainer busy" in busy.json()["error"]
+    last_explained = max(t for r, t in done if r.status_code == 200)
+    assert [code for code, _ in predicted] == [200] * len(predicted)
+    assert sum(t < last_explained for _, t in predicted) >= 5  # answered while explanations were computed
 
 
 def test_overload_gets_fast_503_then_recovers(serve_port, registered):
