@@ -150,9 +150,61 @@ def latency(model_dir: str, texts_by_length: dict[int, list[str]], n_steps: int)
                     "convergence_delta_median": statistics.median(deltas),
                 }
                 print(f"  {length} tokens: {out[length]}", flush=True)
+            out["predict_while_explaining"] = predict_under_explain_load(c, url, texts_by_length, n_steps)
     finally:
         serve.shutdown()
         ray.shutdown()
+    return out
+
+
+def predict_under_explain_load(c, url: str, texts_by_length: dict[int, list[str]], n_steps: int) -> dict:
+    """/predict latency (one request at a time) with the explainer idle, then while another client keeps
+    it busy with explanations of the longest texts, then idle again: the cost of sharing 2 cores."""
+    import threading
+
+    import httpx
+
+    texts = texts_by_length[min(texts_by_length)]
+    busy_texts = texts_by_length[max(texts_by_length)]
+
+    def predict_p50() -> tuple[float, float]:
+        seconds = []
+        for _ in range(3):
+            for t in texts:
+                t0 = time.perf_counter()
+                c.post(f"{url}/predict", json={"text": t}).raise_for_status()
+                seconds.append(time.perf_counter() - t0)
+        return percentile(seconds, 0.5), percentile(seconds, 0.95)
+
+    stop = threading.Event()
+    explained = []
+
+    def keep_busy() -> None:
+        with httpx.Client(timeout=180) as bc:
+            while not stop.is_set():
+                for t in busy_texts:
+                    if stop.is_set():
+                        break
+                    explained.append(bc.post(f"{url}/explain", json={"text": t, "n_steps": n_steps}).status_code)
+
+    idle_before = predict_p50()
+    thread = threading.Thread(target=keep_busy)
+    thread.start()
+    time.sleep(2.0)  # the first explanation is under way
+    try:
+        busy = predict_p50()
+    finally:
+        stop.set()
+        thread.join()
+    idle_after = predict_p50()
+    out = {
+        "idle_p50_s": (idle_before[0] + idle_after[0]) / 2,
+        "idle_p95_s": (idle_before[1] + idle_after[1]) / 2,
+        "busy_p50_s": busy[0],
+        "busy_p95_s": busy[1],
+        "explanations_during": len(explained),
+    }
+    print(f"  /predict while explaining: {out}", flush=True)
     return out
 
 
@@ -187,11 +239,19 @@ def main() -> int:
         if top is not None and rnd is not None:
             print(f"| {k} | {top:.3f} | {rnd:.3f} | {top / rnd if rnd > 0 else float('inf'):.1f}x |")
     print("\n| text | /explain p50 | /explain p95 | /predict p50 | convergence delta (median) |\n|---|---|---|---|---|")
+    busy = lat.pop("predict_while_explaining", None)
     for length, r in lat.items():
         print(
             f"| {length} tokens (n={r['n']}) | {r['explain_p50_s']:.2f} s | {r['explain_p95_s']:.2f} s | "
             f"{1000 * r['predict_p50_s']:.0f} ms | {r['convergence_delta_median']:.3f} |"
         )
+    if busy:
+        print(
+            f"\n/predict ({min(args.latency_lengths)} tokens) p50 {1000 * busy['idle_p50_s']:.0f} ms / p95 "
+            f"{1000 * busy['idle_p95_s']:.0f} ms with the explainer idle, {1000 * busy['busy_p50_s']:.0f} ms / "
+            f"{1000 * busy['busy_p95_s']:.0f} ms while it explains ({busy['explanations_during']} explanations)"
+        )
+        lat["predict_while_explaining"] = busy
     results = {
         "machine": f"{__import__('os').cpu_count()} CPUs",
         "model": args.model,

@@ -15,6 +15,7 @@ version the first time it is asked for it.
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 from ray import serve
@@ -29,18 +30,22 @@ class ExplainModel:
         self.args = AppArgs.model_validate(args)
         self._explainer: Explainer | None = None
         self._loaded: tuple[str, str] | None = None
-        self._lock = asyncio.Lock()
+        # A thread lock, not an asyncio one: a request cancelled at its deadline leaves its thread
+        # computing, and the next explanation must wait for it (captum hooks the embedding layer).
+        self._lock = threading.Lock()
 
     async def explain(self, model_uri: str, version: str, text: str, n_steps: int) -> dict[str, Any]:
-        async with self._lock:  # one at a time, and no explanation against a half-loaded model
+        return await asyncio.to_thread(self._explain, model_uri, version, text, n_steps)
+
+    def _explain(self, model_uri: str, version: str, text: str, n_steps: int) -> dict[str, Any]:
+        with self._lock:
             if self._loaded != (model_uri, version):
                 self._explainer = self._loaded = None  # the old model's memory goes before the new one loads
-                model_dir = await asyncio.to_thread(Registry(self.args.registry).version_dir, model_uri, version)
-                threads = max(1, int(self.args.serve.explain.num_cpus))
-                self._explainer = await asyncio.to_thread(Explainer, model_dir, threads)
+                model_dir = Registry(self.args.registry).version_dir(model_uri, version)
+                self._explainer = Explainer(model_dir, max(1, int(self.args.serve.explain.num_cpus)))
                 self._loaded = (model_uri, version)
             assert self._explainer is not None
-            return await asyncio.to_thread(self._explainer.explain, text, n_steps)
+            return self._explainer.explain(text, n_steps)
 
 
 ExplainService = serve.deployment(max_ongoing_requests=1)(ExplainModel)
