@@ -259,7 +259,7 @@ class ExplainConfig(_Strict):
     max_replicas: int = Field(1, ge=1)
     downscale_delay_s: float = Field(300, ge=0)
     max_queued_requests: int = Field(4, ge=0, description="explanations waiting for a replica; more get 503")
-    timeout_s: float = Field(30, gt=0, description="deadline of one /explain (504 after it)")
+    timeout_s: float | None = Field(None, gt=0, description="deadline of one /explain (default: request_timeout_s)")
 
     @model_validator(mode="after")
     def _bounds(self) -> ExplainConfig:
@@ -316,7 +316,7 @@ class ServeConfig(_Strict):
 
     @model_validator(mode="after")
     def _explain_within_the_request_deadline(self) -> ServeConfig:
-        if self.explain.timeout_s > self.request_timeout_s:
+        if self.explain.timeout_s is not None and self.explain.timeout_s > self.request_timeout_s:
             raise ValueError(
                 f"explain.timeout_s ({self.explain.timeout_s:g}) must be <= request_timeout_s "
                 f"({self.request_timeout_s:g}): the HTTP proxy gives up on a request after the latter"

@@ -165,3 +165,14 @@ def test_custom_resources_place_work_and_standard_ones_are_refused():
         load_config(None, ["serve.resources={serve: 0}"])
     with pytest.raises(ConfigError, match="serve.proxy_location"):
         load_config(None, ["serve.proxy_location=Nowhere"])
+
+
+def test_explain_limits_are_validated_and_its_deadline_follows_the_requests():
+    cfg = load_config(None, ["serve.request_timeout_s=1"])  # the explain deadline follows, no error
+    assert cfg.serve.explain.timeout_s is None and cfg.serve.explain.enabled
+    with pytest.raises(ConfigError, match="explain.timeout_s.*request_timeout_s"):
+        load_config(None, ["serve.request_timeout_s=5", "serve.explain.timeout_s=10"])
+    with pytest.raises(ConfigError, match="n_steps.*max_n_steps"):
+        load_config(None, ["serve.explain.n_steps=100", "serve.explain.max_n_steps=50"])
+    with pytest.raises(ConfigError, match="gate.behaviour.max_failure_rate"):
+        load_config(None, ["gate.behaviour.max_failure_rate=1.5"])
