@@ -102,7 +102,7 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def latency(model_dir: str, texts_by_length: dict[int, list[str]], n_steps: int) -> dict:
+def latency(model_dir: str, texts_by_length: dict[int, list[str]], n_steps: int, precision: str, cpus: float) -> dict:
     import httpx
     import ray
     from ray import serve
@@ -110,7 +110,8 @@ def latency(model_dir: str, texts_by_length: dict[int, list[str]], n_steps: int)
     from serve_app.app import build_app
 
     port = 8765
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Logical CPUs: the model replica's one and the explainer's (2 physical cores in our runs).
+    ray.init(num_cpus=1 + int(cpus + 0.999), include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {
         "serve.model_uri": model_dir,
@@ -119,7 +120,8 @@ def latency(model_dir: str, texts_by_length: dict[int, list[str]], n_steps: int)
         "serve.autoscaling.min_replicas": 1,
         "serve.autoscaling.max_replicas": 1,
         "serve.explain.min_replicas": 1,
-        "serve.explain.num_cpus": 1,
+        "serve.explain.num_cpus": cpus,
+        "serve.explain.precision": precision,
         "serve.request_timeout_s": 120,
         "serve.explain.timeout_s": 120,
         "registry.root": "/tmp/explain-bench-mlflow",
@@ -218,6 +220,8 @@ def main() -> int:
     p.add_argument("--latency-lengths", type=int, nargs="*", default=[128, 512])
     p.add_argument("--latency-n", type=int, default=20, help="requests per length")
     p.add_argument("--threads", type=int, default=1, help="torch threads in-process (the deployment: num_cpus)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="serve.explain.precision")
+    p.add_argument("--explain-cpus", type=float, default=1, help="serve.explain.num_cpus (its torch threads)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the results as JSON to this file")
     args = p.parse_args()
@@ -225,13 +229,21 @@ def main() -> int:
     reviews = load_file(args.data, "text", "label").texts
     rng = random.Random(args.seed)
     sample = rng.sample(reviews, min(len(reviews), 5 * args.n + 500))
-    explainer = Explainer(args.model, num_threads=args.threads)
-    print(f"model {args.model}: max_length {explainer.predictor.max_length}, n_steps {args.n_steps}", flush=True)
+    explainer = Explainer(args.model, num_threads=args.threads, precision=args.precision)
+    print(
+        f"model {args.model}: max_length {explainer.predictor.max_length}, n_steps {args.n_steps}, "
+        f"precision {args.precision}",
+        flush=True,
+    )
     t0 = time.time()
-    faith = faithfulness(explainer, sample[: args.n], args.k, args.n_steps, args.seed)
+    faith = faithfulness(explainer, sample[: args.n], args.k, args.n_steps, args.seed) if args.n else {}
     print(f"faithfulness ({time.time() - t0:.0f}s): {json.dumps(faith)}", flush=True)
     texts_by_length = {n: pick_texts(explainer, sample[args.n :], n, args.latency_n) for n in args.latency_lengths}
-    lat = latency(args.model, texts_by_length, args.n_steps) if args.latency_lengths else {}
+    lat = (
+        latency(args.model, texts_by_length, args.n_steps, args.precision, args.explain_cpus)
+        if args.latency_lengths
+        else {}
+    )
 
     print("\n| deleted words | top-attributed: mean drop | random: mean drop | ratio |\n|---|---|---|---|")
     for k in args.k:
@@ -256,6 +268,8 @@ def main() -> int:
         "machine": f"{__import__('os').cpu_count()} CPUs",
         "model": args.model,
         "n_steps": args.n_steps,
+        "precision": args.precision,
+        "explain_cpus": args.explain_cpus,
         "faithfulness": faith,
         "latency": lat,
     }

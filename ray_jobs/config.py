@@ -253,6 +253,8 @@ class ExplainConfig(_Strict):
     n_steps: int = Field(20, ge=1, description="integration steps when a request names none")
     max_n_steps: int = Field(64, ge=1, description="the most steps a request may ask for (422 beyond)")
     num_cpus: float = Field(1, gt=0)
+    # auto: bf16 autocast where the CPU has AVX-512 BF16/AMX (half the time, same top words), else fp32.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     # 0: no replica (no memory, no CPU) until the first /explain, which waits for one to start; it
     # leaves again after downscale_delay_s without requests.
     min_replicas: int = Field(0, ge=0)

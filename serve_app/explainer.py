@@ -42,7 +42,8 @@ class ExplainModel:
             if self._loaded != (model_uri, version):
                 self._explainer = self._loaded = None  # the old model's memory goes before the new one loads
                 model_dir = Registry(self.args.registry).version_dir(model_uri, version)
-                self._explainer = Explainer(model_dir, max(1, int(self.args.serve.explain.num_cpus)))
+                e = self.args.serve.explain
+                self._explainer = Explainer(model_dir, max(1, int(e.num_cpus)), precision=e.precision)
                 self._loaded = (model_uri, version)
             assert self._explainer is not None
             return self._explainer.explain(text, n_steps)

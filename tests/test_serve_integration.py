@@ -51,6 +51,7 @@ def app_url(serve_port, registered):
         # The first /explain starts the explainer's replica (min_replicas 0): room for that.
         "serve.explain.timeout_s": 60,
         "serve.explain.num_cpus": 0.5,
+        "serve.explain.precision": "fp32",  # compared with an fp32 explanation in-process
         "serve.explain.max_n_steps": 512,
         "serve.explain.max_queued_requests": 2,
     }
