@@ -23,7 +23,8 @@ EXIT_INTERRUPTED = 130  # pipeline: Ctrl-C or SIGTERM (`ray job stop`) before an
 
 
 # The project's loggers: modules log to logging.getLogger(__name__) under these names.
-LOGGERS = ("ray_jobs", "serve_app")
+# "__main__": an entry point run as `python -m ray_jobs.pipeline` logs under that name, not its own.
+LOGGERS = ("ray_jobs", "serve_app", "__main__")
 
 
 def configure_logging() -> None:

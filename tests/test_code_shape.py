@@ -68,8 +68,10 @@ configure_logging(); configure_logging()
 print([len(logging.getLogger(name).handlers) for name in LOGGERS])
 logging.getLogger("ray_jobs.train").info("hello from a worker")
 logging.getLogger("ray_jobs.train").debug("not shown at INFO")
+logging.getLogger("__main__").info("from python -m ray_jobs.pipeline")  # an entry point's own name
 """
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "[1, 1]"
+    assert r.stdout.strip() == "[1, 1, 1]"
     assert r.stderr.count("INFO ray_jobs.train: hello from a worker") == 1 and "not shown" not in r.stderr
+    assert "INFO __main__: from python -m ray_jobs.pipeline" in r.stderr

@@ -91,6 +91,28 @@ def test_a_killed_holders_lock_is_taken_over_after_its_lease(uri, tmp_path):
     assert waited >= 2, "the dead holder's lease must run out before anyone takes the lock over"
 
 
+def _stop_between_writes(pid: int, uri: str) -> None:
+    """SIGSTOP `pid` at a moment when it holds no write transaction on the sqlite file: one frozen in
+    the middle of its heartbeat's write would keep every other process out of the database (the
+    embedded store's limit, not the lock's), and no takeover could happen until it resumed."""
+    import sqlite3
+
+    path = uri.removeprefix("sqlite:///")
+    for _ in range(50):
+        os.kill(pid, signal.SIGSTOP)
+        conn = sqlite3.connect(path, timeout=0.5)
+        try:
+            conn.execute("BEGIN IMMEDIATE")  # fails while another connection holds the write lock
+            conn.rollback()
+            return
+        except sqlite3.OperationalError:
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.05)
+        finally:
+            conn.close()
+    pytest.fail("the holder never paused between two writes")
+
+
 def test_a_live_holder_keeps_its_lock_and_a_stalled_one_learns_it_lost_it(uri, tmp_path):
     ctx = multiprocessing.get_context("spawn")
     ready, go, out = tmp_path / "ready", tmp_path / "go", tmp_path / "out"
@@ -103,7 +125,7 @@ def test_a_live_holder_keeps_its_lock_and_a_stalled_one_learns_it_lost_it(uri, t
         with reg.lock(timeout_s=4, lease_s=1):
             pass
     # Stalled (SIGSTOP: a frozen VM, a long GC pause): its lease runs out and a waiter takes over.
-    os.kill(holder.pid, signal.SIGSTOP)
+    _stop_between_writes(holder.pid, uri)
     try:
         with reg.lock(timeout_s=60, lease_s=1):
             os.kill(holder.pid, signal.SIGCONT)
