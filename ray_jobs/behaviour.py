@@ -90,9 +90,6 @@ class Report:
             out[kind] = sum(t.failures for t in of) / n if n else 0.0
         return out
 
-    def worst(self) -> TestResult:
-        return max(self.tests, key=lambda t: t.failure_rate)
-
     def to_dict(self) -> dict:
         return {
             "suite_version": self.suite_version,
@@ -223,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         EXIT_FAILURE,
         EXIT_OK,
         EXIT_USAGE,
+        add_model_argument,
         config_parser,
         configure_logging,
         load_from_args,
@@ -230,11 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     p = config_parser("Run the behavioural test suite on a sentiment model.", config_required=False)
-    p.add_argument(
-        "--model",
-        required=True,
-        help="models:/<name>@<alias>, models:/<name>/<version>, a version number, or a model folder",
-    )
+    add_model_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = p.parse_args(argv)
     configure_logging()

@@ -341,7 +341,7 @@ def load_splits(cfg: DataConfig) -> Splits:
 # Encoding (shared by training, evaluation and serving so that all three truncate the same way)
 
 
-_HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
+HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
 
 def truncate_ids(ids: list[int], budget: int, strategy: str, head_fraction: float) -> list[int]:
@@ -364,7 +364,7 @@ def encode(
     # 40 chars per token is far above English's ~4-5, so no kept token is lost.
     char_cap = max(1, max_length) * 40
     # HTML line breaks (IMDB has ~5 per review) would cost ~4 tokens each of the budget for nothing.
-    texts = [_HTML_BREAK.sub(" ", t) for t in texts]
+    texts = [HTML_BREAK.sub(" ", t) for t in texts]
     clipped = [t if len(t) <= 2 * char_cap else t[:char_cap] + " " + t[-char_cap:] for t in texts]
     raw = tokenizer(list(clipped), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id

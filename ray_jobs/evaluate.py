@@ -21,6 +21,7 @@ from ray_jobs.runtime import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
+    add_model_argument,
     config_parser,
     configure_logging,
     load_from_args,
@@ -50,11 +51,7 @@ def report(ev: Evaluation) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = config_parser("Evaluate a sentiment model on a labelled .parquet/.csv/.jsonl file.", config_required=False)
-    p.add_argument(
-        "--model",
-        required=True,
-        help="models:/<name>@<alias>, models:/<name>/<version>, a version number, or a model folder",
-    )
+    add_model_argument(p)
     p.add_argument("--data", required=True, help="labelled file (.parquet, .csv, .jsonl)")
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32", help="fp32: as the gate scores")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")

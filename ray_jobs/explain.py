@@ -19,16 +19,14 @@ Plain Python and PyTorch: no Ray, no Serve (serve_app.explainer serves it).
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
-from ray_jobs.data import truncate_ids
+from ray_jobs.data import HTML_BREAK, truncate_ids
 from ray_jobs.inference import Predictor, autocast
 from ray_jobs.model import LABELS
 
 METHOD = "integrated_gradients"
-_HTML_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
 
 
 def encode_with_spans(
@@ -37,7 +35,7 @@ def encode_with_spans(
     """(token ids as ray_jobs.data.encode gives them, each token's character span in `text` (None for
     [CLS]/[SEP]), each token's word index (None likewise), whether tokens were cut). HTML line breaks
     become spaces of the same length, so that spans index the original text."""
-    clean = _HTML_BREAK.sub(lambda m: " " * len(m.group()), text)
+    clean = HTML_BREAK.sub(lambda m: " " * len(m.group()), text)
     enc = tokenizer(clean, add_special_tokens=False, truncation=False, return_offsets_mapping=True, verbose=False)
     raw, offsets, words = enc["input_ids"], enc["offset_mapping"], enc.word_ids()
     kept = truncate_ids(list(range(len(raw))), max_length - 2, truncation, head_fraction)

@@ -64,6 +64,15 @@ def config_parser(description: str, config_required: bool = True) -> argparse.Ar
     return parser
 
 
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    """`--model`, as every command that takes one model reads it (Registry.resolve_model_dir)."""
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="models:/<name>@<alias>, models:/<name>/<version>, a version number, or a model folder",
+    )
+
+
 def load_from_args(args: argparse.Namespace) -> PipelineConfig:
     return load_config(args.config, args.overrides)
 

@@ -439,7 +439,7 @@ class SentimentModel:
                 raise
             return JSONResponse({**result, "model_version": info.version})
 
-        return await self._timed("explain", handle, e.timeout_s or self.args.serve.request_timeout_s)
+        return await self._timed("explain", handle, e.timeout_s)
 
 
 SentimentService = serve.deployment(ray_actor_options={"num_cpus": 1})(serve.ingress(api)(SentimentModel))
