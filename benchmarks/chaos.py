@@ -240,17 +240,19 @@ def auth_token(env: dict[str, str]) -> str:
 
 
 def running_replicas(dashboard: str, token: str, app: str) -> int:
-    """Replicas of `app` that Serve reports RUNNING (Serve's REST API on the dashboard at `dashboard`):
-    the ones it routes to. A replica whose process is up can stay STARTING for seconds while it loads its
-    model; a second fault in that window hits a one-replica app. 0 while the API does not answer."""
+    """Model replicas of `app` (deployment `<app>-model`; not the explainer's or the drift monitor's)
+    that Serve reports RUNNING (Serve's REST API on the dashboard at `dashboard`): the ones it routes
+    to. A replica whose process is up can stay STARTING for seconds while it loads its model; a second
+    fault in that window hits a one-replica app. 0 while the API does not answer."""
     import httpx
 
     try:
         r = httpx.get(f"{dashboard}/api/serve/applications/", headers={"Authorization": f"Bearer {token}"}, timeout=5)
         deployments = r.json()["applications"][app]["deployments"] if r.status_code == 200 else {}
-    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        replicas = deployments.get(f"{app}-model", {}).get("replicas", [])
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
         return 0
-    return sum(rep["state"] == "RUNNING" for d in deployments.values() for rep in d["replicas"])
+    return sum(rep["state"] == "RUNNING" for rep in replicas)
 
 
 def start_worker(

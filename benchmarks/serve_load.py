@@ -11,6 +11,8 @@ next to the in-process batched forward of the same model (the upper bound, no HT
     python benchmarks/serve_load.py                                   # synthetic reviews, 128-token model
     python benchmarks/serve_load.py --levels 1 8 32 64 128 --seconds 10
     python benchmarks/serve_load.py --data ../shared/data/sst2/dev.parquet   # real sentences
+    python benchmarks/serve_load.py --only serve-batched serve-batched-no-drift --rounds 2 --levels 64 \
+        --model <folder with drift_reference.npz>      # the cost of drift monitoring (benchmarks/drift.py)
 
 Every model server gets 1 core (1 torch thread) of the machine's 2; the load generator, the proxy
 and Ray's own processes share the other. Each Serve variant runs in its own Ray cluster (the
@@ -61,11 +63,18 @@ def health():
 """
 
 SERVE_VARIANTS = {
-    # name: (environment for the Ray cluster, max batch size (None: --max-batch-size), how the client reaches the app)
-    "serve-batched": ({}, None, "proxy"),
-    "serve-batched-direct": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, None, "direct"),
-    "serve-batched-haproxy": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}, None, "proxy"),
-    "serve-unbatched": ({}, 1, "proxy"),
+    # name: (environment for the Ray cluster, max batch size (None: --max-batch-size), how the client
+    # reaches the app, drift monitoring on)
+    "serve-batched": ({}, None, "proxy", True),
+    "serve-batched-no-drift": ({}, None, "proxy", False),
+    "serve-batched-direct": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, None, "direct", True),
+    "serve-batched-haproxy": (
+        {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+        None,
+        "proxy",
+        True,
+    ),
+    "serve-unbatched": ({}, 1, "proxy", True),
 }
 
 
@@ -263,7 +272,7 @@ def serve_variant_main(args) -> int:
     from serve_app.app import build_app
 
     name = args.child
-    _, mbs, access = SERVE_VARIANTS[name]
+    _, mbs, access, drift = SERVE_VARIANTS[name]
     mbs = mbs or args.max_batch_size
     texts = json.loads(Path(args.child_texts).read_text())
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -271,16 +280,18 @@ def serve_variant_main(args) -> int:
     serve.run(
         build_app(
             {
-                "model_uri": args.child_model,
-                "precision": args.precision,
-                "num_cpus": 1,
-                "max_batch_size": mbs,
-                "batch_wait_timeout_s": args.batch_wait_ms / 1000 if mbs > 1 else 0.0,
-                "max_ongoing_requests": args.max_ongoing_requests or 4 * args.max_batch_size,
-                "max_queued_requests": -1,
-                "min_replicas": 1,
-                "max_replicas": 1,
-                "name": name,
+                "serve.model_uri": args.child_model,
+                "serve.precision": args.precision,
+                "serve.num_cpus": 1,
+                "serve.max_batch_size": mbs,
+                "serve.batch_wait_timeout_s": args.batch_wait_ms / 1000 if mbs > 1 else 0.0,
+                "serve.max_ongoing_requests": args.max_ongoing_requests or 4 * args.max_batch_size,
+                "serve.max_queued_requests": -1,
+                "serve.autoscaling.min_replicas": 1,
+                "serve.autoscaling.max_replicas": 1,
+                "serve.app_name": name,
+                "serve.drift.enabled": drift,
+                "serve.drift.window_size": args.drift_window,
             }
         ),
         name=name,
@@ -321,7 +332,7 @@ def serve_variant_main(args) -> int:
 
 
 def run_serve_variant(name: str, model_dir: str, texts_file: Path, tmp: Path, args) -> dict[int, dict] | None:
-    env, _, _ = SERVE_VARIANTS[name]
+    env = SERVE_VARIANTS[name][0]
     out = tmp / f"{name}.json"
     cmd = [
         sys.executable,
@@ -346,6 +357,8 @@ def run_serve_variant(name: str, model_dir: str, texts_file: Path, tmp: Path, ar
         str(args.max_batch_size),
         "--batch-wait-ms",
         str(args.batch_wait_ms),
+        "--drift-window",
+        str(args.drift_window),
         *(["--max-ongoing-requests", str(args.max_ongoing_requests)] if args.max_ongoing_requests else []),
     ]
     subprocess.run(["ray", "stop", "--force"], capture_output=True)
@@ -456,6 +469,9 @@ def main() -> int:
         "(default: the app's default for the batched one, 4 x max batch size)",
     )
     ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--model", help="serve this model folder (default: the untrained backbone at --max-length)")
+    ap.add_argument("--drift-window", type=int, default=500, help="serve.drift.window_size where monitoring is on")
+    ap.add_argument("--rounds", type=int, default=1, help="run the Serve variants this many times, alternating")
     ap.add_argument("--data", help="texts to send (a labelled .parquet/.csv/.jsonl); default: synthetic reviews")
     ap.add_argument("--text-column", default="text")
     ap.add_argument(
@@ -472,13 +488,18 @@ def main() -> int:
     from ray_jobs.model import build_model, save_model
 
     tmp = Path(tempfile.mkdtemp())
-    model, tok = build_model(ModelConfig(source="bert", name="minilm"))
-    model_dir = str(save_model(model, tok, tmp / "model", {"max_length": args.max_length, "truncation": "head_tail"}))
+    if args.model:
+        model_dir = str(Path(args.model).resolve())
+    else:
+        model, tok = build_model(ModelConfig(source="bert", name="minilm"))
+        meta = {"max_length": args.max_length, "truncation": "head_tail"}
+        model_dir = str(save_model(model, tok, tmp / "model", meta))
     texts = load_texts(args)
     texts_file = tmp / "texts.json"
     texts_file.write_text(json.dumps(texts))
     print(
-        f"model: 384-wide 6-layer DistilBERT, max_length {args.max_length}, precision {args.precision}; "
+        f"model: {args.model or f'384-wide 6-layer DistilBERT, max_length {args.max_length}'}, "
+        f"precision {args.precision}; "
         f"{len(texts)} distinct texts from {args.data or 'the synthetic generator'}; each server 1 core of "
         f"{os.cpu_count()}",
         flush=True,
@@ -486,11 +507,12 @@ def main() -> int:
 
     wanted = args.only or [*SERVE_VARIANTS, "fastapi-per-request"]
     results: dict[str, dict[int, dict]] = {}
-    for name in SERVE_VARIANTS:
-        if name in wanted:
-            r = run_serve_variant(name, model_dir, texts_file, tmp, args)
-            if r:
-                results[name] = r
+    for round_ in range(1, args.rounds + 1):
+        for name in SERVE_VARIANTS:
+            if name in wanted:
+                r = run_serve_variant(name, model_dir, texts_file, tmp, args)
+                if r:
+                    results[name if args.rounds == 1 else f"{name} #{round_}"] = r
     if "fastapi-per-request" in wanted:
         bound = UpperBound(model_dir, texts, args.precision, args.max_batch_size)
         results["fastapi-per-request"] = fastapi_per_request(model_dir, texts, tmp, args, bound)

@@ -272,6 +272,31 @@ class ExplainConfig(_Strict):
         return self
 
 
+class DriftConfig(_Strict):
+    """Drift monitoring (ray_jobs.drift, serve_app.drift_monitor): replicas send the features of the
+    texts they serve, from the forward pass they run anyway, to one monitor deployment, which tests
+    each full window against the served version's reference profile (saved at registration)."""
+
+    enabled: bool = True
+    window_size: int = Field(500, ge=20, description="texts per tested window")
+    tests: list[Literal["label", "confidence", "length", "embedding"]] = ["label", "confidence", "length", "embedding"]
+    # Family-wise: each test alarms below alpha / len(tests), so a window's false-alarm rate stays <= alpha.
+    alpha: float = Field(0.05, gt=0, lt=1)
+    permutations: int = Field(300, ge=19, description="MMD permutation samples (p-value resolution 1/(n+1))")
+    history: int = Field(20, ge=1, description="completed windows /drift keeps")
+    # A replica sends its features every `send_every` texts (and at its health check): fewer calls.
+    send_every: int = Field(64, ge=1)
+    # The monitor's CPU reservation: it tests a window of 500 in ~50 ms, so a share of a core.
+    num_cpus: float = Field(0.1, ge=0)
+
+    @field_validator("tests")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("tests must name at least one test, each once")
+        return v
+
+
 class ServeConfig(_Strict):
     # The Serve application builder, as a Serve config file's `import_path` names it: the deploy step
     # calls it with the `serve` and `registry` sections (serve_app.schemas.AppArgs).
@@ -310,6 +335,7 @@ class ServeConfig(_Strict):
     trial_load: bool = True
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     explain: ExplainConfig = ExplainConfig()
+    drift: DriftConfig = DriftConfig()
 
     @field_validator("resources")
     @classmethod

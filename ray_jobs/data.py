@@ -359,6 +359,14 @@ def encode(
     tokenizer, texts: Sequence[str], max_length: int, truncation: str = "head_tail", head_fraction: float = 0.25
 ) -> list[list[int]]:
     """Token ids with [CLS]/[SEP], at most `max_length` long, unpadded (batches pad to their longest)."""
+    return encode_counted(tokenizer, texts, max_length, truncation, head_fraction)[0]
+
+
+def encode_counted(
+    tokenizer, texts: Sequence[str], max_length: int, truncation: str = "head_tail", head_fraction: float = 0.25
+) -> tuple[list[list[int]], list[int], list[int]]:
+    """`encode`'s ids, with each text's token count before truncation and its count of [UNK] tokens
+    (what drift monitoring profiles: ray_jobs.drift)."""
     budget = max_length - 2
     # Very long inputs are clipped by characters first: a 1 MB text must not cost a 1 MB tokenization.
     # 40 chars per token is far above English's ~4-5, so no kept token is lost.
@@ -367,8 +375,9 @@ def encode(
     texts = [HTML_BREAK.sub(" ", t) for t in texts]
     clipped = [t if len(t) <= 2 * char_cap else t[:char_cap] + " " + t[-char_cap:] for t in texts]
     raw = tokenizer(list(clipped), add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
-    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-    return [[cls] + truncate_ids(ids, budget, truncation, head_fraction) + [sep] for ids in raw]
+    cls, sep, unk = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.unk_token_id
+    seqs = [[cls] + truncate_ids(ids, budget, truncation, head_fraction) + [sep] for ids in raw]
+    return seqs, [len(ids) for ids in raw], [ids.count(unk) for ids in raw]
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int):

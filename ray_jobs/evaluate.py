@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 
 from ray_jobs.data import Split, load_file
+from ray_jobs.drift import Reference
 from ray_jobs.errors import SentimentError
 from ray_jobs.gate import Evaluation, evaluation_from
 from ray_jobs.inference import Predictor
+from ray_jobs.model import LABELS
 from ray_jobs.runtime import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -43,6 +46,20 @@ def evaluate_dir(
     predictor = Predictor(model_dir, num_threads=num_threads, precision=precision, batch_size=batch_size)
     preds = predictor.predict_proba(split.texts).argmax(axis=1)
     return evaluation_from(split.labels, preds.tolist(), split.digest(), name or model_dir)
+
+
+def evaluate_and_profile(
+    model_dir: str, split: Split, batch_size: int = 64, precision: str = "fp32", name: str = ""
+) -> tuple[Evaluation, Reference]:
+    """`evaluate_dir`, and from the same forward pass the model's drift reference profile on `split`
+    (held-out text: what served traffic is compared with, ray_jobs.drift)."""
+    predictor = Predictor(model_dir, precision=precision, batch_size=batch_size)
+    predictions, features = predictor.predict_features(split.texts)
+    preds = [1 if p["label"] == LABELS[1] else 0 for p in predictions]
+    reference = Reference.from_features(
+        features, {"data_digest": split.digest(), "precision": precision, "created_at": time.time()}
+    )
+    return evaluation_from(split.labels, preds, split.digest(), name or model_dir), reference
 
 
 def report(ev: Evaluation) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ray_jobs.data import encode, pad_batch
+from ray_jobs.data import encode, encode_counted, pad_batch
 from ray_jobs.model import LABELS, load_model
 
 
@@ -53,17 +53,37 @@ def batched_logits(model, seqs: Sequence[Sequence[int]], pad_id: int, batch_size
     """(n, 2) float32 logits on the CPU, in input order. Sequences are grouped by length so that each
     forward pass pads little; the result does not depend on that grouping. The caller sets the model's
     mode (eval for scoring)."""
+    return batched_outputs(model, seqs, pad_id, batch_size, device, amp_dtype)[0]
+
+
+def batched_outputs(
+    model, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int, device, amp_dtype=None, embeddings=False
+):
+    """(logits, embeddings or None): `batched_logits`, and with `embeddings` the (n, d) float32
+    [CLS] vectors that the classifier head reads, taken from the same forward pass (a hook on
+    DistilBERT's `pre_classifier`), in input order."""
     import torch
 
     out = torch.zeros((len(seqs), 2), dtype=torch.float32)
+    emb, seen = None, []
+    hook = None
+    if embeddings:
+        hook = model.pre_classifier.register_forward_pre_hook(lambda _m, args: seen.append(args[0].float().cpu()))
+        emb = torch.zeros((len(seqs), model.pre_classifier.in_features), dtype=torch.float32)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    with torch.inference_mode(), autocast(device.type, amp_dtype):
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            ids, mask = pad_batch([seqs[i] for i in idx], pad_id)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            out[idx] = logits.float().cpu()
-    return out
+    try:
+        with torch.inference_mode(), autocast(device.type, amp_dtype):
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                ids, mask = pad_batch([seqs[i] for i in idx], pad_id)
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+                out[idx] = logits.float().cpu()
+                if emb is not None:
+                    emb[idx] = seen.pop()
+    finally:
+        if hook is not None:
+            hook.remove()
+    return out, emb
 
 
 def confusion_counts(labels, preds) -> tuple[float, float, float, float]:
@@ -130,9 +150,30 @@ class Predictor:
         )
         return torch.softmax(logits, dim=-1).numpy()
 
+    def predict_features(self, texts: Sequence[str]):
+        """(predictions as `predict` gives them, drift Features) from one forward pass."""
+        import torch
+
+        from ray_jobs.drift import empty_features, features_from
+
+        if len(texts) == 0:
+            return [], empty_features(self.model.pre_classifier.in_features)
+        seqs, raw_lengths, unk = encode_counted(
+            self.tokenizer, texts, self.max_length, self.truncation, self.head_fraction
+        )
+        logits, emb = batched_outputs(
+            self.model, seqs, self.tokenizer.pad_token_id, self.batch_size, self.device, self.amp_dtype, True
+        )
+        probs = torch.softmax(logits, dim=-1).numpy()
+        return self._results(probs), features_from(probs, raw_lengths, unk, self.max_length, emb.numpy())
+
     def predict(self, texts: Sequence[str]) -> list[dict]:
+        return self._results(self.predict_proba(texts))
+
+    @staticmethod
+    def _results(probs: np.ndarray) -> list[dict]:
         results = []
-        for p in self.predict_proba(texts):
+        for p in probs:
             label = int(p.argmax())
             results.append(
                 {

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from ray_jobs.behaviour import Report, run_on_model
 from ray_jobs.config import PipelineConfig
 from ray_jobs.data import Split, load_splits
+from ray_jobs.drift import REFERENCE_FILE
 from ray_jobs.errors import ConfigError, DataError, GateError, PromotedNotDeployedError, SentimentError
-from ray_jobs.evaluate import evaluate_dir
+from ray_jobs.evaluate import evaluate_and_profile, evaluate_dir
 from ray_jobs.gate import Decision, Evaluation, decide, policy_from_config
 from ray_jobs.registry import Registry
 from ray_jobs.runtime import (
@@ -240,7 +241,10 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
         reg.log_figure(run_id, _plot_trials(outcome), "tune_trials.png")
         log.info("best trial %s: val_f1 %.4f at epoch %.2f (%s)", best.trial_id, val[METRIC], val.get("epoch", 0), ckpt)
 
-        challenger = _evaluate(cfg, ckpt, splits.test, "challenger")
+        # One forward pass over the test split scores the challenger and profiles it for drift monitoring.
+        challenger, reference = evaluate_and_profile(
+            ckpt, splits.test, batch_size=cfg.gate.eval_batch_size, precision="fp32", name="challenger"
+        )
         reg.log_metrics(run_id, {f"test_{k}": v for k, v in challenger.metrics.items()})
         reg.log_figure(run_id, _plot_confusion(challenger), "confusion_matrix.png")
         version = reg.register(
@@ -261,6 +265,7 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
                 "trial_id": best.trial_id,
                 **{f"hp.{k}": v for k, v in best.hparams.items()},
             },
+            extra_files={REFERENCE_FILE: reference.to_bytes()},
         )
         reg.set_tags(run_id, {"registered_version": version})
         behaviour = run_behaviour(reg, cfg, run_id, version, ckpt)

@@ -17,6 +17,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -249,11 +250,20 @@ class Registry:
         return run_id
 
     # ------------------------------------------------------------------ registry
-    def register(self, run_id: str, model_dir: str, tags: dict[str, Any]) -> str:
-        """Log the Hugging Face folder as the run's `model` artifacts and register it as a new version."""
+    def register(
+        self, run_id: str, model_dir: str, tags: dict[str, Any], extra_files: dict[str, bytes] | None = None
+    ) -> str:
+        """Log the Hugging Face folder as the run's `model` artifacts and register it as a new version.
+        `extra_files` (name: content) join the model folder first, so the version holds them from its
+        start (the drift reference): the checkpoint folder itself is not written to."""
         from mlflow.exceptions import MlflowException
 
         self._call("log_artifacts", self.client.log_artifacts, run_id, model_dir, "model")
+        if extra_files:
+            with tempfile.TemporaryDirectory() as tmp:
+                for name, content in extra_files.items():
+                    (Path(tmp) / name).write_bytes(content)
+                self._call("log_artifacts", self.client.log_artifacts, run_id, tmp, "model")
         try:
             self.client.create_registered_model(
                 self.name, description="DistilBERT sentiment classifier (Hugging Face folder, safetensors)"

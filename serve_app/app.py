@@ -32,6 +32,7 @@ from ray.serve.exceptions import BackPressureError
 
 from ray_jobs.config import ServeConfig
 from ray_jobs.registry import Registry, parse_model_uri
+from serve_app.drift_monitor import DriftFeed, drift_deployment
 from serve_app.explainer import explain_deployment
 from serve_app.model_worker import ModelWorker, ModelWorkerError, SupervisedModel
 from serve_app.schemas import (
@@ -95,6 +96,7 @@ def worker_factory(args: AppArgs, model_dir: str):
         num_threads=max(1, int(args.serve.num_cpus)),
         precision=args.serve.precision,
         deadline_s=args.serve.batch_deadline_s,
+        features=args.serve.drift.enabled,
     )
 
 
@@ -193,12 +195,16 @@ class SentimentModel:
     """The replica's logic. Plain class so that tests can await its batched method without a cluster;
     `SentimentService` below is the Serve deployment built from it."""
 
-    def __init__(self, args: dict[str, Any], explainer=None):
-        """`explainer`: a handle to the /explain deployment (serve_app.explainer), None where it is off."""
+    def __init__(self, args: dict[str, Any], explainer=None, drift=None):
+        """`explainer`, `drift`: handles to the /explain and drift monitor deployments
+        (serve_app.explainer, serve_app.drift_monitor), None where they are off."""
         from serve_app.metrics import ServeMetrics
 
         self.args = AppArgs.model_validate(args)
         self.explainer = explainer
+        d = self.args.serve.drift
+        self.drift = drift
+        self.drift_feed = DriftFeed(drift, d.send_every, d.window_size) if drift is not None else None
         self.predictor: SupervisedModel | None = None
         self.info: ModelInfo | None = None
         self.load_error: str | None = None
@@ -286,6 +292,8 @@ class SentimentModel:
         if self.predictor is not None:
             await self.predictor.check()
             self.metrics.set_restarts(self.predictor.restarts)
+        if self.drift_feed is not None:
+            self.drift_feed.flush()  # texts of a quiet spell reach the monitor's window too
         if self.info is not None:
             # Ray drops a gauge value that is not set again within two metrics export intervals: the
             # served version is re-set on every health check (every 10 s) so that it stays visible.
@@ -313,7 +321,7 @@ class SentimentModel:
         self._set_wait(max(self._wait_s, 0.8 * self._forward_s))
         try:
             # A batch whose process dies or wedges is re-run on a replacement process (SupervisedModel).
-            results, seconds = await predictor.run(texts)
+            results, seconds, features = await predictor.run(texts)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
@@ -322,6 +330,8 @@ class SentimentModel:
         self._forward_s = seconds if not self._forward_s else 0.8 * self._forward_s + 0.2 * seconds
         results = [{**r, "model_version": info.version} for r in results]
         self.metrics.count_labels(r["label"] for r in results)
+        if self.drift_feed is not None and features is not None:
+            self.drift_feed.add((info.model_uri, info.version, info.loaded_at), features)
         return results
 
     async def _timed(self, endpoint: str, handler, timeout_s: float | None = None):
@@ -441,6 +451,22 @@ class SentimentModel:
 
         return await self._timed("explain", handle, e.timeout_s)
 
+    @api.get("/drift", responses={404: {"model": ErrorBody}, 503: {"model": ErrorBody}, 504: {"model": ErrorBody}})
+    async def drift_report(self):
+        """Drift of the served traffic against the served version's reference profile: the open
+        window, the last full windows (per test: statistic, p-value, threshold, alarm) and the alarm."""
+
+        async def handle():
+            if self.drift is None:
+                raise ApiError(404, "drift monitoring is off for this app (serve.drift.enabled: false)")
+            info = self.info
+            if info is None:
+                raise ApiError(503, self.load_error or "no model loaded")
+            report = await self.drift.report.remote(info.model_uri, info.version, info.loaded_at)
+            return JSONResponse({**report, "replica_dropped_texts": self.drift_feed.dropped})
+
+        return await self._timed("drift", handle)
+
 
 SentimentService = serve.deployment(ray_actor_options={"num_cpus": 1})(serve.ingress(api)(SentimentModel))
 
@@ -495,4 +521,4 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
             "downscale_delay_s": scaling.downscale_delay_s,
         },
         user_config=user_config(a, version),
-    ).bind(a.model_dump(mode="json"), explain_deployment(a))
+    ).bind(a.model_dump(mode="json"), explain_deployment(a), drift_deployment(a))

@@ -52,3 +52,22 @@ class ServeMetrics:
 
     def set_restarts(self, n: int) -> None:
         self.restarts.set(float(n))
+
+
+class DriftMetrics:
+    """Created in the drift monitor's replica (serve_app.drift_monitor)."""
+
+    def __init__(self) -> None:
+        from ray.util.metrics import Gauge
+
+        self.p_value = Gauge(
+            "sentiment_drift_p_value", "p-value of each drift test on the last full window", tag_keys=("test",)
+        )
+        self.alarm = Gauge("sentiment_drift_alarm", "1 while the last full window alarmed (drift), else 0")
+
+    def set_p_values(self, p_values: dict[str, float]) -> None:
+        for test, p in p_values.items():
+            self.p_value.set(p, tags={"test": test})
+
+    def set_alarm(self, on: bool) -> None:
+        self.alarm.set(1.0 if on else 0.0)

@@ -8,7 +8,7 @@ its own the model computes at full speed while the loop serves HTTP on another c
 
     worker = ModelWorker(model_dir, num_threads=1, precision="auto")   # blocks until the model is loaded
     worker.predict(["great film"])   # -> [{"label": ..., "score": ..., "probabilities": {...}}]
-    future = worker.submit(texts)    # never blocks; future.result() -> (predictions, compute seconds)
+    future = worker.submit(texts)    # never blocks; future.result() -> BatchAnswer(predictions, seconds, features)
     worker.close()
 
 Batches are pipelined: `submit` queues the next batch on the socket while the child still computes the
@@ -44,6 +44,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
+from typing import Any, NamedTuple
 
 _START_TIMEOUT_S = 600.0
 # A batch must be answered within FLOOR + FACTOR x (its texts) x (seconds of one full-length text alone).
@@ -61,6 +62,12 @@ class ModelBatchError(ModelWorkerError):
     """The model raised on this batch (the process is fine): re-running the same batch would fail again."""
 
 
+class BatchAnswer(NamedTuple):
+    predictions: list[dict]
+    seconds: float  # the child's compute time for the batch
+    features: Any  # ray_jobs.drift.Features of the batch's texts, or None where drift monitoring is off
+
+
 class ModelWorker:
     """A Predictor in a child process. Batches are answered in the order they were submitted: a sender
     thread writes them to the socket, a receiver thread reads the answers and completes the futures."""
@@ -72,9 +79,11 @@ class ModelWorker:
         precision: str = "auto",
         start_timeout_s: float = _START_TIMEOUT_S,
         deadline_s: float | None = None,
+        features: bool = False,
     ):
         """`deadline_s`: seconds a batch may take once the child starts it; None derives it per batch
-        from the speed measured at start (see the module docstring)."""
+        from the speed measured at start (see the module docstring). `features`: answers carry the
+        batch's drift features (computed from the same forward pass)."""
         parent_sock, child_sock = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the same imports as here
         try:
@@ -87,6 +96,7 @@ class ModelWorker:
                     str(model_dir),
                     str(num_threads),
                     precision,
+                    "1" if features else "0",
                 ],
                 pass_fds=[child_sock.fileno()],
                 env=env,
@@ -125,7 +135,7 @@ class ModelWorker:
 
     # ------------------------------------------------------------------ public
     def submit(self, texts: Sequence[str]) -> Future:
-        """Queue a batch; the future gives (predictions in input order, the child's compute seconds)."""
+        """Queue a batch; the future gives its BatchAnswer (predictions in input order)."""
         future: Future = Future()
         with self._lock:
             if self._stopping or self._error:
@@ -143,7 +153,7 @@ class ModelWorker:
         return DEADLINE_FLOOR_S + DEADLINE_FACTOR * max(1, n_texts) * self.text_s
 
     def predict(self, texts: Sequence[str]) -> list[dict]:
-        return self.submit(texts).result()[0]
+        return self.submit(texts).result().predictions
 
     def alive(self) -> bool:
         return self._error is None and self._proc.poll() is None
@@ -215,7 +225,7 @@ class ModelWorker:
             if future is None:
                 continue
             if kind == "ok":
-                future.set_result((payload, seconds))
+                future.set_result(BatchAnswer(payload[0], seconds, payload[1]))
             else:
                 future.set_exception(ModelBatchError(payload))
 
@@ -285,8 +295,8 @@ class SupervisedModel:
         model.state = "ok"
         return model
 
-    async def run(self, texts: Sequence[str]) -> tuple[list[dict], float]:
-        """(predictions, compute seconds) for one batch, re-run on a new process if its process is lost."""
+    async def run(self, texts: Sequence[str]) -> BatchAnswer:
+        """One batch's answer, re-run on a new process if its process is lost."""
         for attempt in range(1, self.max_attempts + 1):
             worker = self.worker
             try:
@@ -346,7 +356,7 @@ class SupervisedModel:
             self.worker.close()
 
 
-def _child(fd: int, model_dir: str, num_threads: int, precision: str) -> int:
+def _child(fd: int, model_dir: str, num_threads: int, precision: str, features: bool) -> int:
     conn = Connection(fd)
     try:
         from ray_jobs.inference import Predictor
@@ -371,7 +381,8 @@ def _child(fd: int, model_dir: str, num_threads: int, precision: str) -> int:
             return 0
         start = time.perf_counter()
         try:
-            reply = ("ok", predictor.predict(texts), time.perf_counter() - start)
+            answer = predictor.predict_features(texts) if features else (predictor.predict(texts), None)
+            reply = ("ok", answer, time.perf_counter() - start)
         except Exception as err:
             reply = ("error", f"{type(err).__name__}: {err} (a batch of {len(texts)})", time.perf_counter() - start)
         try:
@@ -381,4 +392,4 @@ def _child(fd: int, model_dir: str, num_threads: int, precision: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_child(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]))
+    sys.exit(_child(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"))

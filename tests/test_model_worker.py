@@ -54,8 +54,8 @@ def test_answers_equal_the_in_process_predictor_and_pipelined_batches_keep_their
         batches = [TEXTS[i:] + TEXTS[:i] for i in range(len(TEXTS))]
         futures = [worker.submit(b) for b in batches]
         for batch, future in zip(batches, futures, strict=True):
-            got, seconds = future.result(timeout=60)
-            assert seconds > 0
+            got, seconds, features = future.result(timeout=60)
+            assert seconds > 0 and features is None
             want = [expected[TEXTS.index(t)] for t in batch]
             assert [g["label"] for g in got] == [w["label"] for w in want]
             assert [g["score"] for g in got] == pytest.approx([w["score"] for w in want], abs=1e-5)

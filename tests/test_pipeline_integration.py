@@ -6,11 +6,13 @@ from __future__ import annotations
 import re
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 from conftest import request_stream, tiny_config
 
+from ray_jobs.drift import REFERENCE_FILE
 from ray_jobs.errors import SentimentError
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -87,6 +89,10 @@ def test_pipeline_promotes_blocks_and_hot_swaps(pipe_app, tmp_path, capsys):
     assert reg.champion() == "1"
     v1_f1 = float(reg.get_version("1").tags["test_f1"])
     assert 0 <= float(reg.get_version("1").tags["behaviour.INV_failure_rate"]) <= 1  # the suite ran on it
+    # The drift reference was profiled on the test split at registration and is part of the version.
+    assert (Path(reg.model_dir("1")) / REFERENCE_FILE).exists()
+    drift = httpx.get(f"{url}/drift").json()
+    assert drift["model_version"] == "1" and drift["reference"]["n"] == int(reg.get_version("1").tags["test_n"])
 
     # 2. A deliberately worse model (lr=0): blocked, exit code 3, champion and endpoint unchanged.
     worse = _args(tmp_path, serve_port, "train.lr=0", "train.epochs=1", "tune.search_space={}", "tune.num_samples=1")
@@ -108,6 +114,8 @@ def test_pipeline_promotes_blocks_and_hot_swaps(pipe_app, tmp_path, capsys):
     assert "1" in answers and answers[-1] == "3", answers[-5:]
     assert httpx.get(f"{url}/model").json()["version"] == "3"
     assert reg.aliases() == {"champion": "3", "previous": "1"}
+    drift = httpx.get(f"{url}/drift").json()  # the monitor follows the swap to v3's own reference
+    assert drift["model_version"] == "3" and drift["reference"] is not None and drift["reference_error"] is None
 
     # 4. Registry CLI: status shows the decisions, rollback restores the previous champion (recorded).
     capsys.readouterr()
@@ -123,6 +131,7 @@ def test_pipeline_promotes_blocks_and_hot_swaps(pipe_app, tmp_path, capsys):
     assert httpx.get(f"{url}/model").json()["version"] == "3"
     assert pipeline.main([*_args(tmp_path, serve_port), "--deploy-only"]) == 0
     assert httpx.get(f"{url}/model").json()["version"] == "1"
+    assert httpx.get(f"{url}/drift").json()["model_version"] == "1"  # a rollback is a newer load: followed
     capsys.readouterr()
     assert registry.main([*_args(tmp_path, serve_port), "promote", "3", "--force", "--reason", "test"]) == 0
     assert reg.champion() == "3"

@@ -1,0 +1,110 @@
+"""Drift monitoring in the Serve app over real HTTP: GET /drift before any traffic, a window of
+in-distribution text that does not alarm, a shifted one that does, and the gauges in Prometheus."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+PREFIX = "/drift-app"
+WINDOW = 40
+
+
+@pytest.fixture(scope="module")
+def drift_app(serve_port, ray_cluster, tmp_path_factory, trained_tiny):
+    """The trained tiny model registered with the reference profile the pipeline computes (on its
+    held-out test split), served with small windows."""
+    from ray import serve
+
+    from ray_jobs.config import RegistryConfig
+    from ray_jobs.data import load_splits
+    from ray_jobs.drift import REFERENCE_FILE
+    from ray_jobs.evaluate import evaluate_and_profile
+    from ray_jobs.registry import Registry
+    from serve_app.app import build_app
+
+    cfg, _, model_dir, _ = trained_tiny
+    test = load_splits(cfg.data).test
+    _, reference = evaluate_and_profile(model_dir, test)
+    root = tmp_path_factory.mktemp("drift-mlflow")
+    reg = Registry(RegistryConfig(root=str(root), model_name="drift-model"))
+    v = reg.register(reg.start_run("drift-test"), model_dir, {}, extra_files={REFERENCE_FILE: reference.to_bytes()})
+    reg.set_aliases(v, None)
+    args = {
+        "serve.model_uri": "models:/drift-model@champion",
+        "registry.root": str(root),
+        "serve.precision": "fp32",
+        "serve.num_cpus": 0.5,
+        "serve.autoscaling.min_replicas": 1,
+        "serve.autoscaling.max_replicas": 1,
+        "serve.app_name": "driftapp",
+        "serve.explain.enabled": False,
+        "serve.drift.window_size": WINDOW,
+        "serve.drift.send_every": 8,
+        # Deterministic here (fixed texts, seeded permutations); a small alpha keeps the margin wide.
+        "serve.drift.alpha": 0.001,
+    }
+    serve.run(build_app(args), name="driftapp", route_prefix=PREFIX)
+    yield f"http://127.0.0.1:{serve_port}{PREFIX}", len(test)
+    serve.delete("driftapp")
+
+
+def _send(url: str, texts: list[str]) -> None:
+    for i in range(0, len(texts), 8):
+        r = httpx.post(f"{url}/batch_predict", json={"texts": texts[i : i + 8]}, timeout=60)
+        assert r.status_code == 200, r.text
+
+
+def _windows(url: str, n: int, timeout_s: float = 60) -> dict:
+    """/drift once `n` windows are complete (the last texts reach the monitor at the replica's next
+    send or health check)."""
+    deadline = time.time() + timeout_s
+    while True:
+        body = httpx.get(f"{url}/drift", timeout=30).json()
+        if body.get("windows_completed", 0) >= n or time.time() > deadline:
+            return body
+        time.sleep(0.5)
+
+
+def test_drift_windows_alarm_on_shifted_text_only_and_reach_prometheus(drift_app, ray_cluster):
+    from ray_jobs.data import generate_reviews
+
+    url, n_reference = drift_app
+    # No traffic yet: an empty window, no alarm, no error, and the served version's reference.
+    r = httpx.get(f"{url}/drift", timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_version"] == "1" and body["reference"]["n"] == n_reference
+    assert body["current"]["n"] == 0 and body["windows"] == [] and body["alarm"] is False
+
+    # In-distribution: reviews from the generator that made the training data, not seen in training.
+    _send(url, generate_reviews(WINDOW, seed=4242).texts)
+    body = _windows(url, 1)
+    assert body["windows_completed"] == 1, body
+    first = body["windows"][0]
+    assert first["n"] == WINDOW and first["alarm"] is False and body["alarm"] is False, first
+    assert set(first["tests"]) == {"label", "confidence", "length", "embedding"}
+
+    # Shifted: one short negative sentence, over and over.
+    _send(url, [f"Dreadful. ({i})" for i in range(WINDOW)])
+    body = _windows(url, 2)
+    last = body["windows"][0]
+    assert last["index"] == 2 and last["alarm"] is True and body["alarm"] is True, last
+    length = last["tests"]["length"]
+    assert length["alarm"] and length["p_value"] < length["threshold"]
+
+    port = ray_cluster._private.worker.global_worker.node.metrics_export_port
+    wanted = ("sentiment_drift_alarm", 'test="length"', "sentiment_drift_p_value")
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        alarm = [line for line in text.splitlines() if line.startswith("ray_sentiment_drift_alarm{")]
+        if all(w in text for w in wanted) and alarm and alarm[-1].split()[-1] == "1.0":
+            break
+        time.sleep(2)
+    assert [w for w in wanted if w not in text] == []
+    assert alarm and alarm[-1].split()[-1] == "1.0", alarm
