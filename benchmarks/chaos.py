@@ -94,7 +94,7 @@ def find(root: int, needle: str, procs: dict[int, str] | None = None) -> list[in
 
 
 def replicas(root: int, procs: dict[int, str] | None = None) -> list[int]:
-    return find(root, f"ServeReplica:{APP}:", procs)
+    return find(root, f"ServeReplica:{APP}:{APP}-model", procs)  # not the explainer's or the drift monitor's
 
 
 def model_processes(root: int, procs: dict[int, str] | None = None) -> list[int]:

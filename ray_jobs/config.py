@@ -286,8 +286,10 @@ class DriftConfig(_Strict):
     history: int = Field(20, ge=1, description="completed windows /drift keeps")
     # A replica sends its features every `send_every` texts (and at its health check): fewer calls.
     send_every: int = Field(64, ge=1)
-    # The monitor's CPU reservation: it tests a window of 500 in ~50 ms, so a share of a core.
-    num_cpus: float = Field(0.1, ge=0)
+    # The monitor's CPU reservation. 0: it tests a window of 500 in 50-110 ms (about 1% of a core at 80
+    # req/s), and a reservation could keep it, and so the whole app, off a cluster whose CPUs the model
+    # replicas fill. It takes no custom resources either (serve.resources are for model replicas).
+    num_cpus: float = Field(0, ge=0)
 
     @field_validator("tests")
     @classmethod

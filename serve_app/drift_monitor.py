@@ -248,5 +248,7 @@ def drift_deployment(a: AppArgs):
         return None
     return DriftService.options(
         name=f"{s.app_name}-drift",
-        ray_actor_options={"num_cpus": d.num_cpus, "resources": dict(s.resources)},
+        # No serve.resources: a unit of a custom resource such as {serve: 1} is sized for a model
+        # replica, and the monitor holding one would keep a replica off its node.
+        ray_actor_options={"num_cpus": d.num_cpus},
     ).bind(a.model_dump(mode="json"))

@@ -146,7 +146,7 @@ def test_a_killed_model_process_is_replaced_and_its_batches_rerun(untrained_tiny
     first, now, restarts, state, results = asyncio.run(run())
     assert now != first and restarts == 1 and state == "ok"
     assert _gone(first, 5)
-    for got, _ in results:
+    for got, _, _ in results:
         assert [g["label"] for g in got] == [e["label"] for e in expected]
         assert [g["score"] for g in got] == pytest.approx([e["score"] for e in expected], abs=1e-5)
 
@@ -167,7 +167,7 @@ def test_a_wedged_model_process_misses_its_deadline_and_is_replaced(untrained_ti
         deadline = model.worker.batch_deadline_s(len(TEXTS))
         os.kill(first, signal.SIGSTOP)
         start = time.monotonic()
-        got, _ = await model.run(TEXTS)
+        got = (await model.run(TEXTS)).predictions
         try:
             return first, model.worker.pid, model.restarts, deadline, time.monotonic() - start, got
         finally:

@@ -536,7 +536,7 @@ def test_haproxy_ingress_survives_faults_with_zero_failed_requests(
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             below = descendants(head.pid)
-            procs = set(find(head.pid, "ServeReplica:hs:", below)) | set(model_processes(head.pid, below))
+            procs = set(find(head.pid, "ServeReplica:hs:hs-model", below)) | set(model_processes(head.pid, below))
             if (
                 len(procs) == 4
                 and not procs & old
@@ -562,11 +562,11 @@ def test_haproxy_ingress_survives_faults_with_zero_failed_requests(
 
         with request_stream(url, text, "score") as (answers, failures):
             time.sleep(1.0)
-            first, second = find(head.pid, "ServeReplica:hs:")
+            first, second = find(head.pid, "ServeReplica:hs:hs-model")
             victims = {first, second}
             os.kill(first, signal.SIGKILL)
             deadline = time.time() + 60
-            while not set(find(head.pid, "ServeReplica:hs:")) - victims and time.time() < deadline:
+            while not set(find(head.pid, "ServeReplica:hs:hs-model")) - victims and time.time() < deadline:
                 time.sleep(0.1)  # until the replacement's process is up: it then loads its model
             os.kill(second, signal.SIGKILL)
             full_strength(old=victims)
