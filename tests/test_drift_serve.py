@@ -7,6 +7,7 @@ import time
 
 import httpx
 import pytest
+from conftest import request_stream
 
 pytestmark = pytest.mark.integration
 
@@ -108,3 +109,35 @@ def test_drift_windows_alarm_on_shifted_text_only_and_reach_prometheus(drift_app
         time.sleep(2)
     assert [w for w in wanted if w not in text] == []
     assert alarm and alarm[-1].split()[-1] == "1.0", alarm
+
+
+def test_a_killed_monitor_costs_no_request_and_comes_back_empty(drift_app):
+    """SIGKILL of the monitor's process while predictions flow: every prediction is answered, /drift
+    says 503 at worst while Serve replaces it, then answers from a fresh monitor."""
+    import os
+    import signal
+
+    from ray.util.state import list_actors
+
+    url, _ = drift_app
+    monitor = [
+        a
+        for a in list_actors(filters=[("state", "=", "ALIVE")])
+        if a.class_name == "ServeReplica:driftapp:driftapp-drift"
+    ]
+    assert len(monitor) == 1, monitor
+    with request_stream(url, "a fine film with a dull ending", "label") as (answers, failures):
+        time.sleep(1.0)
+        before = httpx.get(f"{url}/drift", timeout=30).json()["texts_seen"]
+        os.kill(monitor[0].pid, signal.SIGKILL)
+        deadline, statuses, fresh = time.time() + 90, [], False
+        while time.time() < deadline and not fresh:
+            r = httpx.get(f"{url}/drift", timeout=30)
+            statuses.append(r.status_code)
+            # A new monitor counts from zero (the stream keeps feeding it, so catch it early).
+            fresh = r.status_code == 200 and r.json()["texts_seen"] < before
+            time.sleep(0.2)
+        time.sleep(1.0)
+    assert fresh, statuses
+    assert failures == [] and len(answers) > 10
+    assert set(statuses) <= {200, 503}, statuses
