@@ -27,6 +27,7 @@ req/s and p99 at 64 clients (benchmarks/serve_load.py's client), same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -177,8 +178,8 @@ def window_for(scenario: str, size: int, pools: dict, pool_idx: np.ndarray, rng:
         chosen = rng.choice(size, size=max(1, int(round(share * size))), replace=False)
         window = heldout.take(idx)
         injected = pools["injected"].take(idx[chosen])
-        for f in ("label", "confidence", "length", "unk", "truncated", "embedding"):
-            getattr(window, f)[chosen] = getattr(injected, f)
+        for f in dataclasses.fields(window):
+            getattr(window, f.name)[chosen] = getattr(injected, f.name)
         return window, rep
     raise ValueError(scenario)
 

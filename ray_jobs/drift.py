@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,6 @@ TESTS = ("label", "confidence", "length", "embedding")
 REFERENCE_FILE = "drift_reference.npz"
 # [CLS] vectors kept in a reference: MMD's cost grows with the square of the sample.
 REFERENCE_EMBEDDINGS = 1000
-_FIELDS = ("label", "confidence", "length", "unk", "truncated", "embedding")
 
 
 @dataclass
@@ -68,16 +67,20 @@ class Features:
         }
 
 
-def features_from(probs: np.ndarray, raw_lengths, unk_counts, max_length: int, embeddings: np.ndarray) -> Features:
-    """Features from a forward pass's probabilities (n, 2) and [CLS] vectors (n, d), and the token
-    counts of the texts before truncation (without [CLS]/[SEP])."""
+_FIELDS = tuple(f.name for f in fields(Features))
+
+
+def features_from(probs: np.ndarray, seqs, raw_lengths, unk_counts, embeddings: np.ndarray) -> Features:
+    """Features from a forward pass's probabilities (n, 2) and [CLS] vectors (n, d), the token id
+    lists it ran on (with [CLS]/[SEP]) and the token counts of the texts before truncation (without)."""
     raw = np.asarray(raw_lengths, dtype=np.int32)
+    kept = np.asarray([len(s) - 2 for s in seqs], dtype=np.int32)
     return Features(
         label=probs.argmax(axis=1).astype(np.int8),
         confidence=probs.max(axis=1).astype(np.float32),
         length=raw,
         unk=(np.asarray(unk_counts, dtype=np.float32) / np.maximum(raw, 1)).astype(np.float32),
-        truncated=raw > max_length - 2,
+        truncated=raw > kept,
         embedding=np.asarray(embeddings, dtype=np.float16),
     )
 
@@ -231,6 +234,11 @@ class WindowResult:
         }
 
 
+def bonferroni(alpha: float, n_tests: int) -> float:
+    """Each test's threshold, so that a window's false-alarm rate over all tests stays <= alpha."""
+    return alpha / n_tests
+
+
 class Detector:
     """The tests of one reference, ready for windows (the bandwidth and the reference sample are
     computed once)."""
@@ -247,7 +255,7 @@ class Detector:
         if unknown or not tests:
             raise ValueError(f"tests must be a non-empty subset of {TESTS} (got {list(tests)})")
         self.reference, self.tests, self.alpha = reference, tuple(tests), alpha
-        self.threshold = alpha / len(self.tests)  # Bonferroni: a window's false-alarm rate stays <= alpha
+        self.threshold = bonferroni(alpha, len(self.tests))
         self.permutations, self.seed = permutations, seed
         self._ref_emb = reference.features.embedding.astype(np.float32)
         self.bandwidth = median_bandwidth(self._ref_emb) if "embedding" in self.tests else 1.0

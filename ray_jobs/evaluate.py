@@ -19,7 +19,6 @@ from ray_jobs.drift import Reference
 from ray_jobs.errors import SentimentError
 from ray_jobs.gate import Evaluation, evaluation_from
 from ray_jobs.inference import Predictor
-from ray_jobs.model import LABELS
 from ray_jobs.runtime import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -54,12 +53,11 @@ def evaluate_and_profile(
     """`evaluate_dir`, and from the same forward pass the model's drift reference profile on `split`
     (held-out text: what served traffic is compared with, ray_jobs.drift)."""
     predictor = Predictor(model_dir, precision=precision, batch_size=batch_size)
-    predictions, features = predictor.predict_features(split.texts)
-    preds = [1 if p["label"] == LABELS[1] else 0 for p in predictions]
+    _, features = predictor.predict_features(split.texts)
     reference = Reference.from_features(
         features, {"data_digest": split.digest(), "precision": precision, "created_at": time.time()}
     )
-    return evaluation_from(split.labels, preds, split.digest(), name or model_dir), reference
+    return evaluation_from(split.labels, features.label.tolist(), split.digest(), name or model_dir), reference
 
 
 def report(ev: Evaluation) -> dict:

@@ -165,7 +165,7 @@ class Predictor:
             self.model, seqs, self.tokenizer.pad_token_id, self.batch_size, self.device, self.amp_dtype, True
         )
         probs = torch.softmax(logits, dim=-1).numpy()
-        return self._results(probs), features_from(probs, raw_lengths, unk, self.max_length, emb.numpy())
+        return self._results(probs), features_from(probs, seqs, raw_lengths, unk, emb.numpy())
 
     def predict(self, texts: Sequence[str]) -> list[dict]:
         return self._results(self.predict_proba(texts))

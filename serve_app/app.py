@@ -464,8 +464,6 @@ class SentimentModel:
                 raise ApiError(503, self.load_error or "no model loaded")
             try:
                 report = await self.drift.report.remote(info.model_uri, info.version, info.loaded_at)
-            except asyncio.CancelledError:
-                raise
             except Exception as err:  # the monitor died or is restarting: Serve brings it back
                 raise ApiError(503, f"drift monitor unavailable: {type(err).__name__}") from None
             return JSONResponse({**report, "replica_dropped_texts": self.drift_feed.dropped})

@@ -28,7 +28,7 @@ from typing import Any
 
 from ray import serve
 
-from ray_jobs.drift import REFERENCE_FILE, Detector, Features, Reference
+from ray_jobs.drift import REFERENCE_FILE, Detector, Features, Reference, bonferroni
 from ray_jobs.registry import Registry
 from serve_app.schemas import AppArgs
 
@@ -141,7 +141,7 @@ class DriftMonitor:
                 "window_size": c.window_size,
                 "tests": list(c.tests),
                 "alpha": c.alpha,
-                "threshold": c.alpha / len(c.tests),
+                "threshold": bonferroni(c.alpha, len(c.tests)),
                 "alarm": self.alarm_since is not None,
                 "alarm_since": self.alarm_since,
                 "stale_texts": self.stale,
