@@ -176,3 +176,20 @@ def test_explain_limits_are_validated_and_its_deadline_follows_the_requests():
         load_config(None, ["serve.explain.n_steps=100", "serve.explain.max_n_steps=50"])
     with pytest.raises(ConfigError, match="gate.behaviour.max_failure_rate"):
         load_config(None, ["gate.behaviour.max_failure_rate=1.5"])
+
+
+@pytest.mark.parametrize(
+    "override, where",
+    [
+        ("serve.drift.tests=[label, label]", "serve.drift.tests"),
+        ("serve.drift.tests=[]", "serve.drift.tests"),
+        ("serve.drift.tests=[vibes]", "serve.drift.tests"),
+        ("serve.drift.alpha=1.5", "serve.drift.alpha"),
+        ("serve.drift.window_size=5", "serve.drift.window_size"),
+        ("serve.drift.permutations=3", "serve.drift.permutations"),
+    ],
+)
+def test_bad_drift_settings_are_refused_by_name(override, where):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert where in str(e.value)
