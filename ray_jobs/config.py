@@ -95,6 +95,9 @@ class TrainConfig(_Strict):
     # auto: bf16 autocast on a GPU with bf16 (else fp16), and on a CPU with AVX-512 BF16/AMX; fp32 elsewhere.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     length_bucketing: bool = True
+    # The attention kernel while training. auto: the matmul form on CPUs (SDPA's fused bf16 backward is
+    # slow there: see ray_jobs.model.matmul_attention), SDPA on GPUs. Serving always uses SDPA.
+    attention: Literal["auto", "sdpa", "matmul"] = "auto"
     seed: int = 42
     # Wall-clock budget for the training loop: at the budget it validates, checkpoints and stops.
     time_budget_s: float | None = Field(None, gt=0)

@@ -227,6 +227,55 @@ def build_model(cfg: ModelConfig, seed: int = 0):
         raise ModelError(f"cannot load pretrained model '{cfg.name}': {type(err).__name__}: {err}") from None
 
 
+# --------------------------------------------------------------------------------------------------
+# Attention for training on CPUs
+
+MATMUL_ATTENTION = "sentiment_matmul"
+
+
+def matmul_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **_):
+    """Attention as two batched matmuls around a softmax, all in the autocast dtype: the `attn_implementation`
+    that CPU training uses. PyTorch's fused CPU kernel (SDPA's flash path) is fast forward, but its bf16
+    backward runs at a seventh of its forward's speed on this model's 32-wide heads; here backward is two
+    bmm per product and one softmax backward, and a training step runs ~1.3-1.9x faster
+    (benchmarks/train_profile.py). The probabilities are rounded to bf16 before the second matmul, as flash
+    kernels also do; the softmax itself accumulates in fp32 inside PyTorch's kernel."""
+    import torch
+
+    scores = torch.matmul(query * (scaling if scaling is not None else query.shape[-1] ** -0.5), key.transpose(-1, -2))
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask.to(scores.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=scores.dtype)
+    if dropout and module.training:
+        probs = torch.nn.functional.dropout(probs, p=dropout)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+def training_attention(choice: str, device_type: str) -> str:
+    """The `attn_implementation` for `train.attention` on this device: auto is the matmul form on CPUs
+    and SDPA on GPUs (whose fused backward is fast)."""
+    if choice == "auto":
+        choice = "matmul" if device_type == "cpu" else "sdpa"
+    return MATMUL_ATTENTION if choice == "matmul" else "sdpa"
+
+
+def set_attention(model, implementation: str) -> None:
+    """Switch `model` to `implementation` ("sdpa", "eager" or MATMUL_ATTENTION). Transformers keeps its
+    attention functions (and the masks each expects) in global registries, so the matmul form is registered
+    here (registering again is harmless), not at import. It takes SDPA's boolean padding mask: without a
+    registered mask function, transformers would pass no mask at all and padding would be attended to."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if implementation == MATMUL_ATTENTION:
+        AttentionInterface.register(MATMUL_ATTENTION, matmul_attention)
+        AttentionMaskInterface.register(MATMUL_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(implementation)
+
+
 def save_model(model, tokenizer, out_dir: str | Path, meta: dict[str, Any]) -> Path:
     """A Hugging Face folder: config + model.safetensors + tokenizer + `sentiment_meta.json`
     (how to encode inputs: max_length, truncation; and the run that produced it)."""

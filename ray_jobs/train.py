@@ -194,17 +194,25 @@ def make_optimizer(model, lr: float, weight_decay: float):
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def train_step(model, ids, mask, labels: list[int], optimizer, scaler, amp_dtype, max_grad_norm: float, device):
+def train_step(
+    model, ids, mask, labels: list[int], optimizer, scaler, amp_dtype, max_grad_norm: float, device, marks=None
+):
     """One optimizer step on one padded batch (autocast when `amp_dtype` is set; loss scaling for fp16).
-    Shared by the Ray Train loop and the benchmarks' plain PyTorch loop, so both time the same work."""
+    Shared by the Ray Train loop and the benchmarks' plain PyTorch loop, so both time the same work.
+    `marks`, a list, receives time.perf_counter() after the forward pass and after the backward pass
+    (benchmarks/train_profile.py splits a step's time with them)."""
     import torch
 
     y = torch.tensor(labels, device=device)
     with autocast(device.type, amp_dtype):
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
     loss = torch.nn.functional.cross_entropy(logits.float(), y)
+    if marks is not None:
+        marks.append(time.perf_counter())
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    if marks is not None:
+        marks.append(time.perf_counter())
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     scaler.step(optimizer)
@@ -221,7 +229,7 @@ class WorkerRun:
         import ray.train.torch
         import torch
 
-        from ray_jobs.model import build_model
+        from ray_jobs.model import build_model, set_attention, training_attention
 
         self.t_start = time.time()
         system = config["system"]
@@ -243,6 +251,7 @@ class WorkerRun:
         self.data = shard_and_encode(self.tokenizer, *ray.get(system["data_ref"]), mc, self.rank, self.world)
         if mc.freeze_embeddings:
             model.distilbert.embeddings.word_embeddings.weight.requires_grad_(False)
+        set_attention(model, training_attention(self.tc.attention, self.device.type))
         self.model = ray.train.torch.prepare_model(model)
         self.optimizer = make_optimizer(self.model, self.tc.lr, self.tc.weight_decay)
         self.steps_per_epoch = math.ceil(len(self.data.train_seqs) / self.tc.batch_size)
