@@ -68,7 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     p = config_parser("Evaluate a sentiment model on a labelled .parquet/.csv/.jsonl file.", config_required=False)
     add_model_argument(p)
     p.add_argument("--data", required=True, help="labelled file (.parquet, .csv, .jsonl)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], default="fp32", help="fp32: as the gate scores")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "auto"],
+        help="default: the config's gate.precision (as the gate scores)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = p.parse_args(argv)
     configure_logging()
@@ -78,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = with_cluster_addresses(load_from_args(args))
         split = load_file(args.data, cfg.data.text_column, cfg.data.label_column)
         model_dir = Registry(cfg.registry).resolve_model_dir(args.model)
-        ev = evaluate_dir(model_dir, split, cfg.gate.eval_batch_size, args.precision, name=args.model)
+        precision = args.precision or cfg.gate.precision
+        ev = evaluate_dir(model_dir, split, cfg.gate.eval_batch_size, precision, name=args.model)
     except SentimentError as err:
         log.error("%s", err)
         return EXIT_USAGE

@@ -43,7 +43,7 @@ from ray_jobs.runtime import (
     wait_until_interrupted,
     with_cluster_addresses,
 )
-from ray_jobs.train import METRIC, local_checkpoint_dir, put_data
+from ray_jobs.train import local_checkpoint_dir, put_data
 from ray_jobs.tune import CHECKPOINT_KEY, SearchOutcome, run_search
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def _sample_request(url: str) -> str:
 
 
 def _evaluate(cfg: PipelineConfig, model_dir: str, test: Split, name: str) -> Evaluation:
-    return evaluate_dir(model_dir, test, batch_size=cfg.gate.eval_batch_size, precision="fp32", name=name)
+    return evaluate_dir(model_dir, test, batch_size=cfg.gate.eval_batch_size, precision=cfg.gate.precision, name=name)
 
 
 def run_behaviour(reg: Registry, cfg: PipelineConfig, run_id: str, version: str, model_dir: str) -> Report:
@@ -164,8 +164,8 @@ def _plot_trials(outcome: SearchOutcome):
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for t in outcome.trials:
-        xs = [r.get("epoch", i + 1) for i, r in enumerate(t.history) if METRIC in r]
-        ys = [r[METRIC] for r in t.history if METRIC in r]
+        xs = [r.get("epoch", i + 1) for i, r in enumerate(t.history) if "val_f1" in r]
+        ys = [r["val_f1"] for r in t.history if "val_f1" in r]
         if xs:
             ax.plot(xs, ys, marker="o", label=f"{t.trial_id} ({t.status.lower()})")
     ax.set_xlabel("epoch")
@@ -232,18 +232,27 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
         reg.log_metrics(
             run_id,
             {
-                "best_val_f1": val[METRIC],
+                "best_val_f1": val["val_f1"],
+                "best_val_loss": val["val_loss"],
                 "n_trials": len(outcome.trials),
                 "n_trials_failed": sum(t.status == "ERROR" for t in outcome.trials),
             },
         )
         reg.set_tags(run_id, {"best_trial": best.trial_id, "tune_experiment": outcome.experiment_path})
         reg.log_figure(run_id, _plot_trials(outcome), "tune_trials.png")
-        log.info("best trial %s: val_f1 %.4f at epoch %.2f (%s)", best.trial_id, val[METRIC], val.get("epoch", 0), ckpt)
+        log.info(
+            "best trial %s by %s: val_loss %.4f val_f1 %.4f at epoch %.2f (%s)",
+            best.trial_id,
+            cfg.train.select_by,
+            val["val_loss"],
+            val["val_f1"],
+            val.get("epoch", 0),
+            ckpt,
+        )
 
         # One forward pass over the test split scores the challenger and profiles it for drift monitoring.
         challenger, reference = evaluate_and_profile(
-            ckpt, splits.test, batch_size=cfg.gate.eval_batch_size, precision="fp32", name="challenger"
+            ckpt, splits.test, batch_size=cfg.gate.eval_batch_size, precision=cfg.gate.precision, name="challenger"
         )
         reg.log_metrics(run_id, {f"test_{k}": v for k, v in challenger.metrics.items()})
         reg.log_figure(run_id, _plot_confusion(challenger), "confusion_matrix.png")
@@ -257,7 +266,10 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
                 "test_f1": f"{challenger.f1:.6f}",
                 "test_accuracy": f"{challenger.metrics['accuracy']:.6f}",
                 "test_n": challenger.n,
-                "val_f1": f"{val[METRIC]:.6f}",
+                "val_f1": f"{val['val_f1']:.6f}",
+                "val_loss": f"{val['val_loss']:.6f}",
+                "selected_by": cfg.train.select_by,
+                "test_precision": cfg.gate.precision,
                 "data_digest.test": digests["test"],
                 "data_digest.train": digests["train"],
                 "config_digest": cfg.digest(),

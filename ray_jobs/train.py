@@ -34,7 +34,17 @@ from ray_jobs.runtime import (
 log = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.pt"
-METRIC = "val_f1"
+# What `train.select_by` can name, and whether more is better.
+SELECTION_MODES = {"val_loss": "min", "val_f1": "max"}
+
+
+def selection_key(metrics: dict[str, Any], select_by: str) -> tuple[float, int]:
+    """Sort key for checkpoints (and trials) by `select_by`: larger is better; on a tie the later step
+    wins (it has seen more data, at a lower learning rate)."""
+    value = metrics.get(select_by)
+    if value is None:
+        return (-math.inf, metrics.get("step", 0))
+    return (value if SELECTION_MODES[select_by] == "max" else -value, metrics.get("step", 0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -532,7 +542,9 @@ def fit(
             name=run_name or f"{cfg.name}-train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
             storage_path=absolute_path(tc.storage_path),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=tc.num_to_keep, checkpoint_score_attribute=METRIC, checkpoint_score_order="max"
+                num_to_keep=tc.num_to_keep,
+                checkpoint_score_attribute=tc.select_by,
+                checkpoint_score_order=SELECTION_MODES[tc.select_by],
             ),
             failure_config=FailureConfig(max_failures=tc.max_failures),
             callbacks=callbacks,
@@ -554,13 +566,12 @@ def local_checkpoint_dir(path: str, storage_path: str) -> str:
     return ray.train.Checkpoint(uri).to_directory(tempfile.mkdtemp(prefix="sentiment-checkpoint-"))
 
 
-def best_checkpoint(result) -> tuple[str, dict[str, Any]]:
-    """(path, metrics) of the checkpoint with the highest validation F1."""
+def best_checkpoint(result, select_by: str) -> tuple[str, dict[str, Any]]:
+    """(path, metrics) of the best checkpoint by `select_by` (see `selection_key`)."""
     pairs = getattr(result, "best_checkpoints", None) or []
     if not pairs:
         raise SentimentError("the training run left no checkpoint")
-    # On a tie the later checkpoint wins: it has seen more data (and a lower learning rate).
-    ckpt, metrics = max(pairs, key=lambda p: (p[1].get(METRIC, -1.0), p[1].get("step", 0)))
+    ckpt, metrics = max(pairs, key=lambda p: selection_key(p[1], select_by))
     return ckpt.path, metrics
 
 
@@ -596,11 +607,18 @@ def main(argv: list[str] | None = None) -> int:
     cfg, data_ref, meta = started
     try:
         result = fit(cfg, system_settings(cfg, data_ref, meta))
-        path, metrics = best_checkpoint(result)
+        path, metrics = best_checkpoint(result, cfg.train.select_by)
     except Exception as err:  # Ray wraps worker errors; the message is what the user needs
         log.error("training failed: %s", err)
         return EXIT_FAILURE
-    log.info("best checkpoint (val_f1 %.4f, epoch %.2f): %s", metrics["val_f1"], metrics["epoch"], path)
+    log.info(
+        "best checkpoint by %s (val_loss %.4f, val_f1 %.4f, epoch %.2f): %s",
+        cfg.train.select_by,
+        metrics["val_loss"],
+        metrics["val_f1"],
+        metrics["epoch"],
+        path,
+    )
     print(path)  # the one line of stdout: the checkpoint folder, for scripts
     return EXIT_OK
 

@@ -22,7 +22,7 @@ from typing import Any
 from ray_jobs.config import PipelineConfig, absolute_path
 from ray_jobs.errors import ConfigError, SentimentError
 from ray_jobs.runtime import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, config_parser, configure_logging
-from ray_jobs.train import METRIC, fit, hparams_of, start_run, system_settings
+from ray_jobs.train import SELECTION_MODES, fit, hparams_of, selection_key, start_run, system_settings
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +36,13 @@ class TrialRecord:
     status: str  # TERMINATED (ran to the end), STOPPED_EARLY (by ASHA), ERROR
     history: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    select_by: str = "val_loss"  # train.select_by
 
     @property
     def best(self) -> dict[str, Any] | None:
-        rows = [r for r in self.history if r.get(CHECKPOINT_KEY) and r.get(METRIC) is not None]
-        return max(rows, key=lambda r: (r[METRIC], r.get("step", 0))) if rows else None  # ties: the later one
+        """The best checkpointed report by `select_by` (ties: the later one)."""
+        rows = [r for r in self.history if r.get(CHECKPOINT_KEY) and r.get(self.select_by) is not None]
+        return max(rows, key=lambda r: selection_key(r, self.select_by)) if rows else None
 
 
 @dataclass
@@ -51,7 +53,7 @@ class SearchOutcome:
     @property
     def best_trial(self) -> TrialRecord | None:
         done = [t for t in self.trials if t.best is not None]
-        return max(done, key=lambda t: t.best[METRIC]) if done else None
+        return max(done, key=lambda t: selection_key(t.best, t.select_by)) if done else None
 
 
 def param_space(cfg: PipelineConfig) -> dict[str, Any]:
@@ -120,8 +122,8 @@ def _tuner(cfg: PipelineConfig, system: dict[str, Any], name: str, restore_path:
         trainable,
         param_space=param_space(cfg),
         tune_config=tune.TuneConfig(
-            metric=METRIC,
-            mode="max",
+            metric=cfg.train.select_by,
+            mode=SELECTION_MODES[cfg.train.select_by],
             num_samples=tc.num_samples,
             scheduler=scheduler,
             search_alg=search_alg,
@@ -136,7 +138,7 @@ def _tuner(cfg: PipelineConfig, system: dict[str, Any], name: str, restore_path:
     )
 
 
-def _records(result_grid) -> list[TrialRecord]:
+def _records(result_grid, select_by: str) -> list[TrialRecord]:
     records = []
     for r in result_grid:
         df = r.metrics_dataframe
@@ -154,7 +156,7 @@ def _records(result_grid) -> list[TrialRecord]:
         else:
             status = "TERMINATED"
         records.append(
-            TrialRecord(str(trial_id), hp, status, history, None if r.error is None else str(r.error)[:2000])
+            TrialRecord(str(trial_id), hp, status, history, None if r.error is None else str(r.error)[:2000], select_by)
         )
     return records
 
@@ -178,11 +180,11 @@ def run_search(
     tuner = _tuner(cfg, system, name, restore_path)
     grid = tuner.fit()
     path = restore_path or f"{absolute_path(cfg.tune.storage_path)}/{name}"
-    trials = _records(grid)
+    trials = _records(grid, cfg.train.select_by)
     for t in trials:
         best = t.best
         log.info(
-            "trial %s %-13s %s best val_f1=%s",
+            "trial %s %-13s %s best (by %s): %s",
             t.trial_id,
             t.status,
             {
@@ -190,7 +192,8 @@ def run_search(
                 for k, v in t.hparams.items()
                 if k in cfg.tune.search_space
             },
-            "-" if best is None else f"{best[METRIC]:.4f}",
+            cfg.train.select_by,
+            "-" if best is None else f"val_loss {best['val_loss']:.4f} val_f1 {best['val_f1']:.4f}",
         )
     outcome = SearchOutcome(trials, path)
     if outcome.best_trial is None:
@@ -214,7 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         log.error("search failed: %s", err)
         return EXIT_FAILURE
     best = outcome.best_trial
-    log.info("best trial %s: val_f1 %.4f, checkpoint %s", best.trial_id, best.best[METRIC], best.best[CHECKPOINT_KEY])
+    log.info(
+        "best trial %s by %s: val_loss %.4f val_f1 %.4f, checkpoint %s",
+        best.trial_id,
+        best.select_by,
+        best.best["val_loss"],
+        best.best["val_f1"],
+        best.best[CHECKPOINT_KEY],
+    )
     print(best.best[CHECKPOINT_KEY])
     return EXIT_OK
 

@@ -154,7 +154,7 @@ def trained_tiny(ray_cluster, session_tmp):
     cfg = tiny_config(session_tmp / "trained", "train.num_workers=2")
     splits = load_splits(cfg.data)
     result = fit(cfg, system_settings(cfg, put_data(splits.train, splits.val), {"data_digests": splits.digests()}))
-    path, metrics = best_checkpoint(result)
+    path, metrics = best_checkpoint(result, cfg.train.select_by)
     return cfg, result, path, metrics
 
 

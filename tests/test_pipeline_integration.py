@@ -165,12 +165,11 @@ def test_a_pipeline_interrupted_before_its_gate_decision_leaves_a_pending_versio
     run KILLED, and the version says gate.decision=pending rather than look like a gated model. (The
     search is the session's trained model: this test is about what happens after it.)"""
     from ray_jobs import pipeline
-    from ray_jobs.train import METRIC
     from ray_jobs.tune import CHECKPOINT_KEY, SearchOutcome, TrialRecord
 
     _, _, path, metrics = trained_tiny
     trial = TrialRecord("t0", {"lr": 0.001}, "TERMINATED", history=[{**metrics, CHECKPOINT_KEY: path}])
-    assert trial.best is not None and trial.best[METRIC] == metrics[METRIC]
+    assert trial.best is not None and trial.best["val_loss"] == metrics["val_loss"]
     monkeypatch.setattr(pipeline, "run_search", lambda *a, **k: SearchOutcome([trial], str(tmp_path / "tune")))
 
     def interrupted(*args, **kwargs):

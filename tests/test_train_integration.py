@@ -37,7 +37,7 @@ def test_ddp_training_learns_and_checkpoints_load(trained_tiny):
     assert (folder / "sentiment_meta.json").is_file() and (folder / "training_state.pt").is_file()
     model = AutoModelForSequenceClassification.from_pretrained(folder, use_safetensors=True)
     assert model.config.model_type == "distilbert" and model.config.num_labels == 2
-    # num_to_keep is honoured and the best checkpoint (by val_f1) is kept
+    # num_to_keep is honoured and the best checkpoint (by train.select_by) is kept
     assert len(result.best_checkpoints) <= cfg.train.num_to_keep
 
 
@@ -93,5 +93,5 @@ def test_time_budget_stops_early_and_keeps_a_checkpoint(ray_cluster, tmp_path):
     result = fit(cfg, system_settings(cfg, put_data(splits.train, splits.val)))
     assert result.metrics["stopped_by_budget"] is True
     assert result.metrics["epoch"] < 50
-    path, _ = best_checkpoint(result)
+    path, _ = best_checkpoint(result, cfg.train.select_by)
     assert (Path(path) / "model.safetensors").is_file()

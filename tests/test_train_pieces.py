@@ -63,3 +63,60 @@ def test_a_checkpoint_on_remote_storage_is_downloaded_for_the_driver(tmp_path):
     assert local_checkpoint_dir(str(remote), str(tmp_path / "storage")) == str(remote)  # local: the folder itself
     local = local_checkpoint_dir(str(remote), f"file://{tmp_path}/storage")
     assert local != str(remote) and (Path(local) / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_checkpoint_selection_follows_train_select_by():
+    """The loss picks the lowest, F1 the highest; a tie goes to the later step; a trial's best report
+    and the best trial use the same rule."""
+    from types import SimpleNamespace
+
+    from ray_jobs.train import best_checkpoint
+    from ray_jobs.tune import CHECKPOINT_KEY, SearchOutcome, TrialRecord
+
+    reports = [
+        {"step": 500, "val_loss": 0.234, "val_f1": 0.9105},
+        {"step": 936, "val_loss": 0.211, "val_f1": 0.9084},
+        {"step": 1200, "val_loss": 0.211, "val_f1": 0.9001},
+    ]
+    result = SimpleNamespace(best_checkpoints=[(SimpleNamespace(path=f"ckpt-{r['step']}"), r) for r in reports])
+    assert best_checkpoint(result, "val_loss")[0] == "ckpt-1200"  # tie on the loss: the later one
+    assert best_checkpoint(result, "val_f1")[0] == "ckpt-500"
+    with pytest.raises(Exception, match="no checkpoint"):
+        best_checkpoint(SimpleNamespace(best_checkpoints=[]), "val_loss")
+
+    history = [{**r, CHECKPOINT_KEY: f"ckpt-{r['step']}"} for r in reports]
+    by_loss = TrialRecord("a", {}, "TERMINATED", history, select_by="val_loss")
+    by_f1 = TrialRecord("a", {}, "TERMINATED", history, select_by="val_f1")
+    assert by_loss.best["step"] == 1200 and by_f1.best["step"] == 500
+    other = TrialRecord("b", {}, "TERMINATED", [{"step": 10, "val_loss": 0.3, "val_f1": 0.95, CHECKPOINT_KEY: "x"}])
+    assert SearchOutcome([by_loss, other], "exp").best_trial.trial_id == "a"  # lower loss, despite lower F1
+
+
+@pytest.mark.parametrize("score_block", [None, 1])
+def test_the_matmul_attention_matches_sdpa_with_padding(score_block, monkeypatch):
+    """The CPU training attention gives SDPA's logits on a padded batch (fp32), whole or a row at a time
+    (long sequences are split into blocks of rows), and gradients flow."""
+    import torch
+
+    import ray_jobs.model
+    from ray_jobs.config import ModelConfig
+    from ray_jobs.model import MATMUL_ATTENTION, build_model, set_attention, training_attention
+
+    assert training_attention("auto", "cpu") == MATMUL_ATTENTION and training_attention("auto", "cuda") == "sdpa"
+    assert training_attention("sdpa", "cpu") == "sdpa" and training_attention("matmul", "cuda") == MATMUL_ATTENTION
+    if score_block:
+        monkeypatch.setattr(ray_jobs.model, "SCORE_BLOCK", score_block)
+    model, tok = build_model(ModelConfig(source="tiny", dropout=0.0), seed=0)
+    model.eval()
+    batch = tok(
+        ["good fun film", "a dull, slow and long film that I did not like at all"], padding=True, return_tensors="pt"
+    )
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"].shape[1]  # the first row is padded
+    with torch.no_grad():
+        expected = model(**batch).logits
+        set_attention(model, MATMUL_ATTENTION)
+        got = model(**batch).logits
+    assert torch.allclose(got, expected, atol=1e-5), (got, expected)
+    model.train()
+    model(**batch).logits.sum().backward()
+    assert model.distilbert.transformer.layer[0].attention.q_lin.weight.grad.abs().sum() > 0
