@@ -5,6 +5,12 @@ vs TF-IDF (1-2 grams) + logistic regression, both scored on the same held-out te
     python benchmarks/accuracy.py --data ... --budget-min 5 --set data.max_train_samples=4000
 
 The pipeline registers the model (registry.model_name of the config) and gates it as usual; deployment is skipped.
+Besides the test F1 of both it reports:
+- F1 by review length in tokens (<= 256, 257-512, > 512: head+tail truncation drops the middle of the last);
+- with --chunked, the model's F1 when a review longer than max_length is scored as overlapping windows whose
+  logits are averaged, against head+tail truncation;
+- with --score-checkpoints, every checkpoint the run kept (set train.num_to_keep high) with its validation
+  loss and F1 and its test F1: which selection criterion would have picked the best one.
 """
 
 from __future__ import annotations
@@ -32,7 +38,75 @@ def tfidf_baseline(train, test) -> dict:
     x = vec.fit_transform(train.texts)
     clf = LogisticRegression(C=4.0, max_iter=2000).fit(x, train.labels)
     pred = clf.predict(vec.transform(test.texts))
-    return {**classification_metrics(np.asarray(test.labels), np.asarray(pred)), "seconds": time.time() - t0}
+    return {
+        **classification_metrics(np.asarray(test.labels), np.asarray(pred)),
+        "seconds": time.time() - t0,
+        "preds": pred.tolist(),
+    }
+
+
+LENGTH_EDGES = (256, 512)
+
+
+def by_length(labels, preds, lengths) -> dict[str, dict]:
+    """F1 and count per review-length bucket (token counts before truncation)."""
+    import numpy as np
+
+    labels, preds, lengths = np.asarray(labels), np.asarray(preds), np.asarray(lengths)
+    out, low = {}, 0
+    for high in (*LENGTH_EDGES, None):
+        sel = (lengths > low) & (lengths <= high if high is not None else True)
+        name = f"{low + 1}-{high}" if high is not None else f">{low}"
+        out[name] = {"n": int(sel.sum()), "f1": round(classification_metrics(labels[sel], preds[sel])["f1"], 4)}
+        low = high or low
+    return out
+
+
+def chunked_logits(predictor, texts, stride_fraction: float = 0.5):
+    """(n, 2) logits: a text within max_length as the predictor encodes it; a longer one as windows of
+    max_length - 2 tokens (overlapping by 1 - stride_fraction), each with [CLS]/[SEP], logits averaged."""
+    import numpy as np
+
+    from ray_jobs.data import HTML_BREAK
+    from ray_jobs.inference import batched_logits
+
+    tok = predictor.tokenizer
+    budget = predictor.max_length - 2
+    stride = max(1, int(budget * stride_fraction))
+    seqs, owner = [], []
+    raw = tok([HTML_BREAK.sub(" ", t) for t in texts], add_special_tokens=False, verbose=False)["input_ids"]
+    for i, ids in enumerate(raw):
+        starts = [0] if len(ids) <= budget else [*range(0, len(ids) - budget, stride), len(ids) - budget]
+        for st in starts:
+            seqs.append([tok.cls_token_id, *ids[st : st + budget], tok.sep_token_id])
+            owner.append(i)
+    predictor.model.eval()
+    logits = batched_logits(
+        predictor.model, seqs, tok.pad_token_id, predictor.batch_size, predictor.device, predictor.amp_dtype
+    ).numpy()
+    out = np.zeros((len(texts), 2), dtype=np.float64)
+    counts = np.bincount(owner, minlength=len(texts))
+    np.add.at(out, owner, logits)
+    return out / counts[:, None]
+
+
+def score_checkpoints(run_dir: Path, test, precision: str, batch_size: int) -> list[dict]:
+    """Every checkpoint of one Ray Train run: step, validation loss and F1 (from its metadata), test F1."""
+    from ray_jobs.evaluate import evaluate_dir
+    from ray_jobs.model import read_meta
+
+    rows = []
+    for d in sorted(run_dir.glob("checkpoint_*")):
+        m = read_meta(d).get("metrics", {})
+        ev = evaluate_dir(str(d), test, batch_size, precision)
+        rows.append({"step": m.get("step"), "val_loss": m.get("val_loss"), "val_f1": m.get("val_f1"), "test_f1": ev.f1})
+        print(
+            f"checkpoint step {m.get('step')}: val_loss {m.get('val_loss'):.4f} val_f1 {m.get('val_f1'):.4f} "
+            f"test_f1 {ev.f1:.4f}",
+            flush=True,
+        )
+    rows.sort(key=lambda r: r["step"] or 0)
+    return rows
 
 
 def main() -> int:
@@ -44,6 +118,8 @@ def main() -> int:
     p.add_argument("--budget-min", type=float, default=30.0, help="training wall-clock budget in minutes")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--baseline-only", action="store_true")
+    p.add_argument("--chunked", action="store_true", help="also score long reviews as overlapping windows")
+    p.add_argument("--score-checkpoints", action="store_true", help="test F1 of every checkpoint the run kept")
     p.add_argument("--out", help="also write the results as JSON to this file")
     args = p.parse_args()
     cfg = load_config(
@@ -56,6 +132,15 @@ def main() -> int:
         flush=True,
     )
     base = tfidf_baseline(splits.train, splits.test)
+    from ray_jobs.model import build_model
+
+    tokenizer = build_model(cfg.model)[1] if cfg.model.source != "tiny" else None
+    lengths = (
+        [len(x) for x in tokenizer(splits.test.texts, add_special_tokens=False, verbose=False)["input_ids"]]
+        if tokenizer is not None
+        else [len(t.split()) for t in splits.test.texts]
+    )
+    base["by_length"] = by_length(splits.test.labels, base.pop("preds"), lengths)
     print(f"TF-IDF + LR: F1 {base['f1']:.4f} acc {base['accuracy']:.4f} ({base['seconds']:.0f}s)", flush=True)
     results = {
         "machine": f"{__import__('os').cpu_count()} CPUs",
@@ -78,7 +163,28 @@ def main() -> int:
             "version": out.version,
             "gate": out.decision.reason,
             "promoted": out.decision.promote,
+            "selected_by": cfg.train.select_by,
+            "val_loss": m.get("val_loss"),
+            "step": m.get("step"),
         }
+        ckpt = Path(m["checkpoint_path"])
+        from ray_jobs.inference import Predictor
+
+        predictor = Predictor(str(ckpt), precision=cfg.gate.precision, batch_size=cfg.gate.eval_batch_size)
+        preds = predictor.predict_proba(splits.test.texts).argmax(1)
+        results["model"]["by_length"] = by_length(splits.test.labels, preds, lengths)
+        if args.chunked:
+            t1 = time.time()
+            chunked = chunked_logits(predictor, splits.test.texts).argmax(1)
+            results["model"]["chunked"] = {
+                "f1": classification_metrics(splits.test.labels, chunked)["f1"],
+                "seconds": time.time() - t1,
+                "by_length": by_length(splits.test.labels, chunked, lengths),
+            }
+        if args.score_checkpoints:
+            results["checkpoints"] = score_checkpoints(
+                ckpt.parent, splits.test, cfg.gate.precision, cfg.gate.eval_batch_size
+            )
     print("\n| model | test F1 | accuracy | training | samples/s |\n|---|---|---|---|---|")
     print(
         f"| TF-IDF (1-2 grams) + logistic regression | {base['f1']:.4f} | {base['accuracy']:.4f} | "
@@ -90,6 +196,15 @@ def main() -> int:
             f"| DistilBERT (MiniLM-L6 init), {cfg.model.max_length} tokens {cfg.model.truncation} | "
             f"{r['f1']:.4f} | - | "
             f"{r['train_minutes']:.1f} min | {r['train_samples_per_s'] or 0:.1f} |"
+        )
+    for name, r in (("TF-IDF + LR", base), ("model", results.get("model"))):
+        if r:
+            print(f"{name} F1 by review length (tokens): {r['by_length']}")
+    if "chunked" in results.get("model", {}):
+        c = results["model"]["chunked"]
+        print(
+            f"model, long reviews as overlapping windows: F1 {c['f1']:.4f} ({c['seconds']:.0f} s), "
+            f"by length {c['by_length']}"
         )
     print(json.dumps(results, default=str))
     if args.out:

@@ -101,6 +101,10 @@ class TrainConfig(_Strict):
     seed: int = 42
     # Wall-clock budget for the training loop: at the budget it validates, checkpoints and stops.
     time_budget_s: float | None = Field(None, gt=0)
+    # Start from a registered model's weights instead of the backbone's (teams that retrain on new data):
+    # "champion" (the production model; the backbone while there is none), a version number,
+    # models:/<name>/<version>, models:/<name>@<alias> or a model folder. The gate still decides.
+    init_from: str | None = Field(None, min_length=1)
     # Which validation metric picks the checkpoint (and the best trial, and what ASHA compares). val_loss:
     # at a few hundred validation reviews F1 moves in steps of 1/n and its noise (~1.3 points at 500)
     # exceeds the gains between checkpoints; the loss uses every prediction's confidence.

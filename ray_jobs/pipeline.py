@@ -26,6 +26,7 @@ from ray_jobs.drift import REFERENCE_FILE
 from ray_jobs.errors import ConfigError, DataError, GateError, PromotedNotDeployedError, SentimentError
 from ray_jobs.evaluate import evaluate_and_profile, evaluate_dir
 from ray_jobs.gate import Decision, Evaluation, decide, policy_from_config
+from ray_jobs.model import read_meta
 from ray_jobs.registry import Registry
 from ray_jobs.runtime import (
     EXIT_BLOCKED,
@@ -269,6 +270,7 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
                 "val_f1": f"{val['val_f1']:.6f}",
                 "val_loss": f"{val['val_loss']:.6f}",
                 "selected_by": cfg.train.select_by,
+                "init_from": read_meta(ckpt).get("init_from", "backbone"),
                 "test_precision": cfg.gate.precision,
                 "data_digest.test": digests["test"],
                 "data_digest.train": digests["train"],

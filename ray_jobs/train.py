@@ -230,6 +230,24 @@ def train_step(
     return loss
 
 
+def load_initial_weights(model, weights_ref, origin: str) -> None:
+    """Load `train.init_from`'s weights (from Ray's object store) into the freshly built model; every
+    parameter must be there with its shape, or the run stops with what did not fit."""
+    import ray
+
+    state = ray.get(weights_ref)
+    own = model.state_dict()
+    missing = [k for k, _ in model.named_parameters() if k not in state]
+    wrong = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if missing or wrong:
+        raise SentimentError(
+            f"train.init_from {origin}: its weights do not fit the configured model "
+            f"(missing: {missing[:3]}, other shapes: {wrong[:3]}); the model section must match the one it was "
+            "trained with"
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
 class WorkerRun:
     """One DDP worker's training state: the model (restored from Ray Train's checkpoint when there is
     one), its shard of the data, the optimizer and schedule, and the progress that checkpoints save."""
@@ -254,8 +272,10 @@ class WorkerRun:
         self.amp_dtype = autocast_dtype(self.tc.precision, self.device.type)
         self.callbacks = list(system.get("callbacks") or [])
 
-        # Resume state first: a resumed run continues from the checkpoint's weights and tokenizer.
+        # Resume state last: a resumed run continues from the checkpoint's weights, whatever it started from.
         model, self.tokenizer = build_model(mc, seed=self.tc.seed)
+        if system.get("init") is not None:
+            load_initial_weights(model, *system["init"])
         self.progress, saved = self._restore(model)
         self.resumed_from_step = self.progress.global_step  # 0 for a fresh run: tests use it to prove a resume
         self.data = shard_and_encode(self.tokenizer, *ray.get(system["data_ref"]), mc, self.rank, self.world)
@@ -498,12 +518,48 @@ def hparams_of(cfg: PipelineConfig) -> dict[str, Any]:
     return {k: getattr(sections[s], k) for k, s in TUNABLE.items()}
 
 
+def initial_weights(cfg: PipelineConfig) -> tuple[Any, str] | None:
+    """(object-store reference to the weights, where they came from) for `train.init_from`, or None to
+    start from the backbone (also when init_from is "champion" and there is none yet). The driver resolves
+    the model and puts its tensors in Ray's object store once, so that workers on any node read them."""
+    ref = cfg.train.init_from
+    if not ref:
+        return None
+    import ray
+    from safetensors.torch import load_file
+
+    from ray_jobs.registry import Registry
+
+    reg = Registry(cfg.registry)
+    if ref == "champion":
+        version = reg.champion()
+        if version is None:
+            log.info("train.init_from champion: there is no champion yet; training starts from the backbone")
+            return None
+        folder, origin = reg.model_dir(version), f"models:/{cfg.registry.model_name}/{version}"
+    else:
+        folder, origin = reg.resolve_model_dir(ref), ref
+    weights = Path(folder) / "model.safetensors"
+    if not weights.is_file():
+        raise SentimentError(f"train.init_from {ref}: {folder} holds no model.safetensors")
+    log.info("training starts from the weights of %s", origin)
+    return ray.put(load_file(str(weights))), origin
+
+
 def system_settings(
     cfg: PipelineConfig, data_ref, meta: dict[str, Any] | None = None, callbacks: list | None = None
 ) -> dict[str, Any]:
-    """What every worker gets besides the hyper-parameters. `callbacks` (objects with `on_step(StepInfo)`,
-    e.g. FaultInjection) travel to the workers pickled."""
-    return {"cfg": cfg.model_dump(mode="json"), "data_ref": data_ref, "meta": meta or {}, "callbacks": callbacks or []}
+    """What every worker gets besides the hyper-parameters: the config, the data and the initial weights
+    (`train.init_from`) as object-store references, run metadata. `callbacks` (objects with
+    `on_step(StepInfo)`, e.g. FaultInjection) travel to the workers pickled."""
+    init = initial_weights(cfg)
+    return {
+        "cfg": cfg.model_dump(mode="json"),
+        "data_ref": data_ref,
+        "init": init,
+        "meta": {**(meta or {}), "init_from": init[1] if init else "backbone"},
+        "callbacks": callbacks or [],
+    }
 
 
 def put_data(train: Split, val: Split):

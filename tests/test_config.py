@@ -193,3 +193,17 @@ def test_bad_drift_settings_are_refused_by_name(override, where):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert where in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override, where",
+    [
+        ("train.select_by=val_accuracy", "train.select_by"),
+        ("train.attention=flash", "train.attention"),
+        ("gate.precision=fp16", "gate.precision"),
+    ],
+)
+def test_bad_training_and_gate_choices_are_refused_by_name(override, where):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert where in str(e.value)

@@ -95,3 +95,40 @@ def test_time_budget_stops_early_and_keeps_a_checkpoint(ray_cluster, tmp_path):
     assert result.metrics["epoch"] < 50
     path, _ = best_checkpoint(result, cfg.train.select_by)
     assert (Path(path) / "model.safetensors").is_file()
+
+
+def test_training_starts_from_the_champion_or_a_model_folder(ray_cluster, tmp_path, trained_tiny, caplog):
+    """train.init_from: "champion" is the backbone while there is none, then the champion's weights (with
+    lr 0 the run keeps them: its validation loss is the trained model's); a folder is taken as it is; a
+    folder without weights and weights of another shape are refused with the reason."""
+    from ray_jobs.config import ModelConfig, TinyModelConfig
+    from ray_jobs.data import load_splits
+    from ray_jobs.errors import SentimentError
+    from ray_jobs.model import build_model
+    from ray_jobs.registry import Registry
+    from ray_jobs.train import fit, initial_weights, load_initial_weights, put_data, system_settings
+
+    _, _, trained_path, trained_metrics = trained_tiny
+    cfg = tiny_config(tmp_path, "train.epochs=1", "train.lr=0", "train.init_from=champion")
+    with caplog.at_level("INFO", logger="ray_jobs.train"):
+        assert initial_weights(cfg) is None
+    assert "no champion yet" in caplog.text
+
+    reg = Registry(cfg.registry)
+    version = reg.register(reg.start_run("init-from-test"), trained_path, {"test_f1": "0.9"})
+    reg.set_aliases(version, None)
+    splits = load_splits(cfg.data)
+    system = system_settings(cfg, put_data(splits.train, splits.val))
+    assert system["meta"]["init_from"] == f"models:/{cfg.registry.model_name}/{version}"
+    result = fit(cfg, system)
+    assert result.metrics["val_loss"] == pytest.approx(trained_metrics["val_loss"], abs=1e-3), result.metrics
+    assert result.metrics["val_f1"] > 0.9
+
+    folder = cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": trained_path})})
+    assert initial_weights(folder)[1] == trained_path
+    empty = cfg.model_copy(update={"train": cfg.train.model_copy(update={"init_from": str(tmp_path)})})
+    with pytest.raises(SentimentError, match="no model.safetensors"):
+        initial_weights(empty)
+    wider = ModelConfig(source="tiny", tiny=TinyModelConfig(dim=cfg.model.tiny.dim * 2))
+    with pytest.raises(SentimentError, match="do not fit"):
+        load_initial_weights(build_model(wider)[0], *initial_weights(folder))
