@@ -96,7 +96,7 @@ def score_checkpoints(run_dir: Path, test, precision: str, batch_size: int) -> l
     from ray_jobs.model import read_meta
 
     rows = []
-    for d in sorted(run_dir.glob("checkpoint_*")):
+    for d in sorted(p.parent for p in run_dir.glob("checkpoint_*/model.safetensors")):
         m = read_meta(d).get("metrics", {})
         ev = evaluate_dir(str(d), test, batch_size, precision)
         rows.append({"step": m.get("step"), "val_loss": m.get("val_loss"), "val_f1": m.get("val_f1"), "test_f1": ev.f1})
