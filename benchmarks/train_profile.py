@@ -13,7 +13,8 @@ For each max_length (default 512 and 256) on the same reviews, batches and model
   and the optimizer;
 - tokenization cost and padding waste (padded tokens that carry no text) with the config's length bucketing.
 With --ray, Ray Train (1 worker x all cores) runs an epoch of the same reviews with each kernel: its share
-over the plain loop is Ray's and the data path's cost.
+over the plain loop is Ray's and the data path's cost. With --attention, only the attention kernels are
+timed, forward and backward apart, on random 16 x 12-head x 32-wide bf16 inputs at 128-512 tokens.
 
 FLOPs are counted on padded tokens (the work the kernels do), per token and layer: 2*(4h^2 + 2hf) for the
 linear layers plus 4*L*h for attention's two products; a training step is 3x its forward pass.
@@ -149,6 +150,43 @@ def bare_forward(model, batches, amp) -> float:
     return time.perf_counter() - t0
 
 
+def attention_kernels(lengths=(128, 256, 384, 512), batch: int = 16, heads: int = 12, width: int = 32, reps: int = 5):
+    """ms forward and backward of one attention call per kernel and length (bf16, one padded row)."""
+    import torch
+
+    from ray_jobs.model import matmul_attention
+
+    def sdpa(q, k, v, mask):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    def matmul(q, k, v, mask):
+        return matmul_attention(None, q, k, v, mask)[0]
+
+    out = {}
+    for length in lengths:
+        mask = torch.ones(batch, 1, length, length, dtype=torch.bool)
+        mask[0, :, :, length // 2 :] = False
+        for name, fn in (("sdpa", sdpa), ("matmul", matmul)):
+            fwd = bwd = 0.0
+            for i in range(reps + 1):
+                q, k, v = (
+                    torch.randn(batch, heads, length, width, dtype=torch.bfloat16, requires_grad=True) for _ in "qkv"
+                )
+                t0 = time.perf_counter()
+                o = fn(q, k, v, mask)
+                t1 = time.perf_counter()
+                o.float().sum().backward()
+                t2 = time.perf_counter()
+                if i:  # the first call warms up
+                    fwd, bwd = fwd + t1 - t0, bwd + t2 - t1
+            out[f"{length}/{name}"] = {
+                "forward_ms": round(1000 * fwd / reps, 1),
+                "backward_ms": round(1000 * bwd / reps, 1),
+            }
+            print(f"attention {length} tokens, {name}: {out[f'{length}/{name}']}", flush=True)
+    return out
+
+
 def ray_rates(cfg, train, val) -> dict[str, float]:
     import ray
 
@@ -174,14 +212,22 @@ def main() -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tune_configs/imdb_cpu.yaml")
-    p.add_argument("--data", required=True, help="labelled file (e.g. IMDB train.parquet)")
+    p.add_argument("--data", help="labelled file (e.g. IMDB train.parquet); required unless --attention")
     p.add_argument("--samples", type=int, default=320)
     p.add_argument("--max-length", type=int, nargs="+", default=[512, 256])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--ray", action="store_true", help="also run Ray Train with each kernel")
+    p.add_argument("--attention", action="store_true", help="time only the attention kernels")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
     torch.set_num_threads(2)
+    if not args.attention and not args.data:
+        p.error("--data is required")
+    if args.attention:
+        result = attention_kernels()
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2))
+        return 0
     base = load_config(args.config, ["train.epochs=1", "train.storage_path=runs/bench-profile"])
     split = split_examples(load_file(args.data), base.data.val_fraction, base.data.test_fraction, seed=0)
     train = split.train.take(range(min(args.samples, len(split.train))))

@@ -187,23 +187,13 @@ def test_explain_limits_are_validated_and_its_deadline_follows_the_requests():
         ("serve.drift.alpha=1.5", "serve.drift.alpha"),
         ("serve.drift.window_size=5", "serve.drift.window_size"),
         ("serve.drift.permutations=3", "serve.drift.permutations"),
-    ],
-)
-def test_bad_drift_settings_are_refused_by_name(override, where):
-    with pytest.raises(ConfigError) as e:
-        load_config(None, [override])
-    assert where in str(e.value)
-
-
-@pytest.mark.parametrize(
-    "override, where",
-    [
         ("train.select_by=val_accuracy", "train.select_by"),
         ("train.attention=flash", "train.attention"),
+        ('train.init_from=""', "train.init_from"),
         ("gate.precision=fp16", "gate.precision"),
     ],
 )
-def test_bad_training_and_gate_choices_are_refused_by_name(override, where):
+def test_bad_settings_are_refused_by_name(override, where):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert where in str(e.value)
