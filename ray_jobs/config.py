@@ -95,8 +95,10 @@ class TrainConfig(_Strict):
     # auto: bf16 autocast on a GPU with bf16 (else fp16), and on a CPU with AVX-512 BF16/AMX; fp32 elsewhere.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     length_bucketing: bool = True
-    # The attention kernel while training. auto: the matmul form on CPUs (SDPA's fused bf16 backward is
-    # slow there: see ray_jobs.model.matmul_attention), SDPA on GPUs. Serving always uses SDPA.
+    # The attention kernel while training. matmul: two batched matmuls around a softmax, which avoids
+    # SDPA's slow fused bf16 backward on CPUs (1.3x per step in benchmarks/train_profile.py, 1.09x over a
+    # 30-minute run, with a lower test F1 in that run: see ray_jobs.model.training_attention). auto = sdpa.
+    # Serving always uses SDPA.
     attention: Literal["auto", "sdpa", "matmul"] = "auto"
     seed: int = 42
     # Wall-clock budget for the training loop: at the budget it validates, checkpoints and stops.

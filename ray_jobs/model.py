@@ -269,10 +269,10 @@ def matmul_attention(module, query, key, value, attention_mask, dropout: float =
 
 
 def training_attention(choice: str, device_type: str) -> str:
-    """The `attn_implementation` for `train.attention` on this device: auto is the matmul form on CPUs
-    and SDPA on GPUs (whose fused backward is fast)."""
-    if choice == "auto":
-        choice = "matmul" if device_type == "cpu" else "sdpa"
+    """The `attn_implementation` for `train.attention`. auto is SDPA everywhere: the matmul form steps
+    1.3x faster in short CPU profiles but only 1.09x over a whole 30-minute run, and that run scored
+    lower (test F1 0.9049 vs 0.9097 at the same seed; its scores are rounded to bf16 before the softmax,
+    which SDPA keeps in fp32), so it is opt-in until a run shows it holds accuracy."""
     return MATMUL_ATTENTION if choice == "matmul" else "sdpa"
 
 
