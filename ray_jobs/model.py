@@ -239,11 +239,11 @@ SCORE_BLOCK = 1 << 23
 
 def matmul_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **_):
     """Attention as two batched matmuls around a softmax, in the autocast dtype: the `attn_implementation`
-    that CPU training uses. PyTorch's fused CPU kernel (SDPA's flash path) is fast forward, but on this
-    model's 32-wide heads its bf16 backward costs 6-15x its forward (60 ms for a 16 x 128-token batch, where
-    this form takes 17 ms forward and backward), so a training step spends half its time there
-    (benchmarks/train_profile.py). The mask becomes an additive bias; the probabilities are rounded to the
-    compute dtype before the second matmul, as flash kernels also do."""
+    of `train.attention: matmul` (opt-in). PyTorch's fused CPU kernel (SDPA's flash path) is fast forward,
+    but on this model's 32-wide heads its bf16 backward costs 6-12x its forward (78 ms for a 16 x 128-token
+    batch, where this form takes 8 ms), so an SDPA training step spends half its time there
+    (benchmarks/train_profile.py). The mask becomes an additive bias. Unlike SDPA, the scores are rounded
+    to the compute dtype before the softmax: see `training_attention` for what that cost in a full run."""
     import torch
 
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
