@@ -94,12 +94,10 @@ def scores(model, seqs, labels, pad_id, device, amp_dtype, batch_size=128) -> di
 
 
 def build(cfg, v: dict, device):
-    from ray_jobs.model import build_model, set_attention, training_attention
+    from ray_jobs.model import build_model, prepare_for_training
 
     model, tok = build_model(cfg.model, seed=v["seed"])
-    if v["freeze"]:
-        model.distilbert.embeddings.word_embeddings.weight.requires_grad_(False)
-    set_attention(model, training_attention(cfg.train.attention, device.type))  # as the pipeline trains
+    prepare_for_training(model, v["freeze"], cfg.train.attention)  # as the pipeline trains
     if v["pooling"] == "mean":
         model = mean_pooled(model)
     return model.to(device), tok

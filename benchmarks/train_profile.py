@@ -66,23 +66,10 @@ def matmul_ceiling(dtype, n: int = 2048, reps: int = 5, trials: int = 5) -> floa
     return best
 
 
-def forward_flops(cfg, lengths_padded: list[int]) -> float:
-    """Forward FLOPs of batches given as (batch rows x padded length) token counts per batch: a list of
-    (rows, length) pairs flattened as rows*length tokens at that length."""
+def forward_flops(cfg, batches: list[tuple[int, int]]) -> float:
+    """Forward FLOPs of padded batches, each given as (tokens it holds, padded length)."""
     h, f, layers = cfg.dim, cfg.hidden_dim, cfg.n_layers
-    return sum(tokens * layers * (2 * (4 * h * h + 2 * h * f) + 4 * length * h) for tokens, length in lengths_padded)
-
-
-def make_model(cfg, kernel: str):
-    import copy
-
-    from ray_jobs.model import MATMUL_ATTENTION, build_model, set_attention
-
-    model, tok = build_model(cfg.model, seed=cfg.train.seed)
-    if cfg.model.freeze_embeddings:
-        model.distilbert.embeddings.word_embeddings.weight.requires_grad_(False)
-    set_attention(model, MATMUL_ATTENTION if kernel == "matmul" else "sdpa")
-    return copy.deepcopy(model), tok
+    return sum(tokens * layers * (2 * (4 * h * h + 2 * h * f) + 4 * length * h) for tokens, length in batches)
 
 
 class Loop:
@@ -92,9 +79,11 @@ class Loop:
         import torch
 
         from ray_jobs.inference import autocast_dtype
+        from ray_jobs.model import build_model, prepare_for_training
         from ray_jobs.train import make_optimizer
 
-        self.model, _ = make_model(cfg, kernel)
+        self.model, self.tokenizer = build_model(cfg.model, seed=cfg.train.seed)
+        prepare_for_training(self.model, cfg.model.freeze_embeddings, kernel)
         self.model.train()
         self.opt = make_optimizer(self.model, cfg.train.lr, cfg.train.weight_decay)
         self.scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -239,7 +228,7 @@ def main() -> int:
         cfg = base.model_copy(deep=True)
         cfg.model.max_length = max_length
         loops = {k: Loop(cfg, k) for k in KERNELS}
-        tok = make_model(cfg, "sdpa")[1]
+        tok = loops["sdpa"].tokenizer
         t0 = time.perf_counter()
         seqs = encode(tok, train.texts, max_length, cfg.model.truncation, cfg.model.head_fraction)
         tokenize_s = time.perf_counter() - t0

@@ -25,14 +25,12 @@ def plain_loop(cfg, train: Split, threads: int) -> float:
     import torch
 
     from ray_jobs.inference import autocast_dtype
-    from ray_jobs.model import build_model, set_attention, training_attention
+    from ray_jobs.model import build_model, prepare_for_training
     from ray_jobs.train import make_optimizer, train_step
 
     torch.set_num_threads(threads)
     model, tok = build_model(cfg.model, seed=cfg.train.seed)
-    if cfg.model.freeze_embeddings:
-        model.distilbert.embeddings.word_embeddings.weight.requires_grad_(False)
-    set_attention(model, training_attention(cfg.train.attention, "cpu"))  # as the Ray Train workers do
+    prepare_for_training(model, cfg.model.freeze_embeddings, cfg.train.attention)  # as the Ray Train workers do
     model.train()
     dev = torch.device("cpu")
     amp = autocast_dtype(cfg.train.precision, "cpu")

@@ -268,7 +268,7 @@ def matmul_attention(module, query, key, value, attention_mask, dropout: float =
     return (out[0] if len(out) == 1 else torch.cat(out)).transpose(1, 2).contiguous(), None
 
 
-def training_attention(choice: str, device_type: str) -> str:
+def training_attention(choice: str) -> str:
     """The `attn_implementation` for `train.attention`. auto is SDPA everywhere: the matmul form steps
     1.3x faster in short CPU profiles but only 1.09x over a whole 30-minute run, and that run scored
     lower (test F1 0.9049 vs 0.9097 at the same seed; its scores are rounded to bf16 before the softmax,
@@ -288,6 +288,14 @@ def set_attention(model, implementation: str) -> None:
         AttentionInterface.register(MATMUL_ATTENTION, matmul_attention)
         AttentionMaskInterface.register(MATMUL_ATTENTION, sdpa_mask)
     model.set_attn_implementation(implementation)
+
+
+def prepare_for_training(model, freeze_embeddings: bool, attention: str) -> None:
+    """What every training loop (Ray Train's workers and the benchmarks' plain loops) does to a built model:
+    freeze the word embeddings if asked (`model.freeze_embeddings`) and pick `train.attention`'s kernel."""
+    if freeze_embeddings:
+        model.distilbert.embeddings.word_embeddings.weight.requires_grad_(False)
+    set_attention(model, training_attention(attention))
 
 
 def save_model(model, tokenizer, out_dir: str | Path, meta: dict[str, Any]) -> Path:

@@ -257,7 +257,7 @@ class WorkerRun:
         import ray.train.torch
         import torch
 
-        from ray_jobs.model import build_model, set_attention, training_attention
+        from ray_jobs.model import build_model, prepare_for_training
 
         self.t_start = time.time()
         system = config["system"]
@@ -279,9 +279,7 @@ class WorkerRun:
         self.progress, saved = self._restore(model)
         self.resumed_from_step = self.progress.global_step  # 0 for a fresh run: tests use it to prove a resume
         self.data = shard_and_encode(self.tokenizer, *ray.get(system["data_ref"]), mc, self.rank, self.world)
-        if mc.freeze_embeddings:
-            model.distilbert.embeddings.word_embeddings.weight.requires_grad_(False)
-        set_attention(model, training_attention(self.tc.attention, self.device.type))
+        prepare_for_training(model, mc.freeze_embeddings, self.tc.attention)
         self.model = ray.train.torch.prepare_model(model)
         self.optimizer = make_optimizer(self.model, self.tc.lr, self.tc.weight_decay)
         self.steps_per_epoch = math.ceil(len(self.data.train_seqs) / self.tc.batch_size)

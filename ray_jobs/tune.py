@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ray_jobs.config import PipelineConfig, absolute_path
+from ray_jobs.config import PipelineConfig, TrainConfig, absolute_path
 from ray_jobs.errors import ConfigError, SentimentError
 from ray_jobs.runtime import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, config_parser, configure_logging
 from ray_jobs.train import SELECTION_MODES, fit, hparams_of, selection_key, start_run, system_settings
@@ -36,7 +36,7 @@ class TrialRecord:
     status: str  # TERMINATED (ran to the end), STOPPED_EARLY (by ASHA), ERROR
     history: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
-    select_by: str = "val_loss"  # train.select_by
+    select_by: str = TrainConfig.model_fields["select_by"].default
 
     @property
     def best(self) -> dict[str, Any] | None:

@@ -102,8 +102,8 @@ def test_the_matmul_attention_matches_sdpa_with_padding(score_block, monkeypatch
     from ray_jobs.config import ModelConfig
     from ray_jobs.model import MATMUL_ATTENTION, build_model, set_attention, training_attention
 
-    assert training_attention("auto", "cpu") == "sdpa" and training_attention("sdpa", "cpu") == "sdpa"
-    assert training_attention("matmul", "cpu") == MATMUL_ATTENTION
+    assert training_attention("auto") == "sdpa" and training_attention("sdpa") == "sdpa"
+    assert training_attention("matmul") == MATMUL_ATTENTION
     if score_block:
         monkeypatch.setattr(ray_jobs.model, "SCORE_BLOCK", score_block)
     model, tok = build_model(ModelConfig(source="tiny", dropout=0.0), seed=0)
