@@ -13,6 +13,8 @@ next to the in-process batched forward of the same model (the upper bound, no HT
     python benchmarks/serve_load.py --data ../shared/data/sst2/dev.parquet   # real sentences
     python benchmarks/serve_load.py --only serve-batched serve-batched-no-drift --rounds 2 --levels 64 \
         --model <folder with drift_reference.npz>      # the cost of drift monitoring (benchmarks/drift.py)
+    python benchmarks/serve_load.py --only shadow-off shadow-on shadow-25 --rounds 2 --levels 1 8 64
+        # a challenger in shadow (ray_jobs.rollout): every request mirrored, a quarter, none
 
 Every model server gets 1 core (1 torch thread) of the machine's 2; the load generator, the proxy
 and Ray's own processes share the other. Each Serve variant runs in its own Ray cluster (the
@@ -37,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.request import urlopen
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -64,18 +67,27 @@ def health():
 
 SERVE_VARIANTS = {
     # name: (environment for the Ray cluster, max batch size (None: --max-batch-size), how the client
-    # reaches the app, drift monitoring on)
-    "serve-batched": ({}, None, "proxy", True),
-    "serve-batched-no-drift": ({}, None, "proxy", False),
-    "serve-batched-direct": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, None, "direct", True),
+    # reaches the app, drift monitoring on, shadow: None (no registry), or the mirrored share of
+    # requests a challenger in shadow scores (0: the same registry-driven app, no challenger))
+    "serve-batched": ({}, None, "proxy", True, None),
+    "serve-batched-no-drift": ({}, None, "proxy", False, None),
+    "serve-batched-direct": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, None, "direct", True, None),
     "serve-batched-haproxy": (
         {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
         None,
         "proxy",
         True,
+        None,
     ),
-    "serve-unbatched": ({}, 1, "proxy", True),
+    "serve-unbatched": ({}, 1, "proxy", True, None),
+    # The champion alone, a challenger mirroring every request, a quarter of them (no drift: its
+    # cost is measured above). The challenger is the same weights registered again: the same work.
+    "shadow-off": ({}, None, "proxy", False, 0.0),
+    "shadow-on": ({}, None, "proxy", False, 1.0),
+    "shadow-25": ({}, None, "proxy", False, 0.25),
 }
+# Run by default: the shadow variants answer a question of their own (--only shadow-off shadow-on ...).
+DEFAULT_VARIANTS = [n for n, v in SERVE_VARIANTS.items() if v[4] is None]
 
 
 # ------------------------------------------------------------------------------------ load generator
@@ -272,15 +284,18 @@ def serve_variant_main(args) -> int:
     from serve_app.app import build_app
 
     name = args.child
-    _, mbs, access, drift = SERVE_VARIANTS[name]
+    _, mbs, access, drift, shadow = SERVE_VARIANTS[name]
     mbs = mbs or args.max_batch_size
     texts = json.loads(Path(args.child_texts).read_text())
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
+    served = {"serve.model_uri": args.child_model}
+    if shadow is not None:
+        served = shadow_registry(args.child_model, Path(args.child_out).parent / f"{name}-mlflow", shadow)
     serve.run(
         build_app(
             {
-                "serve.model_uri": args.child_model,
+                **served,
                 "serve.precision": args.precision,
                 "serve.num_cpus": 1,
                 "serve.max_batch_size": mbs,
@@ -305,6 +320,7 @@ def serve_variant_main(args) -> int:
     # One event loop for the whole sweep: in throughput-optimized mode a handle's router lives in
     # the loop that first uses it.
     bound = UpperBound(args.child_model, texts, args.precision, args.max_batch_size)
+    seen = [0, 0]  # texts mirrored and skipped so far
 
     async def sweep() -> None:
         for level in args.levels:
@@ -322,6 +338,11 @@ def serve_variant_main(args) -> int:
             # how fast it computed then (texts per forward-second against the bound, which also batches).
             r["model_busy"] = forward_s / r["elapsed"]
             r["forward_of_bound"] = items / max(forward_s, 1e-9) / r["upper_bound"]
+            if shadow:  # how much of the traffic the challenger scored, and how much it had to skip
+                live = json.loads(urlopen(f"http://127.0.0.1:{port}/{name}/challenger", timeout=30).read())
+                mirrored = live["challenger"]["mirrored"] if live["challenger"] else 0
+                r["mirrored"], r["mirror_skipped"] = mirrored - seen[0], live["replica"]["mirror_skipped"] - seen[1]
+                seen[:] = [mirrored, live["replica"]["mirror_skipped"]]
             out[level] = r
             show(name, level, r)
 
@@ -329,6 +350,21 @@ def serve_variant_main(args) -> int:
     Path(args.child_out).write_text(json.dumps(out))
     ray.shutdown()  # the parent stops the cluster (`ray stop`); Serve goes with it
     return 0
+
+
+def shadow_registry(model_dir: str, root: Path, mirror: float) -> dict:
+    """A registry holding `model_dir` as champion (v1) and, where `mirror` > 0, again as a challenger
+    in shadow (v2) that scores `mirror` of the requests: the app arguments that serve it."""
+    from ray_jobs.config import RegistryConfig
+    from ray_jobs.registry import Registry, Rollout
+
+    reg = Registry(RegistryConfig(root=str(root), model_name="bench"))
+    for run in ("champion", "challenger"):
+        reg.register(reg.start_run(run), model_dir, {})
+    reg.set_aliases("1", None)
+    if mirror > 0:
+        reg.set_rollout(Rollout(mode="shadow", version="2", champion="1", mirror=mirror))
+    return {"serve.model_uri": "models:/bench@champion", "registry.root": str(root), "registry.model_name": "bench"}
 
 
 def run_serve_variant(name: str, model_dir: str, texts_file: Path, tmp: Path, args) -> dict[int, dict] | None:
@@ -505,7 +541,7 @@ def main() -> int:
         flush=True,
     )
 
-    wanted = args.only or [*SERVE_VARIANTS, "fastapi-per-request"]
+    wanted = args.only or [*DEFAULT_VARIANTS, "fastapi-per-request"]
     results: dict[str, dict[int, dict]] = {}
     for round_ in range(1, args.rounds + 1):
         for name in SERVE_VARIANTS:
@@ -542,6 +578,18 @@ def main() -> int:
             print(
                 f"at 64 clients, {name}: {vs}{b['of_bound']:.0%} of the in-process upper bound, p99 {b['p99']:.0f} ms"
             )
+    for name, per in results.items():  # each shadow variant against the champion alone of its round
+        if not name.startswith(("shadow-on", "shadow-25")):
+            continue
+        off = results.get("shadow-off" + name.partition(" ")[1] + name.partition(" ")[2], {})
+        for level, r in per.items():
+            base = off.get(level)
+            if base:
+                print(
+                    f"{level} clients, {name}: {r['req_s'] / base['req_s']:.2f}x the champion-alone req/s, "
+                    f"p50 {r['p50']:.0f} vs {base['p50']:.0f} ms, p99 {r['p99']:.0f} vs {base['p99']:.0f} ms, "
+                    f"errors {r['errors']}; mirrored {r['mirrored']}, skipped {r['mirror_skipped']}"
+                )
     if args.out:
         Path(args.out).write_text(json.dumps({"machine": f"{os.cpu_count()} CPUs", "results": results}, indent=1))
     return 0

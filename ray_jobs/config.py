@@ -244,6 +244,12 @@ class GateConfig(_Strict):
     # held while the champion is evaluated on the test split).
     lock_timeout_s: float = Field(3600, gt=0)
     behaviour: BehaviourGateConfig = BehaviourGateConfig()
+    # What a passed offline gate does when a champion exists: promote (move the champion alias now), or
+    # shadow (register the version as the challenger, mirrored on live traffic; `ray_jobs.registry
+    # promote` decides later on the live evidence). The first model is always promoted.
+    on_pass: Literal["promote", "shadow"] = "promote"
+    # Promotion from shadow/canary: labelled live requests both versions scored, at least.
+    live_min_labelled: int = Field(200, ge=1)
 
 
 class AutoscalingConfig(_Strict):
@@ -316,6 +322,24 @@ class DriftConfig(_Strict):
         return v
 
 
+class FeedbackConfig(_Strict):
+    """Live evidence (serve_app.rollout): every answer carries a request_id; replicas send what each
+    version predicted to one store deployment, POST /feedback adds the true label, and GET /challenger
+    reports per-version agreement, latency and live F1. Bounded: the oldest records leave first."""
+
+    enabled: bool = True
+    max_records: int = Field(100_000, ge=100, description="predictions kept for feedback; the oldest leave first")
+    retention_s: float = Field(7 * 24 * 3600.0, gt=0, description="a prediction older than this takes no feedback")
+    # Feedback may arrive a moment before the replica's record of the prediction does: an unknown id
+    # is looked up again for this long before it is a 404.
+    grace_s: float = Field(2.0, ge=0)
+    # Texts a replica mirrors at once (the version that does not answer scoring them after the answer
+    # left); more are skipped and counted, so a slow challenger never backs up the replica.
+    max_mirrored_in_flight: int = Field(64, ge=1)
+    # The store's CPU reservation: bookkeeping only (see drift.num_cpus).
+    num_cpus: float = Field(0, ge=0)
+
+
 class ServeConfig(_Strict):
     # The Serve application builder, as a Serve config file's `import_path` names it: the deploy step
     # calls it with the `serve` and `registry` sections (serve_app.schemas.AppArgs).
@@ -355,6 +379,7 @@ class ServeConfig(_Strict):
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     explain: ExplainConfig = ExplainConfig()
     drift: DriftConfig = DriftConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
 
     @field_validator("resources")
     @classmethod

@@ -66,9 +66,16 @@ def direct_ingress_port(route: str = "", host: str = "127.0.0.1") -> int:
     raise SentimentError(f"no direct-ingress replica on {host}:30000-30099 answered {route.rstrip('/')}/health")
 
 
-def deploy(cfg: PipelineConfig, wait_version: str | None = None, timeout_s: float = 300) -> str:
+# `deploy(wait_challenger=ANY)`: whatever challenger the app reports.
+ANY = "any"
+
+
+def deploy(
+    cfg: PipelineConfig, wait_version: str | None = None, wait_challenger: str | None = ANY, timeout_s: float = 300
+) -> str:
     """Deploy (or update in place) the app serving the configured model; wait until `/model` reports
-    `wait_version` when given. Returns the endpoint URL. Ray must be initialised."""
+    `wait_version` when given, and `wait_challenger` as its challenger (None: none) unless ANY.
+    Returns the endpoint URL. Ray must be initialised."""
     import httpx
     from ray import serve
 
@@ -90,7 +97,7 @@ def deploy(cfg: PipelineConfig, wait_version: str | None = None, timeout_s: floa
         try:
             r = httpx.get(f"{url}/model", timeout=5)
             last = r.text
-            if r.status_code == 200 and (wait_version is None or r.json().get("version") == wait_version):
+            if r.status_code == 200 and _reports(r.json(), wait_version, wait_challenger):
                 return url
         except httpx.HTTPError as err:
             last = str(err)
@@ -100,13 +107,22 @@ def deploy(cfg: PipelineConfig, wait_version: str | None = None, timeout_s: floa
     )
 
 
+def _reports(model: dict, version: str | None, challenger: str | None) -> bool:
+    served = (model.get("challenger") or {}).get("version")
+    return (version is None or model.get("version") == version) and (challenger == ANY or served == challenger)
+
+
 def deploy_champion(cfg: PipelineConfig) -> tuple[str, str]:
-    """Start Ray if needed, deploy (or hot-swap to) the configured model and wait until it serves.
+    """Start Ray if needed, deploy (or hot-swap to) the configured model, with the registry's
+    challenger where a rollout runs (ray_jobs.rollout), and wait until both serve.
     Returns (version, endpoint URL)."""
     init_ray(cfg.ray)
     cfg = with_cluster_addresses(cfg)
-    version = Registry(cfg.registry).resolve_version(served_model_uri(cfg.serve, cfg.registry))
-    return version, deploy(cfg, wait_version=version)
+    reg = Registry(cfg.registry)
+    uri = served_model_uri(cfg.serve, cfg.registry)
+    version = reg.resolve_version(uri)
+    rollout = reg.served_rollout(uri, version)
+    return version, deploy(cfg, wait_version=version, wait_challenger=rollout.version if rollout else None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,9 +3,10 @@
     python -m ray_jobs.pipeline --config tune_configs/quickstart.yaml
     ray job submit --working-dir . -- python -m ray_jobs.pipeline --config tune_configs/imdb.yaml
 
-Exit codes: 0 promoted (and deployed unless --no-deploy), 3 blocked by the gate (a valid outcome),
-2 bad config or data, 1 failure (nothing promoted, no alias changed), 4 promoted in the registry (the
-champion alias moved) but a later step failed: recording the decision, deploying, or the sample request;
+Exit codes: 0 promoted, or in shadow with gate.on_pass: shadow (and deployed unless --no-deploy), 3
+blocked by the gate (a valid outcome), 2 bad config or data, 1 failure (nothing promoted, no alias
+changed), 4 promoted in the registry (the champion alias moved) but a later step failed: recording the
+decision, deploying, or the sample request;
 130 interrupted (Ctrl-C, or SIGTERM from `ray job stop`) before a promotion: the MLflow run ends KILLED,
 and a version registered but not yet gated keeps the tag gate.decision=pending.
 """
@@ -27,7 +28,7 @@ from ray_jobs.errors import ConfigError, DataError, GateError, PromotedNotDeploy
 from ray_jobs.evaluate import evaluate_and_profile, evaluate_dir
 from ray_jobs.gate import Decision, Evaluation, decide, policy_from_config
 from ray_jobs.model import read_meta
-from ray_jobs.registry import Registry
+from ray_jobs.registry import Registry, Rollout
 from ray_jobs.runtime import (
     EXIT_BLOCKED,
     EXIT_FAILURE,
@@ -58,6 +59,7 @@ class Outcome:
     url: str | None = None
     sample: str | None = None
     best_metrics: dict = field(default_factory=dict)
+    shadowed: bool = False  # gate.on_pass: shadow: passed, and mirrored beside the champion instead
 
 
 SAMPLE_REVIEW = "The plot was predictable, but the acting was wonderful and I would happily watch it again."
@@ -122,15 +124,23 @@ def run_gate(
             "gate.timestamp": time.time(),
         }
         reg.set_version_tags(version, tags)
-        if decision.promote:
+        if shadows(cfg, decision, champ):
+            # gate.on_pass: shadow. The champion stays; the new version is mirrored on live traffic
+            # until `ray_jobs.registry promote` decides on the live evidence (ray_jobs.rollout).
+            lease.check()
+            reg.set_rollout(Rollout(mode="shadow", version=version, champion=champ, started_at=time.time()))
+            reg.record_history({"event": "shadow", "version": version, "champion": champ, "by": "gate.on_pass"})
+        elif decision.promote:
             lease.check()  # still ours: no other driver can have moved the alias since we read it
             if reg.champion() != champ:
                 raise GateError("the champion changed while the gate was deciding; no alias written")
             reg.set_aliases(version, champ)
             if reg.champion() != version:
                 raise GateError("the champion alias did not take the new version")
+            if reg.rollout() is not None:  # a shadow/canary against the old champion means nothing now
+                reg.clear_rollout()
         # From here on a promotion has happened: a failure says so (exit code 4), never "nothing promoted".
-        promoted = version if decision.promote else None
+        promoted = version if decision.promote and not shadows(cfg, decision, champ) else None
         with promoted_steps(promoted, "recording the gate decision"):
             # A tag holds 5,000 characters: the failing examples stay in gate_decision.json.
             event = {"event": "gate", "version": version, "champion_before": champ, **decision.to_dict()}
@@ -143,6 +153,11 @@ def run_gate(
                 run_id, {**decision.to_dict(), "version": version, "champion_before": champ}, "gate_decision.json"
             )
     return decision, champ
+
+
+def shadows(cfg: PipelineConfig, decision: Decision, champion: str | None) -> bool:
+    """A passed gate puts the version in shadow instead of promoting it (gate.on_pass: shadow)."""
+    return decision.promote and champion is not None and cfg.gate.on_pass == "shadow"
 
 
 @contextlib.contextmanager
@@ -285,16 +300,19 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
         behaviour = run_behaviour(reg, cfg, run_id, version, ckpt)
         decision, champ_before = run_gate(reg, cfg, version, challenger, splits.test, run_id, behaviour)
         log.info("%s", decision.summary())
-        result = Outcome(decision, version, champ_before, best_metrics=dict(val))
-        promoted = version if decision.promote else None
+        shadowed = shadows(cfg, decision, champ_before)
+        result = Outcome(decision, version, champ_before, best_metrics=dict(val), shadowed=shadowed)
+        promoted = version if decision.promote and not shadowed else None
         with promoted_steps(promoted, "tagging the pipeline run"):
-            reg.set_tags(run_id, {"gate.decision": "promote" if decision.promote else "block"})
+            verdict = ("shadow" if shadowed else "promote") if decision.promote else "block"
+            reg.set_tags(run_id, {"gate.decision": verdict})
         if decision.promote and deploy_app:
             from ray_jobs.deploy import deploy
 
+            served, challenger = (champ_before, version) if shadowed else (version, None)
             with promoted_steps(promoted, "deploying"):
-                result.url = deploy(cfg, wait_version=version)
-            log.info("serving version %s at %s", version, result.url)
+                result.url = deploy(cfg, wait_version=served, wait_challenger=challenger)
+            log.info("serving version %s at %s%s", served, result.url, f", v{version} in shadow" if shadowed else "")
             with promoted_steps(promoted, "the sample request"):
                 result.sample = _sample_request(result.url)
         status = "FINISHED"
@@ -313,7 +331,11 @@ def _print_summary(cfg: PipelineConfig, out: Outcome) -> None:
     print(f"registered     {cfg.registry.model_name} version {out.version}")
     print(f"challenger     test F1 {d.challenger_f1:.4f} on {d.n} examples (digest {d.test_digest})")
     print(f"champion       {champ}")
-    print(f"gate           {'PROMOTED' if d.promote else 'BLOCKED'}: {d.reason}")
+    verdict = ("PASSED, IN SHADOW" if out.shadowed else "PROMOTED") if d.promote else "BLOCKED"
+    print(f"gate           {verdict}: {d.reason}")
+    if out.shadowed:
+        print(f"shadow         v{out.version} scores live traffic beside v{out.champion_before}; decide with")
+        print(f"               python -m ray_jobs.registry --config ... promote {out.version}   (or abort)")
     if out.url:
         print(f"endpoint       {out.url}/predict   (docs: {out.url}/docs)")
     if out.sample:

@@ -5,6 +5,7 @@ python -m ray_jobs.registry --config ... compare 1 2
 python -m ray_jobs.registry --config ... rollback
 python -m ray_jobs.registry --config ... promote 3 --force --reason "hotfix"
 python -m ray_jobs.registry --config ... experiments
+python -m ray_jobs.registry --config ... shadow 3 | canary 3 --share 0.1 | promote 3 | abort   (ray_jobs.rollout)
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from ray_jobs.config import PipelineConfig, RegistryConfig, absolute_path
-from ray_jobs.errors import RegistryError, SentimentError
+from ray_jobs.errors import ConfigError, RegistryError, SentimentError
 from ray_jobs.runtime import (
+    EXIT_BLOCKED,
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
@@ -39,7 +43,8 @@ from ray_jobs.runtime import (
 
 log = logging.getLogger(__name__)
 
-CHAMPION, PREVIOUS = "champion", "previous"
+CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
+ROLLOUT_TAG = "rollout"
 LOCK_SUFFIX = ".gate-lock"
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[A-Za-z0-9_.\-]+)(?:@(?P<alias>[A-Za-z0-9_\-]+)|/(?P<version>\d+))$")
@@ -56,6 +61,24 @@ def parse_model_uri(uri: str) -> tuple[str | None, str | None, str | None]:
     raise RegistryError(
         f"model reference '{uri}' is neither models:/<name>@<alias>, models:/<name>/<version> nor a local folder"
     )
+
+
+class Rollout(BaseModel):
+    """A challenger on live traffic beside the champion (ray_jobs.rollout), as the registry records it
+    (alias `challenger`, registered-model tag `rollout`) and the Serve app reads it when it is built.
+
+    shadow: the champion answers every request; the challenger scores a `mirror` fraction of them
+    after the answer has left. canary: requests whose routing key falls in `share` are answered by the
+    challenger, the rest by the champion; the version that did not answer scores a `mirror` fraction."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["shadow", "canary"]
+    version: str = Field(pattern=r"^\d+$")
+    champion: str = Field(pattern=r"^\d+$", description="the champion the challenger is compared with")
+    share: float = Field(0.0, ge=0, le=1, description="canary: the share of routing keys the challenger answers")
+    mirror: float = Field(1.0, ge=0, le=1, description="the share of requests the other version also scores")
+    started_at: float = 0.0
 
 
 def resolve_tracking_uri(cfg: RegistryConfig) -> str:
@@ -367,6 +390,48 @@ class Registry:
             self._call("set alias", self.client.set_registered_model_alias, self.name, PREVIOUS, str(previous))
         self._call("set alias", self.client.set_registered_model_alias, self.name, CHAMPION, str(champion))
 
+    def rollout(self) -> Rollout | None:
+        """The challenger on live traffic, or None."""
+        rm = self._call("get_registered_model", self.client.get_registered_model, self.name)
+        raw = (rm.tags or {}).get(ROLLOUT_TAG)
+        if not raw:
+            return None
+        try:
+            return Rollout.model_validate_json(raw)
+        except ValueError as err:
+            raise RegistryError(f"registered model '{self.name}': unreadable '{ROLLOUT_TAG}' tag: {err}") from None
+
+    def served_rollout(self, model_uri: str, version: str) -> Rollout | None:
+        """The rollout an app serving `model_uri` (resolved to `version`) runs: only an app that follows
+        the champion alias runs one, and only against the champion it was started beside (a champion
+        moved since, by the gate or by hand, makes it stale)."""
+        name, alias, _ = parse_model_uri(model_uri)
+        if name is None or alias != CHAMPION:
+            return None
+        rollout = self.for_model(name).rollout()
+        if rollout is None or rollout.champion != version or rollout.version == version:
+            return None
+        return rollout
+
+    def set_rollout(self, rollout: Rollout) -> None:
+        # The alias first: `models:/<name>@challenger` then names the version the tag is about.
+        self._call("set alias", self.client.set_registered_model_alias, self.name, CHALLENGER, rollout.version)
+        self._call(
+            "set_registered_model_tag",
+            self.client.set_registered_model_tag,
+            self.name,
+            ROLLOUT_TAG,
+            rollout.model_dump_json(),
+        )
+
+    def clear_rollout(self) -> None:
+        # The tag first: without it the app serves the champion alone, whatever the alias says.
+        rm = self._call("get_registered_model", self.client.get_registered_model, self.name)
+        if ROLLOUT_TAG in (rm.tags or {}):
+            self._call("delete tag", self.client.delete_registered_model_tag, self.name, ROLLOUT_TAG)
+        if CHALLENGER in self.aliases():
+            self._call("delete alias", self.client.delete_registered_model_alias, self.name, CHALLENGER)
+
     def versions(self) -> list:
         return sorted(
             self._call("search_model_versions", self.client.search_model_versions, f"name='{self.name}'"),
@@ -582,9 +647,40 @@ def _manual_alias_change(reg: Registry, new: str, kind: str, reason: str) -> Non
     print(f"{kind}: champion is now version {new} (was {old})")
 
 
+def _fraction(text: str) -> float:
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{value:g} is not between 0 and 1")
+    return value
+
+
+def _rollout_command(args, cfg: PipelineConfig) -> int:
+    """shadow, canary, promote (on live evidence) and abort: ray_jobs.rollout, which deploys."""
+    from ray_jobs import rollout  # imported here: it depends on this module (and on ray_jobs.deploy)
+
+    deploy_app = not args.no_deploy
+    if args.cmd in ("shadow", "canary"):
+        r = rollout.start(cfg, args.cmd, args.version, getattr(args, "share", 0.0), args.mirror, deploy_app)
+        print(f"{r.mode}: version {r.version} beside champion {r.champion} (share {r.share:g}, mirror {r.mirror:g})")
+        return EXIT_OK
+    if args.cmd == "abort":
+        r = rollout.abort(cfg, deploy_app)
+        print(f"abort: version {r.version} ({r.mode}) is off live traffic; the champion serves alone")
+        return EXIT_OK
+    decision = rollout.promote(cfg, args.version, deploy_app)
+    print(decision.summary().replace("gate:", "live gate:", 1))
+    return EXIT_OK if decision.promote else EXIT_BLOCKED
+
+
 def main(argv: list[str] | None = None) -> int:
     p = config_parser(
-        "Inspect and change the model registry (status, compare, rollback, promote, experiments). "
+        "Inspect and change the model registry (status, compare, rollback, promote, experiments) and run a "
+        "challenger on live traffic (shadow, canary, promote, abort). "
         "The config's registry section names the store, e.g. --set registry.tracking_uri=http://host:5000.",
         config_required=False,
     )
@@ -594,16 +690,32 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("a")
     c.add_argument("b")
     sub.add_parser("rollback", help="champion <- previous (recorded)")
-    pr = sub.add_parser("promote", help="manually make VERSION the champion (recorded)")
+    pr = sub.add_parser(
+        "promote",
+        help="make VERSION the champion: the challenger in shadow/canary on live evidence, or by hand with --force",
+    )
     pr.add_argument("version")
-    pr.add_argument("--force", action="store_true", required=True, help="required: this bypasses the gate")
-    pr.add_argument("--reason", required=True)
+    pr.add_argument("--force", action="store_true", help="bypass the gate and the live evidence (needs --reason)")
+    pr.add_argument("--reason", help="why (required with --force)")
+    pr.add_argument("--no-deploy", action="store_true", help="only record; the next deploy applies it")
     e = sub.add_parser("experiments", help="recent pipeline runs and their best trials")
     e.add_argument("--limit", type=int, default=20)
+    sh = sub.add_parser("shadow", help="VERSION scores live traffic beside the champion; the champion answers")
+    ca = sub.add_parser("canary", help="VERSION answers a share of live traffic (sticky per routing key)")
+    for cmd in (sh, ca):
+        cmd.add_argument("version")
+        cmd.add_argument(
+            "--mirror", type=_fraction, default=1.0, help="share of requests both versions score (default 1)"
+        )
+        cmd.add_argument("--no-deploy", action="store_true", help="only record; the next deploy applies it")
+    ca.add_argument("--share", type=_fraction, required=True, help="share of routing keys VERSION answers")
+    ab = sub.add_parser("abort", help="end the shadow/canary: the champion alone serves")
+    ab.add_argument("--no-deploy", action="store_true", help="only record; the next deploy applies it")
     args = p.parse_args(argv)
     configure_logging()
     try:
-        reg = Registry(with_cluster_addresses(load_from_args(args)).registry)
+        cfg = with_cluster_addresses(load_from_args(args))
+        reg = Registry(cfg.registry)
         reg.ping()
         if args.cmd == "status":
             _cmd_status(reg)
@@ -616,11 +728,15 @@ def main(argv: list[str] | None = None) -> int:
             if prev is None:
                 raise RegistryError("no 'previous' version to roll back to")
             _manual_alias_change(reg, prev, "rollback", f"rollback from version {reg.champion()}")
-        elif args.cmd == "promote":
+        elif args.cmd == "promote" and args.force:
+            if not args.reason:
+                raise ConfigError("promote --force needs --reason")
             _manual_alias_change(reg, args.version, "manual", args.reason)
+        else:
+            return _rollout_command(args, cfg)
     except SentimentError as err:
         log.error("%s", err)
-        return EXIT_FAILURE if isinstance(err, RegistryError) else EXIT_USAGE
+        return EXIT_USAGE if isinstance(err, ConfigError) else EXIT_FAILURE
     return EXIT_OK
 
 

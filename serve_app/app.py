@@ -21,6 +21,7 @@ import asyncio
 import functools
 import json
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +32,30 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 
 from ray_jobs.config import ServeConfig
-from ray_jobs.registry import Registry, parse_model_uri
+from ray_jobs.model import LABELS
+from ray_jobs.registry import Registry, Rollout, parse_model_uri
 from serve_app.drift_monitor import DriftFeed, drift_deployment
 from serve_app.explainer import explain_deployment
 from serve_app.model_worker import ModelWorker, ModelWorkerError, SupervisedModel
+from serve_app.rollout import (
+    CHALLENGER,
+    CHAMPION,
+    Entry,
+    EvidenceFeed,
+    evidence_deployment,
+    is_mirrored,
+    routes_to_challenger,
+)
 from serve_app.schemas import (
     AppArgs,
     BatchPrediction,
     BatchPredictRequest,
+    ChallengerInfo,
     ErrorBody,
     ExplainRequest,
     Explanation,
     FailedSwap,
+    FeedbackRequest,
     ModelInfo,
     Prediction,
     PredictRequest,
@@ -50,6 +63,9 @@ from serve_app.schemas import (
 
 # Seconds a client is asked to wait before retrying a 503 (Retry-After).
 RETRY_AFTER_S = 1
+# The request header whose value picks a canary's version: one key, one version (sticky per client).
+ROUTING_KEY_HEADER = "x-routing-key"
+MAX_ROUTING_KEY_CHARS = 256
 
 
 class ApiError(Exception):
@@ -88,31 +104,50 @@ def locate_model(args: AppArgs, model_uri: str, version: str) -> tuple[str, Mode
     return model_dir, info
 
 
-def worker_factory(args: AppArgs, model_dir: str):
-    """What starts one model process for `model_dir` (the supervisor calls it again to replace one)."""
+def worker_factory(args: AppArgs, model_dir: str, features: bool | None = None):
+    """What starts one model process for `model_dir` (the supervisor calls it again to replace one).
+    `features`: answers carry drift features (default: where drift monitoring is on)."""
     return functools.partial(
         ModelWorker,
         model_dir,
         num_threads=max(1, int(args.serve.num_cpus)),
         precision=args.serve.precision,
         deadline_s=args.serve.batch_deadline_s,
-        features=args.serve.drift.enabled,
+        features=args.serve.drift.enabled if features is None else features,
     )
 
 
-async def load_served_model(args: AppArgs, model_uri: str, version: str) -> tuple[SupervisedModel, ModelInfo]:
+async def load_served_model(
+    args: AppArgs, model_uri: str, version: str, features: bool | None = None
+) -> tuple[SupervisedModel, ModelInfo]:
     """(SupervisedModel, ModelInfo) for a concrete version. The model runs in a process of its own
     (see serve_app.model_worker for why), replaced if it dies or wedges."""
     model_dir, info = await asyncio.to_thread(locate_model, args, model_uri, version)
-    model = await SupervisedModel.create(worker_factory(args, model_dir), max_restarts=args.serve.max_model_restarts)
+    model = await SupervisedModel.create(
+        worker_factory(args, model_dir, features), max_restarts=args.serve.max_model_restarts
+    )
     return model, info
+
+
+def challenger_config(model_uri: str, rollout: Rollout | None) -> dict | None:
+    """The challenger part of `user_config`: what a replica loads beside the champion."""
+    if rollout is None:
+        return None
+    name, _, _ = parse_model_uri(model_uri)
+    return {
+        "version": rollout.version,
+        "model_uri": f"models:/{name}/{rollout.version}",
+        "mode": rollout.mode,
+        "share": rollout.share,
+        "mirror": rollout.mirror,
+    }
 
 
 def trial_load(args: AppArgs, model_uri: str, version: str) -> None:
     """Load the model once in a throwaway process and answer one text: a model that cannot load or
     predict is refused here, before a deployment changes (ModelWorkerError says why)."""
     model_dir, _ = locate_model(args, model_uri, version)
-    worker = worker_factory(args, model_dir)()
+    worker = worker_factory(args, model_dir, features=False)()
     try:
         worker.predict(["a trial prediction before deploying"])
     finally:
@@ -191,13 +226,31 @@ async def _unexpected(_: Request, err: Exception) -> JSONResponse:
     return JSONResponse({"error": f"internal error: {type(err).__name__}"}, status_code=500)
 
 
+def _entry(request_id: str, answer: dict, answered: bool) -> Entry:
+    """What the live evidence store keeps of one version's answer to one request."""
+    return Entry(
+        request_id,
+        answer["_slot"],
+        answer["model_version"],
+        answered,
+        int(answer["label"] == LABELS[1]),
+        float(answer["probabilities"][LABELS[1]]),
+        float(answer["_s"]),
+    )
+
+
+def _public(answer: dict, request_id: str) -> dict:
+    """The answer a client gets: without the replica's bookkeeping, with its request id."""
+    return {**{k: v for k, v in answer.items() if not k.startswith("_")}, "request_id": request_id}
+
+
 class SentimentModel:
     """The replica's logic. Plain class so that tests can await its batched method without a cluster;
     `SentimentService` below is the Serve deployment built from it."""
 
-    def __init__(self, args: dict[str, Any], explainer=None, drift=None):
-        """`explainer`, `drift`: handles to the /explain and drift monitor deployments
-        (serve_app.explainer, serve_app.drift_monitor), None where they are off."""
+    def __init__(self, args: dict[str, Any], explainer=None, drift=None, evidence=None):
+        """`explainer`, `drift`, `evidence`: handles to the /explain, drift monitor and live evidence
+        deployments (serve_app.explainer, serve_app.drift_monitor, serve_app.rollout), None where off."""
         from serve_app.metrics import ServeMetrics
 
         self.args = AppArgs.model_validate(args)
@@ -207,6 +260,16 @@ class SentimentModel:
         self.drift_feed = DriftFeed(drift, d.send_every, d.window_size) if drift is not None else None
         self.predictor: SupervisedModel | None = None
         self.info: ModelInfo | None = None
+        # A challenger beside the champion (shadow or canary; ray_jobs.rollout), in a process of its own.
+        self.evidence = evidence
+        self.evidence_feed = EvidenceFeed(evidence) if evidence is not None else None
+        self.challenger: SupervisedModel | None = None
+        self.challenger_info: ChallengerInfo | None = None
+        self.challenger_error: str | None = None
+        self._mirrored_in_flight = 0
+        self._mirror_tasks: set[asyncio.Future] = set()
+        self.mirror_skipped = 0  # texts the other version did not score (busy, gone or failed)
+        self.canary_fallbacks = 0  # canary texts the champion answered because the challenger failed
         self.load_error: str | None = None
         self.failed_swap: FailedSwap | None = None
         self.metrics = ServeMetrics()
@@ -236,28 +299,53 @@ class SentimentModel:
         uri = user_config.get("model_uri", self.args.model_uri)
         version = str(user_config.get("model_version") or "")
         async with self._swap_lock:
-            if self.info is not None and self.info.model_uri == uri and self.info.version == version:
-                return
+            await self._swap_champion(uri, version)
+            await self._swap_challenger(user_config.get("challenger"))
+
+    async def _swap_champion(self, uri: str, version: str) -> None:
+        if self.info is not None and self.info.model_uri == uri and self.info.version == version:
+            return
+        try:
+            version = version or await asyncio.to_thread(resolve_version, self.args, uri)
+            predictor, info = await load_served_model(self.args, uri, version)
+        except Exception as err:
+            if self.predictor is None:
+                self.load_error = f"{type(err).__name__}: {err}"
+                raise
+            # Keep serving the model we have: a failed swap must not take the endpoint down.
+            self.failed_swap = FailedSwap(
+                model_uri=uri, version=version or None, error=f"{type(err).__name__}: {err}", at=time.time()
+            )
+            self.metrics.count_failed_swap()
+            return
+        old, self.predictor, self.info = self.predictor, predictor, info
+        self.load_error = self.failed_swap = None
+        self.metrics.set_model_version(info.version)
+        if old is not None:
+            # Batches already handed to the old model finish on it (no await lies between a batch
+            # taking `self.predictor` and submitting to it), then its process leaves.
+            asyncio.get_running_loop().run_in_executor(None, old.close)
+
+    async def _swap_challenger(self, spec: dict | None) -> None:
+        """Load, change or drop the challenger. One that cannot load leaves the champion serving alone
+        (reported at /model and /challenger): a challenger never takes the endpoint down."""
+        current = self.challenger_info
+        if spec is not None and current is not None and current.version == spec["version"]:
+            self.challenger_info = current.model_copy(update={k: spec[k] for k in ("mode", "share", "mirror")})
+            return
+        old, self.challenger, self.challenger_info = self.challenger, None, None
+        self.challenger_error = None
+        if spec is not None:
             try:
-                version = version or await asyncio.to_thread(resolve_version, self.args, uri)
-                predictor, info = await load_served_model(self.args, uri, version)
-            except Exception as err:
-                if self.predictor is None:
-                    self.load_error = f"{type(err).__name__}: {err}"
-                    raise
-                # Keep serving the model we have: a failed swap must not take the endpoint down.
-                self.failed_swap = FailedSwap(
-                    model_uri=uri, version=version or None, error=f"{type(err).__name__}: {err}", at=time.time()
-                )
+                predictor, info = await load_served_model(self.args, spec["model_uri"], spec["version"], features=False)
+            except Exception as err:  # noqa: BLE001 - reported; the champion serves alone
+                self.challenger_error = f"{type(err).__name__}: {err}"
                 self.metrics.count_failed_swap()
-                return
-            old, self.predictor, self.info = self.predictor, predictor, info
-            self.load_error = self.failed_swap = None
-            self.metrics.set_model_version(info.version)
-            if old is not None:
-                # Batches already handed to the old model finish on it (no await lies between a batch
-                # taking `self.predictor` and submitting to it), then its process leaves.
-                asyncio.get_running_loop().run_in_executor(None, old.close)
+            else:
+                self.challenger = predictor
+                self.challenger_info = ChallengerInfo(**spec, loaded_at=info.loaded_at)
+        if old is not None:
+            asyncio.get_running_loop().run_in_executor(None, old.close)
 
     def _set_wait(self, seconds: float) -> None:
         self.current_wait_s = seconds  # what the batch queue uses now (tests read it)
@@ -292,8 +380,12 @@ class SentimentModel:
         if self.predictor is not None:
             await self.predictor.check()
             self.metrics.set_restarts(self.predictor.restarts)
+        if self.challenger is not None:
+            await self.challenger.check()  # a challenger that cannot come back is skipped, never fatal
         if self.drift_feed is not None:
             self.drift_feed.flush()  # texts of a quiet spell reach the monitor's window too
+        if self.evidence_feed is not None:
+            self.evidence_feed.flush()
         if self.info is not None:
             # Ray drops a gauge value that is not set again within two metrics export intervals: the
             # served version is re-set on every health check (every 10 s) so that it stays visible.
@@ -305,8 +397,9 @@ class SentimentModel:
     def __del__(self) -> None:
         # Serve calls this when it stops the replica. (Without it the model process would still leave,
         # on end-of-file, when this process exits.)
-        if getattr(self, "predictor", None) is not None:
-            self.predictor.close()
+        for model in (getattr(self, "predictor", None), getattr(self, "challenger", None)):
+            if model is not None:
+                model.close()
 
     # -------------------------------------------------------------- batching
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
@@ -328,11 +421,71 @@ class SentimentModel:
                 self._set_wait(self._wait_s)
         self._forward_total_s += seconds
         self._forward_s = seconds if not self._forward_s else 0.8 * self._forward_s + 0.2 * seconds
-        results = [{**r, "model_version": info.version} for r in results]
+        results = [{**r, "model_version": info.version, "_slot": CHAMPION, "_s": seconds} for r in results]
         self.metrics.count_labels(r["label"] for r in results)
+        if self.challenger_info is not None:
+            self.metrics.observe_version_batch(CHAMPION, info.version, len(texts), seconds)
         if self.drift_feed is not None and features is not None:
             self.drift_feed.add((info.model_uri, info.version, info.loaded_at), features)
         return results
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, max_concurrent_batches=2)
+    async def _challenger_batch(self, texts: list[str]) -> list[dict]:
+        """The challenger's own batch queue: canary answers and shadow (mirrored) texts."""
+        predictor, info = self.challenger, self.challenger_info
+        if predictor is None or info is None:
+            raise ModelWorkerError("no challenger is served")
+        results, seconds, _ = await predictor.run(texts)
+        self.metrics.observe_version_batch(CHALLENGER, info.version, len(texts), seconds)
+        return [{**r, "model_version": info.version, "_slot": CHALLENGER, "_s": seconds} for r in results]
+
+    def _live_challenger(self) -> ChallengerInfo | None:
+        """The challenger to route and mirror to now: None where there is none or it cannot come back."""
+        if self.challenger is None or self.challenger.state == "failed":
+            return None
+        return self.challenger_info
+
+    async def _answer(self, text: str, by_challenger: bool) -> dict:
+        if by_challenger:
+            try:
+                return await self._challenger_batch(text)
+            except ModelWorkerError:
+                self.canary_fallbacks += 1  # a failing challenger costs its canary share latency, not errors
+        return await self._predict_batch(text)
+
+    def _mirror(self, items: list[tuple[str, str, str]]) -> None:
+        """Have the other version score (request_id, text, slot) items after their answers have left,
+        as many as `serve.feedback.max_mirrored_in_flight` allows; the rest are skipped and counted."""
+        room = max(0, self.args.serve.feedback.max_mirrored_in_flight - self._mirrored_in_flight)
+        take = items[:room]
+        if len(items) > room:
+            self.mirror_skipped += len(items) - room
+            self.metrics.count_mirror_skipped(len(items) - room)
+        if take:
+            self._mirrored_in_flight += len(take)
+            task = asyncio.ensure_future(self._run_mirror(take))
+            self._mirror_tasks.add(task)  # a reference, so the task is not collected mid-way
+            task.add_done_callback(self._mirror_tasks.discard)
+
+    async def _run_mirror(self, items: list[tuple[str, str, str]]) -> None:
+        batch = {CHAMPION: self._predict_batch, CHALLENGER: self._challenger_batch}
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(batch[slot](text) for _, text, slot in items), return_exceptions=True),
+                self.args.serve.request_timeout_s,
+            )
+        except Exception as err:  # noqa: BLE001 - a mirror never reaches a client: counted, not raised
+            results = [err] * len(items)
+        finally:
+            self._mirrored_in_flight -= len(items)
+        pairs = zip(items, results, strict=True)
+        entries = [_entry(rid, r, answered=False) for (rid, _, _), r in pairs if isinstance(r, dict)]
+        failed = len(items) - len(entries)
+        if failed:
+            self.mirror_skipped += failed
+            self.metrics.count_mirror_skipped(failed)
+        if entries and self.evidence_feed is not None:
+            self.evidence_feed.add(entries)
 
     async def _timed(self, endpoint: str, handler, timeout_s: float | None = None):
         start = time.perf_counter()
@@ -357,19 +510,40 @@ class SentimentModel:
         finally:
             self.metrics.observe_request(endpoint, status, time.perf_counter() - start)
 
-    async def _predict(self, texts: list[str]) -> list[dict]:
+    async def _predict(self, texts: list[str], routing_key: str | None = None) -> list[dict]:
         """Admit `texts` against the replica's text bound, then let each join the dynamic batch on its
-        own, so that a big request and many small ones share batches."""
+        own, so that a big request and many small ones share batches. With a challenger: a canary
+        answers the texts whose routing key (else request id) falls in its share; the version that did
+        not answer scores a `mirror` share once the answers are ready, off the response path."""
         state, reason = self.status()
         if state == "unavailable":
             raise ApiError(503, reason)
         if self._texts_in_flight + len(texts) > self._max_texts:
             raise ApiError(503, f"replica busy: {self._texts_in_flight} texts in flight, limit {self._max_texts}")
+        ids = [uuid.uuid4().hex for _ in texts]
+        chal = self._live_challenger()
+        canary = [
+            chal is not None and chal.mode == "canary" and routes_to_challenger(routing_key or rid, chal.share)
+            for rid in ids
+        ]
         self._texts_in_flight += len(texts)
         try:
-            return list(await asyncio.gather(*(self._predict_batch(t) for t in texts)))
+            answers = list(await asyncio.gather(*(self._answer(t, c) for t, c in zip(texts, canary, strict=True))))
         finally:
             self._texts_in_flight -= len(texts)
+        entries = [_entry(rid, a, answered=True) for rid, a in zip(ids, answers, strict=True)]
+        if self.evidence_feed is not None:
+            self.evidence_feed.add(entries)
+        if chal is not None:
+            other = {CHAMPION: CHALLENGER, CHALLENGER: CHAMPION}
+            mirrored = [
+                (e.request_id, t, other[e.slot])
+                for e, t in zip(entries, texts, strict=True)
+                if is_mirrored(e.request_id, chal.mirror)
+            ]
+            if mirrored:
+                self._mirror(mirrored)
+        return [_public(a, rid) for a, rid in zip(answers, ids, strict=True)]
 
     # -------------------------------------------------------------- endpoints
     @api.get("/health", responses={503: {"model": ErrorBody}})
@@ -389,7 +563,14 @@ class SentimentModel:
         if self.info is None:
             raise ApiError(503, self.load_error or "no model loaded")
         restarts = self.predictor.restarts if self.predictor is not None else 0
-        return self.info.model_copy(update={"failed_swap": self.failed_swap, "model_restarts": restarts})
+        return self.info.model_copy(
+            update={
+                "failed_swap": self.failed_swap,
+                "model_restarts": restarts,
+                "challenger": self.challenger_info,
+                "challenger_error": self.challenger_error,
+            }
+        )
 
     @api.post("/predict", response_model=Prediction, responses=_ERRORS, openapi_extra=_body_schema(PredictRequest))
     async def predict(self, request: Request):
@@ -398,7 +579,7 @@ class SentimentModel:
             check_text(req.text, self.args.serve.max_text_chars)
             # A ready JSONResponse skips FastAPI's re-validation and re-encoding of an answer our own
             # code built (the schema stays in /docs): less work on the event loop per request.
-            return JSONResponse((await self._predict([req.text]))[0])
+            return JSONResponse((await self._predict([req.text], routing_key(request)))[0])
 
         return await self._timed("predict", handle)
 
@@ -419,7 +600,7 @@ class SentimentModel:
                 )
             for i, t in enumerate(req.texts):
                 check_text(t, self.args.serve.max_text_chars, where=f"texts[{i}]")
-            return JSONResponse({"predictions": await self._predict(req.texts)})
+            return JSONResponse({"predictions": await self._predict(req.texts, routing_key(request))})
 
         return await self._timed("batch_predict", handle)
 
@@ -470,6 +651,90 @@ class SentimentModel:
 
         return await self._timed("drift", handle)
 
+    @api.post(
+        "/feedback",
+        responses={code: {"model": ErrorBody} for code in (400, 404, 413, 415, 422, 503, 504)},
+        openapi_extra=_body_schema(FeedbackRequest),
+    )
+    async def feedback(self, request: Request):
+        """The true label of an answered request (by its request_id): live accuracy and F1 per version."""
+
+        async def handle():
+            store = self._evidence_store()
+            req = _validated(FeedbackRequest, await read_json_body(request, self.args.serve.max_body_bytes))
+            label = next(i for i, name in LABELS.items() if name == req.label)
+            try:
+                found = await store.feedback.remote(req.request_id, label)
+            except Exception as err:  # the store died or is restarting: Serve brings it back
+                raise ApiError(503, f"live evidence store unavailable: {type(err).__name__}") from None
+            if found is None:
+                f = self.args.serve.feedback
+                raise ApiError(
+                    404,
+                    f"unknown request_id '{req.request_id[:64]}': never answered, or no longer kept "
+                    f"(the last {f.max_records} predictions, for {f.retention_s:g}s)",
+                )
+            return JSONResponse({"request_id": req.request_id, "label": req.label, **found})
+
+        return await self._timed("feedback", handle)
+
+    @api.get("/challenger", responses={404: {"model": ErrorBody}, 503: {"model": ErrorBody}, 504: {"model": ErrorBody}})
+    async def challenger_report(self):
+        """The champion and the challenger on live traffic: per version requests answered and mirrored,
+        latency, agreement with the champion, confidence difference, live accuracy and F1 on labelled
+        requests, and both versions' F1 on the same labelled requests."""
+
+        async def handle():
+            store = self._evidence_store()
+            chal = self.challenger_info
+            try:
+                report = await store.report.remote(self.info.version, chal.version if chal else None)
+            except Exception as err:
+                raise ApiError(503, f"live evidence store unavailable: {type(err).__name__}") from None
+            rollout = chal.model_dump() if chal else {"mode": "off"}
+            replica = {
+                "mirror_skipped": self.mirror_skipped,
+                "canary_fallbacks": self.canary_fallbacks,
+                "evidence_dropped": self.evidence_feed.dropped,
+                "challenger_state": self.challenger.state if self.challenger else None,
+            }
+            body = {"rollout": rollout, "challenger_error": self.challenger_error, **report, "replica": replica}
+            return JSONResponse(body)
+
+        return await self._timed("challenger", handle)
+
+    @api.get("/challenger/evidence", responses={404: {"model": ErrorBody}, 503: {"model": ErrorBody}})
+    async def challenger_evidence(self):
+        """The labelled requests both versions scored (ids, true labels, each version's labels): what
+        `python -m ray_jobs.registry promote <version>` decides on."""
+
+        async def handle():
+            store = self._evidence_store()
+            if self.challenger_info is None:
+                raise ApiError(404, f"no challenger is served ({self.challenger_error or 'no shadow or canary runs'})")
+            try:
+                body = await store.evidence.remote(self.info.version, self.challenger_info.version)
+            except Exception as err:
+                raise ApiError(503, f"live evidence store unavailable: {type(err).__name__}") from None
+            return JSONResponse({**body, "mode": self.challenger_info.mode})
+
+        return await self._timed("challenger_evidence", handle)
+
+    def _evidence_store(self):
+        if self.evidence is None:
+            raise ApiError(404, "live feedback is off for this app (serve.feedback.enabled: false)")
+        if self.info is None:
+            raise ApiError(503, self.load_error or "no model loaded")
+        return self.evidence
+
+
+def routing_key(request: Request) -> str | None:
+    """The canary routing key a client sends (X-Routing-Key), if any; else each text's request id."""
+    key = request.headers.get(ROUTING_KEY_HEADER)
+    if key is not None and len(key) > MAX_ROUTING_KEY_CHARS:
+        raise ApiError(422, f"{ROUTING_KEY_HEADER}: longer than {MAX_ROUTING_KEY_CHARS} characters")
+    return key or None
+
 
 SentimentService = serve.deployment(ray_actor_options={"num_cpus": 1})(serve.ingress(api)(SentimentModel))
 
@@ -482,12 +747,13 @@ def max_ongoing_requests(a: ServeConfig) -> int:
     return a.max_ongoing_requests or 4 * a.max_batch_size
 
 
-def user_config(args: AppArgs, model_version: str) -> dict[str, Any]:
+def user_config(args: AppArgs, model_version: str, rollout: Rollout | None = None) -> dict[str, Any]:
     """What a redeploy may change without restarting replicas (a `serve deploy` of a config file whose
     args are unchanged while the alias moved: Serve calls `reconfigure`)."""
     return {
         "model_uri": args.model_uri,
         "model_version": model_version,
+        "challenger": challenger_config(args.model_uri, rollout),
         "max_batch_size": args.serve.max_batch_size,
         "batch_wait_timeout_s": args.serve.batch_wait_timeout_s,
     }
@@ -501,11 +767,15 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
     a = (args if isinstance(args, AppArgs) else AppArgs.model_validate(args)).with_absolute_paths()
     s, scaling = a.serve, a.serve.autoscaling
     version = resolve_version(a, a.model_uri)
+    # A shadow or canary the registry records (ray_jobs.rollout) for the champion served now.
+    rollout = Registry(a.registry).served_rollout(a.model_uri, version)
+    challenger = challenger_config(a.model_uri, rollout)
     if s.trial_load:
-        try:
-            trial_load(a, a.model_uri, version)
-        except Exception as err:
-            raise ModelWorkerError(f"deploy refused: {a.model_uri} (version {version}) does not load: {err}") from None
+        for uri, v in [(a.model_uri, version)] + ([(challenger["model_uri"], rollout.version)] if rollout else []):
+            try:
+                trial_load(a, uri, v)
+            except Exception as err:
+                raise ModelWorkerError(f"deploy refused: {uri} (version {v}) does not load: {err}") from None
     return SentimentService.options(
         name=f"{s.app_name}-model",
         ray_actor_options={"num_cpus": s.num_cpus, "resources": dict(s.resources)},
@@ -523,5 +793,5 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
             "upscale_delay_s": scaling.upscale_delay_s,
             "downscale_delay_s": scaling.downscale_delay_s,
         },
-        user_config=user_config(a, version),
-    ).bind(a.model_dump(mode="json"), explain_deployment(a), drift_deployment(a))
+        user_config=user_config(a, version, rollout),
+    ).bind(a.model_dump(mode="json"), explain_deployment(a), drift_deployment(a), evidence_deployment(a))

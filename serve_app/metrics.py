@@ -31,6 +31,21 @@ class ServeMetrics:
             "sentiment_model_swap_failures_total", "hot swaps a replica could not make (it kept its model)"
         )
         self.restarts = Gauge("sentiment_model_restarts", "model processes replaced in this replica since it started")
+        # Per served version (slot: champion | challenger), for shadow and canary.
+        self.version_texts = Counter(
+            "sentiment_version_texts_total",
+            "texts each served version scored (answered or mirrored)",
+            tag_keys=("slot", "version"),
+        )
+        self.version_latency = Histogram(
+            "sentiment_version_batch_latency_s",
+            "model time of the batches each served version ran (s)",
+            boundaries=_LATENCY_BOUNDS,
+            tag_keys=("slot", "version"),
+        )
+        self.mirror_skipped = Counter(
+            "sentiment_mirror_skipped_total", "texts not mirrored: the other version was busy, gone or failed"
+        )
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.inc(1, tags={"endpoint": endpoint, "status": str(status)})
@@ -52,6 +67,40 @@ class ServeMetrics:
 
     def set_restarts(self, n: int) -> None:
         self.restarts.set(float(n))
+
+    def observe_version_batch(self, slot: str, version: str, size: int, seconds: float) -> None:
+        tags = {"slot": slot, "version": version}
+        self.version_texts.inc(size, tags=tags)
+        self.version_latency.observe(seconds, tags=tags)
+
+    def count_mirror_skipped(self, n: int) -> None:
+        self.mirror_skipped.inc(n)
+
+
+class LiveMetrics:
+    """Created in the live evidence store's replica (serve_app.rollout): per served version."""
+
+    def __init__(self) -> None:
+        from ray.util.metrics import Gauge
+
+        tags = ("slot", "version")
+        self.f1 = Gauge("sentiment_live_f1", "F1 on the labelled live requests the version scored", tag_keys=tags)
+        self.labelled = Gauge("sentiment_live_labelled", "labelled live requests the version scored", tag_keys=tags)
+        self.agreement = Gauge(
+            "sentiment_live_agreement", "challenger: share of requests with the champion's label", tag_keys=tags
+        )
+        self.confidence_diff = Gauge(
+            "sentiment_live_confidence_diff", "challenger: mean confidence minus the champion's", tag_keys=tags
+        )
+
+    def set_version(self, slot: str, stats: dict) -> None:
+        tags = {"slot": slot, "version": stats["version"]}
+        self.labelled.set(float(stats["live"]["labelled"]), tags=tags)
+        if stats["live"]["f1"] is not None:
+            self.f1.set(stats["live"]["f1"], tags=tags)
+        if stats.get("agreement") is not None:
+            self.agreement.set(stats["agreement"], tags=tags)
+            self.confidence_diff.set(stats["confidence_diff"], tags=tags)
 
 
 class DriftMetrics:

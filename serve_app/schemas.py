@@ -23,7 +23,14 @@ class Prediction(BaseModel):
     label: Literal["positive", "negative"]
     score: float
     probabilities: dict[str, float]
-    model_version: str
+    model_version: str = Field(description="the registered version that produced this answer")
+    request_id: str = Field(description="names this prediction in POST /feedback")
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    request_id: StrictStr = Field(description="the request_id of an answer")
+    label: Literal["negative", "positive"] = Field(description="the true label of that answer's text")
 
 
 class BatchPrediction(BaseModel):
@@ -69,6 +76,17 @@ class FailedSwap(BaseModel):
     at: float
 
 
+class ChallengerInfo(BaseModel):
+    """The challenger a replica serves beside the champion (ray_jobs.rollout)."""
+
+    version: str
+    model_uri: str
+    mode: Literal["shadow", "canary"]
+    share: float = Field(description="canary: the share of routing keys it answers")
+    mirror: float = Field(description="the share of requests the version that did not answer also scores")
+    loaded_at: float
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str
@@ -79,6 +97,8 @@ class ModelInfo(BaseModel):
     loaded_at: float
     failed_swap: FailedSwap | None = None
     model_restarts: int = Field(0, description="model processes replaced in this replica (died or wedged)")
+    challenger: ChallengerInfo | None = None
+    challenger_error: str | None = Field(None, description="why the configured challenger is not served")
 
 
 class ErrorBody(BaseModel):

@@ -78,6 +78,19 @@ def request_stream(url: str, text: str, field: str):
         t.join()
 
 
+def model_process(model_dir: str) -> int | None:
+    """The pid of the model process serving `model_dir` (its command line names the folder)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"serve_app.model_worker" in argv and model_dir.encode() in argv:
+            return int(pid)
+    return None
+
+
 def terminate(proc: subprocess.Popen, timeout_s: float = 60) -> None:
     """SIGTERM (a clean shutdown), then SIGKILL if it takes longer than `timeout_s`."""
     proc.send_signal(signal.SIGTERM)

@@ -260,3 +260,33 @@ def test_unloadable_champion_fails_closed(ray_cluster, tmp_path, trained_tiny, u
     with pytest.raises(SentimentError):
         run_gate(reg, cfg, chal, evaluate_dir(trained_tiny[2], test), test)
     assert reg.champion() == champ and reg.alias_version("previous") is None
+
+
+def test_a_passed_gate_with_on_pass_shadow_starts_a_shadow_and_a_later_promotion_ends_it(
+    ray_cluster, tmp_path, trained_tiny, untrained_tiny
+):
+    """gate.on_pass: shadow: a challenger that passes stays beside the champion (the alias does not
+    move) as a recorded shadow rollout; a plain promotion later ends a rollout that no longer applies."""
+    from ray_jobs.data import load_splits
+    from ray_jobs.evaluate import evaluate_dir
+    from ray_jobs.pipeline import run_gate
+
+    reg = _registry(tmp_path)
+    cfg = tiny_config(tmp_path, "gate.floor=0.0", "gate.on_pass=shadow")
+    test = load_splits(cfg.data).test
+    champ = _registered(reg, "champ", untrained_tiny)
+    reg.set_aliases(champ, None)
+    chal = _registered(reg, "chal", trained_tiny[2])
+    better = evaluate_dir(trained_tiny[2], test)
+    decision, before = run_gate(reg, cfg, chal, better, test)
+    assert decision.promote and before == champ
+    assert reg.champion() == champ and reg.alias_version("previous") is None  # nothing promoted
+    rollout = reg.rollout()
+    assert (rollout.mode, rollout.version, rollout.champion, rollout.mirror) == ("shadow", chal, champ, 1.0)
+    assert reg.alias_version("challenger") == chal
+    assert reg.served_rollout(cfg.registry.champion_uri, champ) == rollout
+
+    other = _registered(reg, "other", trained_tiny[2])
+    decision, _ = run_gate(reg, tiny_config(tmp_path, "gate.floor=0.0"), other, better, test)
+    assert decision.promote and reg.champion() == other
+    assert reg.rollout() is None and reg.alias_version("challenger") is None

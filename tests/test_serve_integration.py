@@ -281,21 +281,6 @@ def test_overload_gets_fast_503_then_recovers(serve_port, registered):
         serve.delete("tight")
 
 
-def _model_process(model_dir: str) -> int | None:
-    """The pid of the model process serving `model_dir` (its command line names the folder)."""
-    import os
-
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"serve_app.model_worker" in argv and model_dir.encode() in argv:
-            return int(pid)
-    return None
-
-
 @pytest.mark.slow
 def test_a_killed_model_process_costs_no_request(serve_port, trained_tiny, tmp_path):
     """Default proxy, one replica: SIGKILL on the model process under a stream of requests. The replica
@@ -304,7 +289,7 @@ def test_a_killed_model_process_costs_no_request(serve_port, trained_tiny, tmp_p
     import shutil
     import signal
 
-    from conftest import request_stream
+    from conftest import model_process, request_stream
     from ray import serve
 
     from serve_app.app import build_app
@@ -325,7 +310,7 @@ def test_a_killed_model_process_costs_no_request(serve_port, trained_tiny, tmp_p
     )
     url = f"http://127.0.0.1:{serve_port}/kill"
     try:
-        first = _model_process(model_dir)
+        first = model_process(model_dir)
         assert first is not None
         with request_stream(url, "still there?", "label") as (answers, failures):
             time.sleep(1.0)
@@ -337,7 +322,7 @@ def test_a_killed_model_process_costs_no_request(serve_port, trained_tiny, tmp_p
             while len(answers) < n + 5 and time.time() < deadline:  # answered by the new process
                 time.sleep(0.2)
         assert failures == []
-        assert _model_process(model_dir) not in (None, first)
+        assert model_process(model_dir) not in (None, first)
         assert httpx.get(f"{url}/health", timeout=30).json()["status"] == "ok"
         assert httpx.get(f"{url}/model", timeout=30).json()["model_restarts"] == 1
     finally:

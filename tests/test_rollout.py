@@ -1,0 +1,136 @@
+"""Shadow/canary pieces without a cluster: canary routing, the live evidence store, the live gate."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from ray_jobs.gate import Policy
+from ray_jobs.inference import classification_metrics
+from ray_jobs.rollout import live_decision
+from serve_app.rollout import Entry, LiveEvidence, is_mirrored, routes_to_challenger
+
+
+@pytest.mark.parametrize("share", [0.05, 0.1, 0.5])
+def test_canary_share_is_within_tolerance_over_thousands_of_keys_and_sticky(share):
+    keys = [f"client-{i}" for i in range(5000)]
+    routed = [routes_to_challenger(k, share) for k in keys]
+    # Binomial standard error at n=5000 is at most 0.7 points: 4 standard errors of room.
+    assert abs(sum(routed) / len(keys) - share) < 4 * np.sqrt(share * (1 - share) / len(keys))
+    assert routed == [routes_to_challenger(k, share) for k in keys]  # one key, one version, every time
+    # A larger share keeps every key the smaller one routed (raising a canary moves no client back).
+    assert all(routes_to_challenger(k, min(1.0, share * 2)) for k, r in zip(keys, routed, strict=True) if r)
+
+
+def test_mirroring_samples_its_fraction_independently_of_the_canary():
+    ids = [f"{i:032x}" for i in range(5000)]
+    mirrored = [is_mirrored(i, 0.25) for i in ids]
+    assert abs(sum(mirrored) / len(ids) - 0.25) < 0.03
+    assert all(is_mirrored(i, 1.0) for i in ids) and not any(is_mirrored(i, 0.0) for i in ids)
+    canary = [routes_to_challenger(i, 0.25) for i in ids]
+    assert sum(m and c for m, c in zip(mirrored, canary, strict=True)) / len(ids) == pytest.approx(0.0625, abs=0.02)
+
+
+def _store(**feedback) -> LiveEvidence:
+    return LiveEvidence({"serve": {"feedback": {"grace_s": 0.2, **feedback}}})
+
+
+def _entries(ids, slot, version, labels, p, answered):
+    return [Entry(i, slot, version, answered, int(y), float(q), 0.01) for i, y, q in zip(ids, labels, p, strict=True)]
+
+
+def test_live_f1_per_version_matches_the_labelled_requests():
+    rng = np.random.default_rng(0)
+    n = 300
+    ids = [f"r{i}" for i in range(n)]
+    truth = rng.integers(0, 2, n)
+    champ = np.where(rng.random(n) < 0.9, truth, 1 - truth)  # ~90% right
+    chal = np.where(rng.random(n) < 0.7, truth, 1 - truth)  # ~70% right
+    store = _store()
+
+    async def go():
+        await store.record(_entries(ids, "champion", "1", champ, champ * 0.8 + 0.1, True))
+        await store.record(_entries(ids[:200], "challenger", "2", chal[:200], chal[:200] * 0.6 + 0.2, False))
+        for i in range(0, n, 2):  # every other request gets its true label
+            assert await store.feedback(ids[i], int(truth[i])) == {
+                "answered_by": "1",
+                "versions": ["1", "2"] if i < 200 else ["1"],
+            }
+        assert await store.feedback("never-answered", 1) is None
+        return await store.report("1", "2"), await store.evidence("1", "2")
+
+    report, evidence = asyncio.run(go())
+    labelled = np.arange(0, n, 2)
+    both = labelled[labelled < 200]
+    assert report["champion"]["live"]["labelled"] == len(labelled)
+    expected = classification_metrics(truth[labelled], champ[labelled])["f1"]
+    assert report["champion"]["live"]["f1"] == pytest.approx(expected)
+    assert report["challenger"]["live"]["f1"] == pytest.approx(classification_metrics(truth[both], chal[both])["f1"])
+    assert report["challenger"]["agreement"] == pytest.approx(float(np.mean(champ[:200] == chal[:200])))
+    assert report["challenger"]["confidence_diff"] == pytest.approx(0.8 - 0.9)
+    assert (report["champion"]["answered"], report["challenger"]["mirrored"]) == (n, 200)
+    assert report["paired"]["labelled"] == len(both)
+    assert report["paired"]["champion_f1"] == pytest.approx(classification_metrics(truth[both], champ[both])["f1"])
+    assert evidence["labels"] == truth[both].tolist() and evidence["challenger"] == chal[both].tolist()
+
+
+def test_the_store_is_bounded_and_forgets_old_predictions():
+    store = _store(max_records=100, retention_s=0.5)
+
+    async def go():
+        await store.record(_entries([f"a{i}" for i in range(150)], "champion", "1", [1] * 150, [0.9] * 150, True))
+        evicted_by_size = store.evicted
+        first, last = await store.feedback("a0", 1), await store.feedback("a149", 1)
+        await asyncio.sleep(0.6)
+        expired = await store.feedback("a149", 0)
+        return evicted_by_size, first, last, expired, len(store.records)
+
+    evicted, first, last, expired, left = asyncio.run(go())
+    assert evicted == 50 and first is None and last is not None
+    assert expired is None  # past retention: no feedback, and it is gone
+    assert left == 0
+
+
+def test_feedback_that_arrives_before_its_record_is_kept():
+    store = _store(grace_s=2.0)
+
+    async def go():
+        pending = asyncio.ensure_future(store.feedback("late", 1))
+        await asyncio.sleep(0.2)
+        await store.record(_entries(["late"], "champion", "1", [1], [0.9], True))
+        return await pending
+
+    assert asyncio.run(go()) == {"answered_by": "1", "versions": ["1"]}
+
+
+def _evidence(truth, champ, chal):
+    return {
+        "champion_version": "1",
+        "challenger_version": "2",
+        "labels": list(map(int, truth)),
+        "champion": list(map(int, champ)),
+        "challenger": list(map(int, chal)),
+    }
+
+
+def test_live_promotion_needs_enough_labelled_requests_and_a_challenger_at_least_as_good():
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 2, 400)
+    champ = np.where(rng.random(400) < 0.85, truth, 1 - truth)
+    better = np.where(rng.random(400) < 0.95, truth, 1 - truth)
+    worse = np.where(rng.random(400) < 0.6, truth, 1 - truth)
+    policy = Policy()
+
+    few = live_decision(_evidence(truth[:50], champ[:50], better[:50]), policy, min_labelled=200)
+    assert not few.promote and "50 labelled" in few.reason and "200" in few.reason
+    enough = live_decision(_evidence(truth, champ, better), policy, min_labelled=200)
+    assert enough.promote and enough.n == 400 and enough.delta > 0
+    blocked = live_decision(_evidence(truth, champ, worse), policy, min_labelled=200)
+    assert not blocked.promote and blocked.delta < 0
+    # The McNemar option of the offline gate applies as it is: a tiny edge is not evidence.
+    tie = champ.copy()
+    tie[np.flatnonzero(tie != truth)[:1]] = truth[np.flatnonzero(tie != truth)[:1]]  # one more right
+    mcnemar = live_decision(_evidence(truth, champ, tie), Policy(significance="mcnemar"), min_labelled=200)
+    assert not mcnemar.promote and mcnemar.p_value is not None and mcnemar.p_value >= 0.05

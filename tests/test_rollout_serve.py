@@ -1,0 +1,243 @@
+"""Shadow, canary, feedback and promotion on live evidence: the registry CLI driving a real Serve app
+over real HTTP, with tiny models in a sqlite MLflow registry.
+
+Versions: 1 the trained tiny model (champion), 2 random weights (a worse challenger that disagrees),
+3 the trained weights registered again (a challenger as good as the champion)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import numpy as np
+import pytest
+from conftest import ROOT, TINY, model_process, request_stream
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+PREFIX = "/ro"
+MIN_LABELLED = 30
+
+
+@pytest.fixture(scope="module")
+def ro(serve_port, ray_cluster, tmp_path_factory, trained_tiny, untrained_tiny):
+    from ray import serve
+
+    from ray_jobs import deploy
+    from ray_jobs.config import RegistryConfig
+    from ray_jobs.data import load_splits
+    from ray_jobs.registry import Registry
+
+    root = tmp_path_factory.mktemp("rollout-mlflow")
+    reg = Registry(RegistryConfig(root=str(root), model_name="ro-model"))
+    for name, folder in (("champ", trained_tiny[2]), ("random", untrained_tiny), ("again", trained_tiny[2])):
+        reg.register(reg.start_run(name), folder, {})
+    reg.set_aliases("1", None)
+    sets = [
+        *TINY,
+        f"registry.root={root}",
+        "registry.model_name=ro-model",
+        f"serve.port={serve_port}",
+        f"serve.route_prefix={PREFIX}",
+        "serve.app_name=ro",
+        "serve.precision=fp32",
+        "serve.num_cpus=0.5",
+        "serve.autoscaling.min_replicas=1",
+        "serve.autoscaling.max_replicas=1",
+        "serve.explain.enabled=false",
+        "serve.drift.enabled=false",
+        f"gate.live_min_labelled={MIN_LABELLED}",
+    ]
+    args = ["--config", str(ROOT / "tune_configs/quickstart.yaml"), *[x for kv in sets for x in ("--set", kv)]]
+    assert deploy.main(args) == 0
+    test = load_splits(trained_tiny[0].data).test
+    yield {"args": args, "reg": reg, "url": f"http://127.0.0.1:{serve_port}{PREFIX}", "test": test}
+    serve.delete("ro")
+
+
+def _cli(ro, *cmd) -> int:
+    from ray_jobs import registry
+
+    return registry.main([*ro["args"], *cmd])
+
+
+def _batch(url, texts, key=None) -> list[dict]:
+    headers = {"X-Routing-Key": key} if key else {}
+    out = []
+    for i in range(0, len(texts), 16):
+        r = httpx.post(f"{url}/batch_predict", json={"texts": texts[i : i + 16]}, headers=headers, timeout=60)
+        assert r.status_code == 200, r.text
+        out += r.json()["predictions"]
+    return out
+
+
+def _challenger(url, until=lambda body: True, timeout_s=60) -> dict:
+    """/challenger once `until` holds (mirrored texts reach the store after their answers)."""
+    deadline = time.time() + timeout_s
+    while True:
+        body = httpx.get(f"{url}/challenger", timeout=30).json()
+        if until(body) or time.time() > deadline:
+            return body
+        time.sleep(0.3)
+
+
+def _in_process(reg, version, texts) -> list[int]:
+    from ray_jobs.inference import Predictor
+
+    return [int(p["label"] == "positive") for p in Predictor(reg.model_dir(version), precision="fp32").predict(texts)]
+
+
+def _history(reg) -> list[str]:
+    import json
+
+    tags = reg.client.get_registered_model(reg.name).tags
+    return [json.loads(v)["event"] for k, v in sorted(tags.items()) if k.startswith("history.")]
+
+
+def test_shadow_answers_exactly_as_the_champion_alone_and_counts_agreement(ro):
+    url, reg = ro["url"], ro["reg"]
+    texts = list(ro["test"].texts[:48])
+    alone = _batch(url, texts)
+    assert httpx.get(f"{url}/model").json()["challenger"] is None
+
+    assert _cli(ro, "shadow", "2") == 0
+    model = httpx.get(f"{url}/model").json()
+    assert model["version"] == "1" and model["challenger"]["version"] == "2"
+    assert model["challenger"]["mode"] == "shadow"
+    before = _challenger(url)["challenger"]["mirrored"]
+    shadowed = _batch(url, texts)
+    assert [a["model_version"] for a in shadowed] == ["1"] * len(texts)
+    assert [a["label"] for a in shadowed] == [a["label"] for a in alone]
+    for a, b in zip(shadowed, alone, strict=True):
+        assert a["probabilities"]["positive"] == pytest.approx(b["probabilities"]["positive"], abs=1e-5)
+    assert len({a["request_id"] for a in shadowed + alone}) == 2 * len(texts)
+
+    body = _challenger(url, lambda b: b["challenger"]["mirrored"] >= before + len(texts))
+    assert body["rollout"]["mode"] == "shadow" and body["champion"]["version"] == "1"
+    assert body["challenger"]["mirrored"] == before + len(texts) and body["challenger"]["answered"] == 0
+    champ = [int(a["label"] == "positive") for a in shadowed]
+    chal = _in_process(reg, "2", texts)
+    # Every text the challenger scored was also answered by the champion: agreement over all of them.
+    assert body["challenger"]["compared_with_champion"] == body["challenger"]["mirrored"]
+    if before == 0:
+        assert body["challenger"]["agreement"] == pytest.approx(np.mean(np.equal(champ, chal)))
+    assert body["challenger"]["latency"]["mirrored"]["n"] >= len(texts)
+
+
+def test_a_killed_challenger_process_costs_no_request(ro):
+    url, reg = ro["url"], ro["reg"]
+    assert _cli(ro, "shadow", "2") == 0
+    folder = reg.model_dir("2")
+    first = model_process(folder)
+    assert first is not None
+    with request_stream(url, "the challenger dies while this is mirrored", "model_version") as (answers, failures):
+        time.sleep(1.0)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.time() + 120
+        while time.time() < deadline and model_process(folder) in (None, first):
+            time.sleep(0.3)
+        n = len(answers)
+        while len(answers) < n + 10 and time.time() < deadline:
+            time.sleep(0.2)
+    assert failures == []
+    assert set(answers) == {"1"}
+    assert model_process(folder) not in (None, first)
+    mirrored = _challenger(url)["challenger"]["mirrored"]
+    _batch(url, ["mirrored again by the new process"] * 4)
+    body = _challenger(url, lambda b: b["challenger"]["mirrored"] >= mirrored + 4)
+    assert body["challenger"]["mirrored"] >= mirrored + 4 and body["replica"]["challenger_state"] == "ok"
+
+
+def test_feedback_gives_live_f1_per_version_and_the_live_gate_blocks_the_worse_one(ro):
+    from ray_jobs.inference import classification_metrics
+
+    url, reg, test = ro["url"], ro["reg"], ro["test"]
+    assert _cli(ro, "shadow", "2") == 0  # a redeploy: fresh replicas, the store keeps what it had
+    texts, truth = list(test.texts[100:160]), np.asarray(test.labels[100:160])
+    answers = _batch(url, texts)
+    names = {0: "negative", 1: "positive"}
+    for a, y in zip(answers, truth, strict=True):
+        r = httpx.post(f"{url}/feedback", json={"request_id": a["request_id"], "label": names[int(y)]})
+        assert r.status_code == 200, r.text
+    assert httpx.post(f"{url}/feedback", json={"request_id": "not-an-id", "label": "positive"}).status_code == 404
+    bad = httpx.post(f"{url}/feedback", json={"request_id": answers[0]["request_id"], "label": "great"})
+    assert bad.status_code == 422
+
+    champ = np.asarray([int(a["label"] == "positive") for a in answers])
+    chal = np.asarray(_in_process(reg, "2", texts))
+    body = _challenger(url, lambda b: (b["paired"] or {}).get("labelled", 0) >= len(texts))
+    assert body["paired"]["labelled"] == len(texts)
+    assert body["paired"]["champion_f1"] == pytest.approx(classification_metrics(truth, champ)["f1"])
+    assert body["paired"]["challenger_f1"] == pytest.approx(classification_metrics(truth, chal)["f1"])
+    assert body["champion"]["live"]["f1"] == pytest.approx(classification_metrics(truth, champ)["f1"])
+    assert body["challenger"]["live"]["labelled"] == len(texts)
+
+    # Random weights lose on the same labelled requests: blocked (exit 3), nothing moves.
+    assert body["paired"]["challenger_f1"] < body["paired"]["champion_f1"]
+    assert _cli(ro, "promote", "2") == 3
+    assert reg.champion() == "1" and reg.rollout().version == "2"
+    assert reg.get_version("2").tags["live.decision"] == "block"
+    assert httpx.get(f"{url}/model").json()["challenger"]["version"] == "2"
+
+
+def test_canary_answers_a_sticky_share_per_routing_key(ro):
+    from serve_app.rollout import routes_to_challenger
+
+    url, reg = ro["url"], ro["reg"]
+    assert _cli(ro, "canary", "2", "--share", "0.3") == 0
+    assert reg.rollout().mode == "canary" and reg.rollout().share == 0.3
+    seen: dict[str, set] = {}
+    for round_ in range(2):
+        for i in range(60):
+            key = f"client-{i}"
+            body = {"text": f"round {round_} review {i}"}
+            r = httpx.post(f"{url}/predict", json=body, headers={"X-Routing-Key": key})
+            assert r.status_code == 200, r.text
+            seen.setdefault(key, set()).add(r.json()["model_version"])
+    assert all(len(v) == 1 for v in seen.values()), seen  # one client, one version
+    routed = {k for k, v in seen.items() if v == {"2"}}
+    assert routed == {k for k in seen if routes_to_challenger(k, 0.3)}
+    assert 0.1 < len(routed) / len(seen) < 0.5
+    body = _challenger(url, lambda b: b["challenger"]["answered"] >= 2 * len(routed))
+    assert body["rollout"]["mode"] == "canary" and body["challenger"]["answered"] >= 2 * len(routed)
+    # The champion mirrors the canary's requests: live evidence on the same requests either way.
+    assert body["champion"]["mirrored"] >= 2 * len(routed)
+
+
+def test_promotion_from_shadow_needs_enough_labelled_requests_then_hot_swaps(ro):
+    url, reg, test = ro["url"], ro["reg"], ro["test"]
+    assert _cli(ro, "abort") == 0
+    assert reg.rollout() is None and httpx.get(f"{url}/model").json()["challenger"] is None
+    assert httpx.get(f"{url}/challenger/evidence").status_code == 404
+    assert _cli(ro, "shadow", "3") == 0
+
+    def label(texts, labels):
+        for a, y in zip(_batch(url, texts), labels, strict=True):
+            lab = "positive" if y else "negative"
+            assert httpx.post(f"{url}/feedback", json={"request_id": a["request_id"], "label": lab}).status_code == 200
+
+    def both_scored(n):
+        return _challenger(url, lambda b: (b["paired"] or {}).get("labelled", 0) >= n)["paired"]["labelled"]
+
+    label(test.texts[200:210], test.labels[200:210])
+    assert both_scored(10) == 10
+    assert _cli(ro, "promote", "3") == 3  # 10 < gate.live_min_labelled: refused
+    assert reg.champion() == "1" and reg.get_version("3").tags["live.decision"] == "block"
+    assert "live_min_labelled" in reg.get_version("3").tags["live.reason"]
+
+    label(test.texts[210 : 210 + MIN_LABELLED], test.labels[210 : 210 + MIN_LABELLED])
+    assert both_scored(10 + MIN_LABELLED) == 10 + MIN_LABELLED
+    with request_stream(url, "promoted while this stream runs", "model_version") as (answers, failures):
+        assert _cli(ro, "promote", "3") == 0
+        time.sleep(1.0)
+    assert failures == [] and answers[-1] == "3"
+    assert reg.aliases() == {"champion": "3", "previous": "1"} and reg.rollout() is None
+    model = httpx.get(f"{url}/model").json()
+    assert model["version"] == "3" and model["challenger"] is None
+    assert reg.get_version("3").tags["live.decision"] == "promote"
+    events = _history(reg)  # every step is in the registered model's history
+    assert {"shadow", "canary", "abort", "live_gate"} <= set(events) and events[-1] == "live_gate"
+    # Not in shadow any more: a live promotion is refused and says how to promote by hand.
+    assert _cli(ro, "promote", "2") == 1
