@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 from urllib.request import urlopen
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -65,29 +66,38 @@ def health():
     return {{"status": "ok"}}
 """
 
+
+class Variant(NamedTuple):
+    env: dict  # environment for the Ray cluster (Serve's ingress modes are read when Ray starts)
+    max_batch: int | None  # None: --max-batch-size
+    access: str  # how the client reaches the app: proxy (serve.port) or direct (the replica's port)
+    drift: bool = True  # drift monitoring on
+    # None: a model folder, no registry. Else the registry-driven app, with a challenger in shadow that
+    # scores this share of requests (0: none). The challenger is the same weights registered again.
+    shadow: float | None = None
+    feedback: bool = True  # the live evidence store (request ids, /feedback, /challenger)
+
+
+_THROUGHPUT = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+_HAPROXY = {**_THROUGHPUT, "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 SERVE_VARIANTS = {
-    # name: (environment for the Ray cluster, max batch size (None: --max-batch-size), how the client
-    # reaches the app, drift monitoring on, shadow: None (no registry), or the mirrored share of
-    # requests a challenger in shadow scores (0: the same registry-driven app, no challenger))
-    "serve-batched": ({}, None, "proxy", True, None),
-    "serve-batched-no-drift": ({}, None, "proxy", False, None),
-    "serve-batched-direct": ({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}, None, "direct", True, None),
-    "serve-batched-haproxy": (
-        {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
-        None,
-        "proxy",
-        True,
-        None,
-    ),
-    "serve-unbatched": ({}, 1, "proxy", True, None),
-    # The champion alone, a challenger mirroring every request, a quarter of them (no drift: its
-    # cost is measured above). The challenger is the same weights registered again: the same work.
-    "shadow-off": ({}, None, "proxy", False, 0.0),
-    "shadow-on": ({}, None, "proxy", False, 1.0),
-    "shadow-25": ({}, None, "proxy", False, 0.25),
+    "serve-batched": Variant({}, None, "proxy"),
+    "serve-batched-no-drift": Variant({}, None, "proxy", drift=False),
+    "serve-batched-direct": Variant(_THROUGHPUT, None, "direct"),
+    "serve-batched-haproxy": Variant(_HAPROXY, None, "proxy"),
+    "serve-unbatched": Variant({}, 1, "proxy"),
+    # A challenger in shadow: the champion alone, mirroring every request, a quarter of them, and the
+    # champion alone without the live evidence store (no drift monitoring in any: its cost is above).
+    "shadow-off": Variant({}, None, "proxy", drift=False, shadow=0.0),
+    "shadow-on": Variant({}, None, "proxy", drift=False, shadow=1.0),
+    "shadow-25": Variant({}, None, "proxy", drift=False, shadow=0.25),
+    "shadow-off-haproxy": Variant(_HAPROXY, None, "proxy", drift=False, shadow=0.0),
+    "shadow-on-haproxy": Variant(_HAPROXY, None, "proxy", drift=False, shadow=1.0),
+    "shadow-25-haproxy": Variant(_HAPROXY, None, "proxy", drift=False, shadow=0.25),
+    "no-feedback-haproxy": Variant(_HAPROXY, None, "proxy", drift=False, shadow=0.0, feedback=False),
 }
 # Run by default: the shadow variants answer a question of their own (--only shadow-off shadow-on ...).
-DEFAULT_VARIANTS = [n for n, v in SERVE_VARIANTS.items() if v[4] is None]
+DEFAULT_VARIANTS = [n for n, v in SERVE_VARIANTS.items() if v.shadow is None]
 
 
 # ------------------------------------------------------------------------------------ load generator
@@ -284,7 +294,7 @@ def serve_variant_main(args) -> int:
     from serve_app.app import build_app
 
     name = args.child
-    _, mbs, access, drift, shadow = SERVE_VARIANTS[name]
+    _, mbs, access, drift, shadow, feedback = SERVE_VARIANTS[name]
     mbs = mbs or args.max_batch_size
     texts = json.loads(Path(args.child_texts).read_text())
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -306,6 +316,7 @@ def serve_variant_main(args) -> int:
                 "serve.autoscaling.max_replicas": 1,
                 "serve.app_name": name,
                 "serve.drift.enabled": drift,
+                "serve.feedback.enabled": feedback,
                 "serve.drift.window_size": args.drift_window,
             }
         ),
@@ -338,7 +349,7 @@ def serve_variant_main(args) -> int:
             # how fast it computed then (texts per forward-second against the bound, which also batches).
             r["model_busy"] = forward_s / r["elapsed"]
             r["forward_of_bound"] = items / max(forward_s, 1e-9) / r["upper_bound"]
-            if shadow:  # how much of the traffic the challenger scored, and how much it had to skip
+            if shadow and feedback:  # how much of the traffic the challenger scored, and how much it had to skip
                 live = json.loads(urlopen(f"http://127.0.0.1:{port}/{name}/challenger", timeout=30).read())
                 mirrored = live["challenger"]["mirrored"] if live["challenger"] else 0
                 r["mirrored"], r["mirror_skipped"] = mirrored - seen[0], live["replica"]["mirror_skipped"] - seen[1]
@@ -368,7 +379,7 @@ def shadow_registry(model_dir: str, root: Path, mirror: float) -> dict:
 
 
 def run_serve_variant(name: str, model_dir: str, texts_file: Path, tmp: Path, args) -> dict[int, dict] | None:
-    env = SERVE_VARIANTS[name][0]
+    env = SERVE_VARIANTS[name].env
     out = tmp / f"{name}.json"
     cmd = [
         sys.executable,
@@ -579,16 +590,18 @@ def main() -> int:
                 f"at 64 clients, {name}: {vs}{b['of_bound']:.0%} of the in-process upper bound, p99 {b['p99']:.0f} ms"
             )
     for name, per in results.items():  # each shadow variant against the champion alone of its round
-        if not name.startswith(("shadow-on", "shadow-25")):
+        variant, _, round_ = name.partition(" ")
+        if SERVE_VARIANTS[variant].shadow is None or variant.startswith("shadow-off"):
             continue
-        off = results.get("shadow-off" + name.partition(" ")[1] + name.partition(" ")[2], {})
+        off = results.get(f"shadow-off{'-haproxy' if variant.endswith('-haproxy') else ''} {round_}".strip(), {})
         for level, r in per.items():
             base = off.get(level)
             if base:
                 print(
-                    f"{level} clients, {name}: {r['req_s'] / base['req_s']:.2f}x the champion-alone req/s, "
-                    f"p50 {r['p50']:.0f} vs {base['p50']:.0f} ms, p99 {r['p99']:.0f} vs {base['p99']:.0f} ms, "
-                    f"errors {r['errors']}; mirrored {r['mirrored']}, skipped {r['mirror_skipped']}"
+                    f"{level} clients, {name}: {r['of_bound'] / base['of_bound']:.2f}x the champion-alone share of "
+                    f"the bound ({r['req_s']:.1f} vs {base['req_s']:.1f} req/s), p50 {r['p50']:.0f} vs "
+                    f"{base['p50']:.0f} ms, p99 {r['p99']:.0f} vs {base['p99']:.0f} ms, errors {r['errors']}; "
+                    f"mirrored {r.get('mirrored', '-')}, skipped {r.get('mirror_skipped', '-')}"
                 )
     if args.out:
         Path(args.out).write_text(json.dumps({"machine": f"{os.cpu_count()} CPUs", "results": results}, indent=1))

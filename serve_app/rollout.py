@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import json
 import logging
 import time
 from typing import Any, NamedTuple
@@ -24,6 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from ray import serve
 
+from ray_jobs.config import FeedbackConfig
 from ray_jobs.inference import classification_metrics
 from serve_app.schemas import AppArgs
 
@@ -132,10 +134,11 @@ def _latency(seconds: collections.deque) -> dict[str, Any]:
 class LiveEvidence:
     """One replica for the app: predictions by request id, true labels from feedback, live metrics."""
 
-    def __init__(self, args: dict[str, Any]):
+    def __init__(self, feedback: dict[str, Any]):
+        """`feedback`: the app's `serve.feedback` section."""
         from serve_app.metrics import LiveMetrics
 
-        self.cfg = AppArgs.model_validate(args).serve.feedback
+        self.cfg = FeedbackConfig.model_validate(feedback)
         self.records: collections.OrderedDict[str, _Record] = collections.OrderedDict()
         self.metrics = LiveMetrics()
         self.counts: collections.Counter = collections.Counter()  # (version, answered|mirrored) since start
@@ -289,7 +292,15 @@ def evidence_deployment(a: AppArgs):
     f, s = a.serve.feedback, a.serve
     if not f.enabled:
         return None
+    config = f.model_dump(mode="json")
+    # Every step of a rollout redeploys the app, and `serve.run` gives each deployment a new random
+    # version, which replaces its replicas: the store would lose its predictions and labels at every
+    # shadow -> canary -> promote. A version fixed by the store's own settings keeps its replica
+    # across redeploys (Serve compares versions; `version` is only accepted as an internal option).
+    version = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     return LiveEvidenceService.options(
         name=f"{s.app_name}-evidence",
         ray_actor_options={"num_cpus": f.num_cpus},
-    ).bind(a.model_dump(mode="json"))
+        version=version,
+        _internal=True,
+    ).bind(config)

@@ -34,7 +34,7 @@ def test_mirroring_samples_its_fraction_independently_of_the_canary():
 
 
 def _store(**feedback) -> LiveEvidence:
-    return LiveEvidence({"serve": {"feedback": {"grace_s": 0.2, **feedback}}})
+    return LiveEvidence({"grace_s": 0.2, **feedback})
 
 
 def _entries(ids, slot, version, labels, p, answered):

@@ -63,6 +63,13 @@ def _cli(ro, *cmd) -> int:
     return registry.main([*ro["args"], *cmd])
 
 
+def _in_shadow_of_v2(ro) -> None:
+    """Shadow v2, unless a test before put it there already (each deploy costs the suite ~15 s)."""
+    r = ro["reg"].rollout()
+    if r is None or (r.mode, r.version, r.mirror) != ("shadow", "2", 1.0):
+        assert _cli(ro, "shadow", "2") == 0
+
+
 def _batch(url, texts, key=None) -> list[dict]:
     headers = {"X-Routing-Key": key} if key else {}
     out = []
@@ -128,7 +135,7 @@ def test_shadow_answers_exactly_as_the_champion_alone_and_counts_agreement(ro):
 
 def test_a_killed_challenger_process_costs_no_request(ro):
     url, reg = ro["url"], ro["reg"]
-    assert _cli(ro, "shadow", "2") == 0
+    _in_shadow_of_v2(ro)
     folder = reg.model_dir("2")
     first = model_process(folder)
     assert first is not None
@@ -154,7 +161,7 @@ def test_feedback_gives_live_f1_per_version_and_the_live_gate_blocks_the_worse_o
     from ray_jobs.inference import classification_metrics
 
     url, reg, test = ro["url"], ro["reg"], ro["test"]
-    assert _cli(ro, "shadow", "2") == 0  # a redeploy: fresh replicas, the store keeps what it had
+    _in_shadow_of_v2(ro)
     texts, truth = list(test.texts[100:160]), np.asarray(test.labels[100:160])
     answers = _batch(url, texts)
     names = {0: "negative", 1: "positive"}
@@ -186,8 +193,16 @@ def test_canary_answers_a_sticky_share_per_routing_key(ro):
     from serve_app.rollout import routes_to_challenger
 
     url, reg = ro["url"], ro["reg"]
+    _in_shadow_of_v2(ro)
+    before = (_challenger(url)["paired"] or {}).get("labelled", 0)
+    for a in _batch(url, ["labelled before the switch to canary"] * 4):
+        feedback = {"request_id": a["request_id"], "label": "positive"}
+        assert httpx.post(f"{url}/feedback", json=feedback).status_code == 200
+    labelled = _challenger(url, lambda b: b["paired"]["labelled"] >= before + 4)["paired"]["labelled"]
     assert _cli(ro, "canary", "2", "--share", "0.3") == 0
     assert reg.rollout().mode == "canary" and reg.rollout().share == 0.3
+    # The redeploy replaced the model replicas, not the evidence store: the labels are still there.
+    assert labelled == before + 4 and _challenger(url)["paired"]["labelled"] == labelled
     seen: dict[str, set] = {}
     for round_ in range(2):
         for i in range(60):
