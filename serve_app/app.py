@@ -10,6 +10,11 @@ calls `reconfigure` on the running replicas, which swap the model in between bat
 `build_app` trial-loads the model first, so a deploy of a model that cannot load is refused before
 anything running changes.
 
+A challenger (ray_jobs.rollout: shadow or canary, recorded in the registry) is loaded beside the champion
+in a model process of its own, with a batch queue of its own: a canary answers the texts whose routing
+key falls in its share, and the version that did not answer scores a `mirror` share after the answer is
+ready. What each version predicted goes to the live evidence store (serve_app.rollout) by request id.
+
 Faults (README, Reliability): the model runs in a supervised process of its own; a dead or wedged
 one is replaced inside the replica and its batches re-run. Every request has a deadline (504), a
 replica admits a bounded number of texts (503 with Retry-After beyond it), and bad input is a 4xx.
