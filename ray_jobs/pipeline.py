@@ -113,7 +113,7 @@ def run_gate(
             champ_eval = _evaluate(cfg, reg.model_dir(champ), test, f"v{champ}")
         decision = decide(challenger, champ_eval, policy, behaviour)
         tags = {
-            "gate.decision": "promote" if decision.promote else "block",
+            "gate.decision": verdict(cfg, decision, champ),
             "gate.reason": decision.reason,
             "gate.challenger_f1": f"{decision.challenger_f1:.6f}",
             "gate.champion_f1": "" if decision.champion_f1 is None else f"{decision.champion_f1:.6f}",
@@ -158,6 +158,13 @@ def run_gate(
 def shadows(cfg: PipelineConfig, decision: Decision, champion: str | None) -> bool:
     """A passed gate puts the version in shadow instead of promoting it (gate.on_pass: shadow)."""
     return decision.promote and champion is not None and cfg.gate.on_pass == "shadow"
+
+
+def verdict(cfg: PipelineConfig, decision: Decision, champion: str | None) -> str:
+    """What the gate did, as the `gate.decision` tags record it: promote, shadow or block."""
+    if not decision.promote:
+        return "block"
+    return "shadow" if shadows(cfg, decision, champion) else "promote"
 
 
 @contextlib.contextmanager
@@ -304,8 +311,7 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
         result = Outcome(decision, version, champ_before, best_metrics=dict(val), shadowed=shadowed)
         promoted = version if decision.promote and not shadowed else None
         with promoted_steps(promoted, "tagging the pipeline run"):
-            verdict = ("shadow" if shadowed else "promote") if decision.promote else "block"
-            reg.set_tags(run_id, {"gate.decision": verdict})
+            reg.set_tags(run_id, {"gate.decision": verdict(cfg, decision, champ_before)})
         if decision.promote and deploy_app:
             from ray_jobs.deploy import deploy
 

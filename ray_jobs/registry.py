@@ -586,6 +586,12 @@ def _cmd_status(reg: Registry) -> None:
     for a, v in aliases.items():
         by_version.setdefault(v, []).append(a)
     print(f"registered model: {reg.name}  ({reg.uri})")
+    rollout = reg.rollout()
+    if rollout is not None:
+        print(
+            f"live: version {rollout.version} in {rollout.mode} beside champion {rollout.champion} "
+            f"(share {rollout.share:g}, mirror {rollout.mirror:g})"
+        )
     print(f"{'version':>7}  {'aliases':<18} {'test_f1':>8}  {'gate':<8} {'created':<19}  reason")
     for v in reg.versions():
         t = v.tags or {}

@@ -281,6 +281,7 @@ def test_a_passed_gate_with_on_pass_shadow_starts_a_shadow_and_a_later_promotion
     decision, before = run_gate(reg, cfg, chal, better, test)
     assert decision.promote and before == champ
     assert reg.champion() == champ and reg.alias_version("previous") is None  # nothing promoted
+    assert reg.get_version(chal).tags["gate.decision"] == "shadow"
     rollout = reg.rollout()
     assert (rollout.mode, rollout.version, rollout.champion, rollout.mirror) == ("shadow", chal, champ, 1.0)
     assert reg.alias_version("challenger") == chal

@@ -157,7 +157,7 @@ def test_a_killed_challenger_process_costs_no_request(ro):
     assert body["challenger"]["mirrored"] >= mirrored + 4 and body["replica"]["challenger_state"] == "ok"
 
 
-def test_feedback_gives_live_f1_per_version_and_the_live_gate_blocks_the_worse_one(ro):
+def test_feedback_gives_live_f1_per_version_and_the_live_gate_blocks_the_worse_one(ro, capsys):
     from ray_jobs.inference import classification_metrics
 
     url, reg, test = ro["url"], ro["reg"], ro["test"]
@@ -187,6 +187,9 @@ def test_feedback_gives_live_f1_per_version_and_the_live_gate_blocks_the_worse_o
     assert reg.champion() == "1" and reg.rollout().version == "2"
     assert reg.get_version("2").tags["live.decision"] == "block"
     assert httpx.get(f"{url}/model").json()["challenger"]["version"] == "2"
+    capsys.readouterr()
+    assert _cli(ro, "status") == 0
+    assert "live: version 2 in shadow beside champion 1" in capsys.readouterr().out
 
 
 def test_canary_answers_a_sticky_share_per_routing_key(ro):
