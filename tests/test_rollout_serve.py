@@ -157,7 +157,7 @@ def test_a_killed_challenger_process_costs_no_request(ro):
     assert body["challenger"]["mirrored"] >= mirrored + 4 and body["replica"]["challenger_state"] == "ok"
 
 
-def test_feedback_gives_live_f1_per_version_and_the_live_gate_blocks_the_worse_one(ro, capsys):
+def test_feedback_gives_live_f1_per_version_and_the_live_gate_blocks_the_worse_one(ro, capsys, ray_cluster):
     from ray_jobs.inference import classification_metrics
 
     url, reg, test = ro["url"], ro["reg"], ro["test"]
@@ -190,6 +190,21 @@ def test_feedback_gives_live_f1_per_version_and_the_live_gate_blocks_the_worse_o
     capsys.readouterr()
     assert _cli(ro, "status") == 0
     assert "live: version 2 in shadow beside champion 1" in capsys.readouterr().out
+
+    # Per version in Prometheus: the replicas' counts and the store's live metrics.
+    port = ray_cluster._private.worker.global_worker.node.metrics_export_port
+    wanted = (
+        "sentiment_version_texts_total",
+        "sentiment_live_f1",
+        "sentiment_live_agreement",
+        "sentiment_live_labelled",
+        'slot="challenger"',
+    )
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline and not all(w in text for w in wanted):
+        time.sleep(2)
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert [w for w in wanted if w not in text] == []
 
 
 def test_canary_answers_a_sticky_share_per_routing_key(ro):
