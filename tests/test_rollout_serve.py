@@ -277,3 +277,30 @@ def test_promotion_from_shadow_needs_enough_labelled_requests_then_hot_swaps(ro)
     assert {"shadow", "canary", "abort", "live_gate"} <= set(events) and events[-1] == "live_gate"
     # Not in shadow any more: a live promotion is refused and says how to promote by hand.
     assert _cli(ro, "promote", "2") == 1
+
+
+def test_a_killed_evidence_store_costs_no_request_and_comes_back_empty(ro):
+    """SIGKILL of the live evidence store while predictions flow: every prediction is answered,
+    /challenger says 503 at worst while Serve replaces the store, then answers from an empty one."""
+    from ray.util.state import list_actors
+
+    url = ro["url"]
+    store = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "ServeReplica:ro:ro-evidence"]
+    assert len(store) == 1, store
+    with request_stream(url, "the store dies while this is answered", "request_id") as (answers, failures):
+        time.sleep(1.0)
+        before = httpx.get(f"{url}/challenger", timeout=30).json()["store"]["records"]
+        os.kill(store[0].pid, signal.SIGKILL)
+        deadline, statuses, fresh = time.time() + 90, [], False
+        while time.time() < deadline and not fresh:
+            r = httpx.get(f"{url}/challenger", timeout=30)
+            statuses.append(r.status_code)
+            fresh = r.status_code == 200 and r.json()["store"]["records"] < before
+            time.sleep(0.2)
+        time.sleep(1.0)
+    assert fresh, statuses
+    assert failures == [] and len(answers) > 10
+    assert set(statuses) <= {200, 503}, statuses
+    # Feedback reaches the new store for requests answered since.
+    a = _batch(url, ["labelled after the restart"])[0]
+    assert httpx.post(f"{url}/feedback", json={"request_id": a["request_id"], "label": "positive"}).status_code == 200
