@@ -76,6 +76,17 @@ class Variant(NamedTuple):
     # scores this share of requests (0: none). The challenger is the same weights registered again.
     shadow: float | None = None
     feedback: bool = True  # the live evidence store (request ids, /feedback, /challenger)
+    # The model's runtime (serve.runtime / quantization; precision None: --precision). The ONNX variants
+    # serve the model folder's export whatever its accuracy guard says: the table reports its accuracy.
+    runtime: str = "torch"
+    quantization: str = "none"
+    precision: str | None = None
+
+    @property
+    def choice(self):
+        from ray_jobs.onnx_runtime import RuntimeChoice
+
+        return RuntimeChoice(self.runtime, self.quantization, max_f1_drop=1.0, min_label_agreement=0.0)
 
 
 _THROUGHPUT = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
@@ -95,9 +106,16 @@ SERVE_VARIANTS = {
     "shadow-on-haproxy": Variant(_HAPROXY, None, "proxy", drift=False, shadow=1.0),
     "shadow-25-haproxy": Variant(_HAPROXY, None, "proxy", drift=False, shadow=0.25),
     "no-feedback-haproxy": Variant(_HAPROXY, None, "proxy", drift=False, shadow=0.0, feedback=False),
+    # The model's runtime, behind HAProxy without drift monitoring (ray_jobs.onnx_runtime; the folder
+    # needs its exports first: python -m ray_jobs.onnx_runtime --model <folder> --quantization none|int8).
+    "runtime-eager-fp32": Variant(_HAPROXY, None, "proxy", drift=False, precision="fp32"),
+    "runtime-eager-bf16": Variant(_HAPROXY, None, "proxy", drift=False, precision="bf16"),
+    "runtime-onnx-fp32": Variant(_HAPROXY, None, "proxy", drift=False, runtime="onnx"),
+    "runtime-onnx-int8": Variant(_HAPROXY, None, "proxy", drift=False, runtime="onnx", quantization="int8"),
 }
-# Run by default: the shadow variants answer a question of their own (--only shadow-off shadow-on ...).
-DEFAULT_VARIANTS = [n for n, v in SERVE_VARIANTS.items() if v.shadow is None]
+RUNTIME_VARIANTS = [n for n in SERVE_VARIANTS if n.startswith("runtime-")]
+# Run by default: the shadow and runtime variants answer questions of their own (--only shadow-off ...).
+DEFAULT_VARIANTS = [n for n, v in SERVE_VARIANTS.items() if v.shadow is None and n not in RUNTIME_VARIANTS]
 
 
 # ------------------------------------------------------------------------------------ load generator
@@ -294,8 +312,16 @@ def serve_variant_main(args) -> int:
     from serve_app.app import build_app
 
     name = args.child
-    _, mbs, access, drift, shadow, feedback = SERVE_VARIANTS[name]
+    variant = SERVE_VARIANTS[name]
+    mbs, access, drift, shadow, feedback = (
+        variant.max_batch,
+        variant.access,
+        variant.drift,
+        variant.shadow,
+        variant.feedback,
+    )
     mbs = mbs or args.max_batch_size
+    precision = variant.precision or args.precision
     texts = json.loads(Path(args.child_texts).read_text())
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
@@ -306,7 +332,11 @@ def serve_variant_main(args) -> int:
         build_app(
             {
                 **served,
-                "serve.precision": args.precision,
+                "serve.precision": precision,
+                "serve.runtime": variant.runtime,
+                "serve.quantization": variant.quantization,
+                "serve.max_f1_drop": variant.choice.max_f1_drop,
+                "serve.min_label_agreement": variant.choice.min_label_agreement,
                 "serve.num_cpus": 1,
                 "serve.max_batch_size": mbs,
                 "serve.batch_wait_timeout_s": args.batch_wait_ms / 1000 if mbs > 1 else 0.0,
@@ -325,12 +355,15 @@ def serve_variant_main(args) -> int:
     )
     port = direct_ingress_port(f"/{name}") if access == "direct" else SERVE_PORT
     wait_http(f"http://127.0.0.1:{port}/{name}/health")
+    runtime = json.loads(urlopen(f"http://127.0.0.1:{port}/{name}/model", timeout=30).read())["runtime"]
+    if runtime["runtime"] != variant.runtime or runtime["fallback"]:
+        raise RuntimeError(f"{name}: the replica serves {runtime}, not {variant.runtime}")
     handle = serve.get_deployment_handle(f"{name}-model", app_name=name)
     out = {}
 
     # One event loop for the whole sweep: in throughput-optimized mode a handle's router lives in
     # the loop that first uses it.
-    bound = UpperBound(args.child_model, texts, args.precision, args.max_batch_size)
+    bound = UpperBound(args.child_model, texts, precision, args.max_batch_size, variant.choice)
     seen = [0, 0]  # texts mirrored and skipped so far
 
     async def sweep() -> None:
@@ -423,13 +456,17 @@ class UpperBound:
     These shared machines drift by +-30% within minutes, so it is measured right before and right after
     each load level, and each level is compared with the mean of its two readings."""
 
-    def __init__(self, model_dir: str, texts: list[str], precision: str, batch: int):
+    def __init__(self, model_dir: str, texts: list[str], precision: str, batch: int, choice=None):
         import torch
 
-        from ray_jobs.inference import Predictor
+        from ray_jobs.onnx_runtime import EAGER, load_predictor
 
         torch.set_num_threads(1)
-        self.p = Predictor(model_dir, num_threads=1, precision=precision, batch_size=batch)
+        self.p, runtime = load_predictor(
+            model_dir, choice or EAGER, num_threads=1, precision=precision, batch_size=batch
+        )
+        if runtime["fallback"]:
+            raise RuntimeError(f"the upper bound would run eager PyTorch: {runtime['fallback']}")
         self.texts, self.batch = texts, batch
         self.p.predict(texts[:batch])
 
@@ -488,6 +525,122 @@ def fastapi_per_request(model_dir: str, texts: list[str], tmp: Path, args, bound
     return out
 
 
+# ------------------------------------------------------------------------------------ runtimes
+def int8_matmul_ceiling(n: int = 2048, reps: int = 5, trials: int = 5) -> float:
+    """GOP/s of one n x n uint8 x int8 MatMulInteger in ONNX Runtime, 1 thread: the kernel int8 runs on."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])],
+        "mm",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])],
+        [
+            helper.make_tensor(
+                "b", TensorProto.INT8, [n, n], np.random.randint(-127, 127, (n, n), np.int8).tobytes(), raw=True
+            )
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = ort.InferenceSession(
+        model.SerializeToString(),
+        options,
+        providers=["CPUExecutionProvider"],
+    )
+    a = np.random.randint(0, 255, (n, n), np.uint8)
+    session.run(None, {"a": a})
+    best = 0.0
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            session.run(None, {"a": a})
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def runtime_report(results: dict, model_dir: str, texts: list[str], args) -> dict:
+    """For the runtime variants at 64 clients: each one's in-process bound in GFLOP/s against a measured
+    1-thread peak of its data type, and the test F1 of what it serves (--f1-config's test split)."""
+    import torch
+
+    from benchmarks.train_profile import forward_flops, matmul_ceiling
+    from ray_jobs.inference import Predictor, classification_metrics
+    from ray_jobs.model import load_model
+    from ray_jobs.onnx_runtime import load_predictor
+
+    torch.set_num_threads(1)
+    peaks = {
+        "fp32": matmul_ceiling(torch.float32),
+        "bf16": matmul_ceiling(torch.bfloat16),
+        "int8": int8_matmul_ceiling(),
+    }
+    model, _, _ = load_model(model_dir)
+    probe = Predictor(model_dir, precision="fp32", batch_size=args.max_batch_size)
+    # The bound scores consecutive batches of --max-batch-size texts, each padded to its longest.
+    seqs = probe.encode(texts[:2000])
+    batches = [seqs[i : i + args.max_batch_size] for i in range(0, len(seqs), args.max_batch_size)]
+    flops_per_text = forward_flops(
+        model.config, [(len(b) * max(map(len, b)), max(map(len, b))) for b in batches]
+    ) / len(seqs)
+    split = None
+    if args.f1_config:
+        from ray_jobs.config import load_config
+        from ray_jobs.data import load_splits
+
+        split = load_splits(load_config(args.f1_config, args.f1_set).data).test
+    torch.set_num_threads(os.cpu_count() or 1)
+    report, eager_labels = {"peaks_gflops": peaks, "gflop_per_text": flops_per_text / 1e9, "variants": {}}, None
+    for name in ["runtime-eager-bf16", *RUNTIME_VARIANTS]:  # eager bf16 first: the others are compared with it
+        per = [v for k, v in results.items() if k.split(" ")[0] == name]
+        if not per or name in report["variants"]:
+            continue
+        variant = SERVE_VARIANTS[name]
+        at64 = [r[64] for r in per if 64 in r]
+        row = {
+            "req_s": sorted(r["req_s"] for r in at64)[len(at64) // 2] if at64 else None,
+            "p99": sorted(r["p99"] for r in at64)[len(at64) // 2] if at64 else None,
+            "bound": sorted(r["upper_bound"] for r in at64)[len(at64) // 2] if at64 else None,
+        }
+        dtype = variant.quantization if variant.quantization == "int8" else (variant.precision or "fp32")
+        if variant.runtime == "onnx" and dtype != "int8":
+            dtype = "fp32"
+        if row["bound"]:
+            row["bound_gflops"] = row["bound"] * flops_per_text / 1e9
+            row["dtype"], row["of_peak"] = dtype, row["bound_gflops"] / peaks[dtype]
+        if split is not None:
+            predictor, _ = load_predictor(
+                model_dir, variant.choice, precision=variant.precision or args.precision, batch_size=64
+            )
+            labels = predictor.predict_proba(split.texts).argmax(axis=1)
+            row["test_f1"] = classification_metrics(split.labels, labels)["f1"]
+            eager_labels = labels if eager_labels is None else eager_labels
+            row["agreement_with_eager_bf16"] = float((labels == eager_labels).mean())
+        report["variants"][name] = row
+    base = report["variants"].get("runtime-eager-bf16", {}).get("req_s")
+    print(
+        f"\npeaks, 1 thread, n=2048 matmul (GFLOP/s): fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f}, "
+        f"int8 (ONNX Runtime MatMulInteger) {peaks['int8']:.0f}; {flops_per_text / 1e9:.1f} GFLOP per text (padded)"
+    )
+    print(
+        "| runtime | req/s at 64 | vs eager bf16 | p99 ms | bound texts/s | bound GFLOP/s | of its peak | "
+        "test F1 | labels as eager bf16 |\n|---|---|---|---|---|---|---|---|---|"
+    )
+    nan = float("nan")
+    for name, row in report["variants"].items():
+        req_s = row["req_s"] or 0
+        print(
+            f"| {name.removeprefix('runtime-')} | {req_s:.1f} | {req_s / base if base else nan:.2f}x | "
+            f"{row['p99'] or 0:.0f} | {row['bound'] or 0:.1f} | {row.get('bound_gflops', 0):.0f} | "
+            f"{row.get('of_peak', 0):.0%} ({row.get('dtype', '-')}) | {row.get('test_f1', nan):.4f} | "
+            f"{row.get('agreement_with_eager_bf16', nan):.2%} |"
+        )
+    return report
+
+
 def load_texts(args) -> list[str]:
     if args.data:
         from ray_jobs.data import load_file
@@ -525,6 +678,8 @@ def main() -> int:
         "--only", nargs="+", choices=[*SERVE_VARIANTS, "fastapi-per-request"], help="run these servers only"
     )
     ap.add_argument("--out", help="also write the results as JSON to this file")
+    ap.add_argument("--f1-config", help="runtime variants: score each on this config's test split (its F1)")
+    ap.add_argument("--f1-set", nargs="*", default=[], help="KEY=VALUE overrides of --f1-config (data.path=...)")
     for hidden in ("--child", "--child-model", "--child-texts", "--child-out"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -603,8 +758,12 @@ def main() -> int:
                     f"{base['p50']:.0f} ms, p99 {r['p99']:.0f} vs {base['p99']:.0f} ms, errors {r['errors']}; "
                     f"mirrored {r.get('mirrored', '-')}, skipped {r.get('mirror_skipped', '-')}"
                 )
+    runtimes = None
+    if any(k.split(" ")[0] in RUNTIME_VARIANTS for k in results):
+        runtimes = runtime_report(results, model_dir, texts, args)
     if args.out:
-        Path(args.out).write_text(json.dumps({"machine": f"{os.cpu_count()} CPUs", "results": results}, indent=1))
+        out = {"machine": f"{os.cpu_count()} CPUs", "results": results, "runtimes": runtimes}
+        Path(args.out).write_text(json.dumps(out, indent=1))
     return 0
 
 

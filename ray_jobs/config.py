@@ -358,6 +358,16 @@ class ServeConfig(_Strict):
     resources: dict[str, float] = {}
     # auto: bf16 where the CPU has AVX-512 BF16/AMX (same predictions within 0.1 point of F1), else fp32.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # The replica's model runtime: eager PyTorch at `precision`, or ONNX Runtime on the version's export
+    # (python -m ray_jobs.onnx_runtime; the pipeline exports at registration when this is onnx), with its
+    # weights in int8 for `quantization: int8`. An export is served only where its accuracy guard on the
+    # version's test split passed: F1 at most `max_f1_drop` below eager's and labels agreeing on at least
+    # `min_label_agreement` of the texts; else the replica serves eager and /model says why.
+    # Measured on a 2-core Xeon with AMX (benchmarks/RESULTS.md): eager bf16 is the fastest there.
+    runtime: Literal["torch", "onnx"] = "torch"
+    quantization: Literal["none", "int8"] = "none"
+    max_f1_drop: float = Field(0.003, ge=0, le=1)
+    min_label_agreement: float = Field(0.99, ge=0, le=1)
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     max_ongoing_requests: int | None = Field(None, ge=1, description="default: 4 x max_batch_size")
@@ -385,6 +395,12 @@ class ServeConfig(_Strict):
     @classmethod
     def _custom_only(cls, v: dict[str, float]) -> dict[str, float]:
         return _custom_resources(v)
+
+    @model_validator(mode="after")
+    def _int8_is_an_onnx_export(self) -> ServeConfig:
+        if self.quantization != "none" and self.runtime != "onnx":
+            raise ValueError(f"quantization: {self.quantization} needs runtime: onnx (it quantizes the ONNX export)")
+        return self
 
     @model_validator(mode="after")
     def _explain_within_the_request_deadline(self) -> ServeConfig:

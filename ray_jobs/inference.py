@@ -49,6 +49,16 @@ def autocast(device_type: str, amp_dtype):
     return torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
+def length_batches(seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int):
+    """(indices, ids, mask) batches of `seqs` grouped by length, so that each forward pass pads little:
+    a caller writes each batch's rows back at `indices`, and the result does not depend on the grouping."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        ids, mask = pad_batch([seqs[i] for i in idx], pad_id)
+        yield idx, ids, mask
+
+
 def batched_logits(model, seqs: Sequence[Sequence[int]], pad_id: int, batch_size: int, device, amp_dtype=None):
     """(n, 2) float32 logits on the CPU, in input order. Sequences are grouped by length so that each
     forward pass pads little; the result does not depend on that grouping. The caller sets the model's
@@ -70,12 +80,9 @@ def batched_outputs(
     if embeddings:
         hook = model.pre_classifier.register_forward_pre_hook(lambda _m, args: seen.append(args[0].float().cpu()))
         emb = torch.zeros((len(seqs), model.pre_classifier.in_features), dtype=torch.float32)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     try:
         with torch.inference_mode(), autocast(device.type, amp_dtype):
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                ids, mask = pad_batch([seqs[i] for i in idx], pad_id)
+            for idx, ids, mask in length_batches(seqs, pad_id, batch_size):
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
                 out[idx] = logits.float().cpu()
                 if emb is not None:
@@ -130,6 +137,10 @@ class Predictor:
         self.device = torch.device(device)
         self.model.to(self.device)
         self.amp_dtype = autocast_dtype(precision, self.device.type)
+        self._text_settings(model_dir, batch_size)
+
+    def _text_settings(self, model_dir: str | Path, batch_size: int) -> None:
+        """How texts become token ids and batches, from the folder's meta (as training saved it)."""
         self.batch_size = batch_size
         self.max_length = int(self.meta.get("max_length", 128))
         self.truncation = self.meta.get("truncation", "head")
@@ -145,10 +156,20 @@ class Predictor:
 
         if len(texts) == 0:
             return np.zeros((0, 2), dtype=np.float32)
-        logits = batched_logits(
-            self.model, self.encode(texts), self.tokenizer.pad_token_id, self.batch_size, self.device, self.amp_dtype
-        )
+        logits, _ = self.forward(self.encode(texts), embeddings=False)
         return torch.softmax(logits, dim=-1).numpy()
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the [CLS] vector the classifier head reads (drift features)."""
+        return self.model.pre_classifier.in_features
+
+    def forward(self, seqs: Sequence[Sequence[int]], embeddings: bool):
+        """(logits (n, 2), [CLS] vectors (n, d) or None), float32 torch tensors in input order: the one
+        place a runtime computes (ray_jobs.onnx_runtime.OnnxPredictor overrides it)."""
+        return batched_outputs(
+            self.model, seqs, self.tokenizer.pad_token_id, self.batch_size, self.device, self.amp_dtype, embeddings
+        )
 
     def predict_features(self, texts: Sequence[str]):
         """(predictions as `predict` gives them, drift Features) from one forward pass."""
@@ -157,13 +178,11 @@ class Predictor:
         from ray_jobs.drift import empty_features, features_from
 
         if len(texts) == 0:
-            return [], empty_features(self.model.pre_classifier.in_features)
+            return [], empty_features(self.embedding_dim)
         seqs, raw_lengths, unk = encode_counted(
             self.tokenizer, texts, self.max_length, self.truncation, self.head_fraction
         )
-        logits, emb = batched_outputs(
-            self.model, seqs, self.tokenizer.pad_token_id, self.batch_size, self.device, self.amp_dtype, True
-        )
+        logits, emb = self.forward(seqs, embeddings=True)
         probs = torch.softmax(logits, dim=-1).numpy()
         return self._results(probs), features_from(probs, seqs, raw_lengths, unk, emb.numpy())
 

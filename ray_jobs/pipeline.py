@@ -155,6 +155,35 @@ def run_gate(
     return decision, champ
 
 
+def onnx_export(cfg: PipelineConfig, ckpt: str, test: Split, challenger: Evaluation) -> tuple[dict, dict]:
+    """(files for the version's model folder, version tags): the ONNX export that `serve.runtime: onnx`
+    serves, made once here and scored against the gate's own eager predictions on the test split
+    (ray_jobs.onnx_runtime). An export that fails costs the version nothing: replicas then serve it
+    eagerly and say why."""
+    if cfg.serve.runtime != "onnx":
+        return {}, {}
+    from ray_jobs import onnx_runtime
+
+    q = cfg.serve.quantization
+    try:
+        files, guard = onnx_runtime.build(
+            ckpt, test, q, challenger.predictions, cfg.gate.precision, cfg.gate.eval_batch_size
+        )
+    except Exception as err:  # noqa: BLE001 - the model is fine; only its faster runtime is missing
+        log.warning(
+            "ONNX %s export of the challenger failed (it will be served eagerly): %s: %s", q, type(err).__name__, err
+        )
+        return {}, {f"onnx.{q}.guard": f"export failed: {type(err).__name__}: {err}"[:4000]}
+    refusal = guard.refusal(cfg.serve.max_f1_drop, cfg.serve.min_label_agreement)
+    log.info("ONNX %s export: %s; guard %s", q, guard.summary(), refusal or "passed")
+    tags = {
+        f"onnx.{q}.f1": f"{guard.f1_onnx:.6f}",
+        f"onnx.{q}.agreement": f"{guard.agreement:.6f}",
+        f"onnx.{q}.guard": "passed" if refusal is None else "failed",
+    }
+    return files, tags
+
+
 def shadows(cfg: PipelineConfig, decision: Decision, champion: str | None) -> bool:
     """A passed gate puts the version in shadow instead of promoting it (gate.on_pass: shadow)."""
     return decision.promote and champion is not None and cfg.gate.on_pass == "shadow"
@@ -279,6 +308,7 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
         )
         reg.log_metrics(run_id, {f"test_{k}": v for k, v in challenger.metrics.items()})
         reg.log_figure(run_id, _plot_confusion(challenger), "confusion_matrix.png")
+        onnx_files, onnx_tags = onnx_export(cfg, ckpt, splits.test, challenger)
         version = reg.register(
             run_id,
             ckpt,
@@ -300,8 +330,9 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
                 "pipeline_run": run_name,
                 "trial_id": best.trial_id,
                 **{f"hp.{k}": v for k, v in best.hparams.items()},
+                **onnx_tags,
             },
-            extra_files={REFERENCE_FILE: reference.to_bytes()},
+            extra_files={REFERENCE_FILE: reference.to_bytes(), **onnx_files},
         )
         reg.set_tags(run_id, {"registered_version": version})
         behaviour = run_behaviour(reg, cfg, run_id, version, ckpt)

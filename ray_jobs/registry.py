@@ -283,10 +283,7 @@ class Registry:
 
         self._call("log_artifacts", self.client.log_artifacts, run_id, model_dir, "model")
         if extra_files:
-            with tempfile.TemporaryDirectory() as tmp:
-                for name, content in extra_files.items():
-                    (Path(tmp) / name).write_bytes(content)
-                self._call("log_artifacts", self.client.log_artifacts, run_id, tmp, "model")
+            self._log_model_files(run_id, extra_files)
         try:
             self.client.create_registered_model(
                 self.name, description="DistilBERT sentiment classifier (Hugging Face folder, safetensors)"
@@ -305,6 +302,24 @@ class Registry:
             tags={k: str(v) for k, v in tags.items()},
         )
         return str(mv.version)
+
+    def _log_model_files(self, run_id: str, files: dict[str, bytes]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, content in files.items():
+                (Path(tmp) / name).write_bytes(content)
+            self._call("log_artifacts", self.client.log_artifacts, run_id, tmp, "model")
+
+    def add_version_files(self, version: str, files: dict[str, bytes]) -> None:
+        """Add files to a registered version's model folder after its registration (an ONNX export).
+        Only where the version's files are its run's `model` artifacts, as `register` logs them."""
+        mv = self.get_version(version)
+        run = self._call("get_run", self.client.get_run, mv.run_id) if mv.run_id else None
+        if run is None or mv.source.rstrip("/") != f"{run.info.artifact_uri}/model":
+            raise RegistryError(
+                f"version {version} of '{self.name}' keeps its files at {mv.source}, not in its run's model "
+                "artifacts: files cannot be added to it"
+            )
+        self._log_model_files(mv.run_id, files)
 
     def get_version(self, version: str | int):
         return self._call(f"get_model_version {version}", self.client.get_model_version, self.name, str(version))

@@ -38,6 +38,7 @@ from ray.serve.exceptions import BackPressureError
 
 from ray_jobs.config import ServeConfig
 from ray_jobs.model import LABELS
+from ray_jobs.onnx_runtime import RuntimeChoice
 from ray_jobs.registry import Registry, Rollout, parse_model_uri
 from serve_app.drift_monitor import DriftFeed, drift_deployment
 from serve_app.explainer import explain_deployment
@@ -119,6 +120,9 @@ def worker_factory(args: AppArgs, model_dir: str, features: bool | None = None):
         precision=args.serve.precision,
         deadline_s=args.serve.batch_deadline_s,
         features=args.serve.drift.enabled if features is None else features,
+        runtime=RuntimeChoice(
+            args.serve.runtime, args.serve.quantization, args.serve.max_f1_drop, args.serve.min_label_agreement
+        ),
     )
 
 
@@ -572,6 +576,7 @@ class SentimentModel:
             update={
                 "failed_swap": self.failed_swap,
                 "model_restarts": restarts,
+                "runtime": self.predictor.runtime if self.predictor is not None else None,
                 "challenger": self.challenger_info,
                 "challenger_error": self.challenger_error,
             }

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
 import queue
 import socket
@@ -45,6 +46,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
+
+from ray_jobs.onnx_runtime import EAGER, RuntimeChoice
 
 _START_TIMEOUT_S = 600.0
 # A batch must be answered within FLOOR + FACTOR x (its texts) x (seconds of one full-length text alone).
@@ -80,24 +83,19 @@ class ModelWorker:
         start_timeout_s: float = _START_TIMEOUT_S,
         deadline_s: float | None = None,
         features: bool = False,
+        runtime: RuntimeChoice = EAGER,
     ):
         """`deadline_s`: seconds a batch may take once the child starts it; None derives it per batch
         from the speed measured at start (see the module docstring). `features`: answers carry the
-        batch's drift features (computed from the same forward pass)."""
+        batch's drift features (computed from the same forward pass). `runtime`: eager PyTorch or the
+        version's ONNX export (ray_jobs.onnx_runtime); `self.runtime` says what the child runs."""
         parent_sock, child_sock = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the same imports as here
+        options = {"num_threads": num_threads, "precision": precision, "features": features, **runtime._asdict()}
         try:
             self._proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "serve_app.model_worker",
-                    str(child_sock.fileno()),
-                    str(model_dir),
-                    str(num_threads),
-                    precision,
-                    "1" if features else "0",
-                ],
+                [sys.executable, "-m", "serve_app.model_worker", str(child_sock.fileno()), str(model_dir)]
+                + [json.dumps(options)],
                 pass_fds=[child_sock.fileno()],
                 env=env,
                 # Its own session: a Ctrl-C meant for the parent's terminal reaches the parent only; the
@@ -120,6 +118,7 @@ class ModelWorker:
             raise ModelWorkerError(f"model worker could not load {model_dir}: {payload}")
         # Seconds of one forward pass on a full-length text, measured by the child after its warm-up.
         self.text_s = float(payload["text_s"])
+        self.runtime: dict[str, Any] = payload["runtime"]  # ray_jobs.onnx_runtime.runtime_info
         self._deadline_s = deadline_s
         self._lock = threading.Lock()  # keeps `_pending` in the order of the sender's queue
         # (future, number of texts); the head of the queue is the batch the child computes now.
@@ -350,18 +349,25 @@ class SupervisedModel:
         finally:
             self._restarting = None
 
+    @property
+    def runtime(self) -> dict[str, Any] | None:
+        """What the current process runs (ray_jobs.onnx_runtime.runtime_info)."""
+        return self.worker.runtime if self.worker is not None else None
+
     def close(self) -> None:
         """Blocking (call it from a thread): batches already submitted finish, then the process leaves."""
         if self.worker is not None:
             self.worker.close()
 
 
-def _child(fd: int, model_dir: str, num_threads: int, precision: str, features: bool) -> int:
+def _child(fd: int, model_dir: str, options: dict[str, Any]) -> int:
     conn = Connection(fd)
+    features = bool(options.pop("features"))
     try:
-        from ray_jobs.inference import Predictor
+        from ray_jobs.onnx_runtime import load_predictor
 
-        predictor = Predictor(model_dir, num_threads=num_threads, precision=precision)
+        choice = RuntimeChoice(**{k: options[k] for k in RuntimeChoice._fields})
+        predictor, runtime = load_predictor(model_dir, choice, options["num_threads"], options["precision"])
         predictor.predict(["warm up"])  # the first forward pass allocates; do it before traffic
         # The speed that batch deadlines scale with: one text that fills the model's length.
         full = " ".join(["film"] * predictor.max_length)
@@ -371,7 +377,7 @@ def _child(fd: int, model_dir: str, num_threads: int, precision: str, features: 
     except Exception as err:  # reported to the parent, which raises it where the model was asked for
         conn.send(("error", f"{type(err).__name__}: {err}"))
         return 1
-    conn.send(("ready", {"text_s": text_s}))
+    conn.send(("ready", {"text_s": text_s, "runtime": runtime}))
     while True:
         try:
             kind, texts = conn.recv()
@@ -392,4 +398,4 @@ def _child(fd: int, model_dir: str, num_threads: int, precision: str, features: 
 
 
 if __name__ == "__main__":
-    sys.exit(_child(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1"))
+    sys.exit(_child(int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])))

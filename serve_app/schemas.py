@@ -87,6 +87,15 @@ class ChallengerInfo(BaseModel):
     loaded_at: float
 
 
+class RuntimeInfo(BaseModel):
+    """What computes the answers (serve.runtime, serve.quantization; ray_jobs.onnx_runtime)."""
+
+    runtime: Literal["torch", "onnx"]
+    quantization: Literal["none", "int8"]
+    precision: str = Field(description="bf16 or fp32 (eager autocast), fp32 or int8 (ONNX)")
+    fallback: str | None = Field(None, description="why the configured ONNX export is not served (eager is)")
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str
@@ -97,6 +106,7 @@ class ModelInfo(BaseModel):
     loaded_at: float
     failed_swap: FailedSwap | None = None
     model_restarts: int = Field(0, description="model processes replaced in this replica (died or wedged)")
+    runtime: RuntimeInfo | None = None
     challenger: ChallengerInfo | None = None
     challenger_error: str | None = Field(None, description="why the configured challenger is not served")
 

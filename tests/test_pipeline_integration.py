@@ -3,6 +3,7 @@ tune -> register -> gate -> deploy / hot-swap, the registry CLI, fail-closed beh
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -33,12 +34,15 @@ RUN = [
 ]
 
 
-def _args(tmp, port, *extra):
+def _pipeline_args(tmp, port, *extra):
     paths = [f"train.storage_path={tmp}/ray", f"tune.storage_path={tmp}/tune", f"registry.root={tmp}/mlflow"]
     from conftest import ROOT, TINY
 
     sets = [x for kv in [*TINY, *paths, *RUN, f"serve.port={port}", *extra] for x in ("--set", kv)]
     return ["--config", str(ROOT / "tune_configs/quickstart.yaml"), *sets]
+
+
+_args = _pipeline_args
 
 
 def _registry(tmp):
@@ -58,12 +62,21 @@ def pipe_app(serve_port):
     serve.delete("pipe")
 
 
+# Served by ONNX Runtime: each version is exported at registration and guarded against the gate's own
+# fp32 predictions (which the fp32 export matches to 1e-4 in its logits).
+ONNX = ("serve.runtime=onnx", "gate.precision=fp32")
+ONNX_SERVED = {"runtime": "onnx", "quantization": "none", "precision": "fp32", "fallback": None}
+
+
 def test_pipeline_promotes_blocks_and_hot_swaps(pipe_app, tmp_path, capsys):
-    from ray_jobs import pipeline, registry
+    from ray_jobs import onnx_runtime, pipeline, registry
 
     serve_port = pipe_app
 
     url = f"http://127.0.0.1:{serve_port}"
+
+    def _args(tmp, port, *extra):
+        return _pipeline_args(tmp, port, *ONNX, *extra)
 
     # 1. First run: promoted over the floor, deployed, answers.
     assert pipeline.main(_args(tmp_path, serve_port)) == 0
@@ -93,6 +106,11 @@ def test_pipeline_promotes_blocks_and_hot_swaps(pipe_app, tmp_path, capsys):
     assert (Path(reg.model_dir("1")) / REFERENCE_FILE).exists()
     drift = httpx.get(f"{url}/drift").json()
     assert drift["model_version"] == "1" and drift["reference"]["n"] == int(reg.get_version("1").tags["test_n"])
+    # So was the ONNX export with its accuracy guard, which passed: the replica serves the export.
+    v1_folder = Path(reg.model_dir("1"))
+    assert (v1_folder / "model.onnx").exists() and onnx_runtime.read_guard(v1_folder, "none").agreement == 1.0
+    assert reg.get_version("1").tags["onnx.none.guard"] == "passed"
+    assert httpx.get(f"{url}/model").json()["runtime"] == ONNX_SERVED
 
     # 2. A deliberately worse model (lr=0): blocked, exit code 3, champion and endpoint unchanged.
     worse = _args(tmp_path, serve_port, "train.lr=0", "train.epochs=1", "tune.search_space={}", "tune.num_samples=1")
@@ -113,6 +131,7 @@ def test_pipeline_promotes_blocks_and_hot_swaps(pipe_app, tmp_path, capsys):
     assert failures == []
     assert "1" in answers and answers[-1] == "3", answers[-5:]
     assert httpx.get(f"{url}/model").json()["version"] == "3"
+    assert httpx.get(f"{url}/model").json()["runtime"] == ONNX_SERVED  # v3's own export
     assert reg.aliases() == {"champion": "3", "previous": "1"}
     drift = httpx.get(f"{url}/drift").json()  # the monitor follows the swap to v3's own reference
     assert drift["model_version"] == "3" and drift["reference"] is not None and drift["reference_error"] is None
@@ -142,6 +161,16 @@ def test_pipeline_promotes_blocks_and_hot_swaps(pipe_app, tmp_path, capsys):
         sum(line.rstrip().endswith("promote") for line in rows) == 2
         and sum(line.rstrip().endswith("block") for line in rows) == 1
     ), rows
+
+    # 5. An int8 export added to version 2 after its registration, guarded on the config's test split:
+    # exit 0 (passed) or 3 (refused: replicas would serve v2 eagerly), the files in the version either way.
+    capsys.readouterr()
+    code = onnx_runtime.main([*_args(tmp_path, serve_port), "--model", "2", "--quantization", "int8", "--json"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == (0 if report["refusal"] is None else 3) and report["stored_in"] == f"version 2 of '{reg.name}'"
+    v2_folder = Path(reg.model_dir("2"))
+    assert onnx_runtime.read_guard(v2_folder, "int8").onnx_sha256 == onnx_runtime.sha256(v2_folder / "model.int8.onnx")
+    assert report["n"] == int(reg.get_version("2").tags["test_n"])  # the version's own test split
 
 
 def test_unreachable_registry_fails_closed(tmp_path, capsys):

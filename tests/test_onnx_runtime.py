@@ -1,0 +1,239 @@
+"""ONNX Runtime serving (ray_jobs.onnx_runtime): the export computes what the eager model computes, int8
+stays close, the accuracy guard refuses an export that disagrees, and a model process serves eager with
+the reason whenever the export is missing, refused, replaced or broken."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+
+from ray_jobs.data import generate_reviews
+from ray_jobs.inference import Predictor
+from ray_jobs.onnx_runtime import (
+    GUARD_FILES,
+    MODEL_FILES,
+    GuardReport,
+    OnnxError,
+    OnnxPredictor,
+    RuntimeChoice,
+    build,
+    load_predictor,
+    unservable,
+)
+
+# Lengths from one token to past the model's 64: padding, truncation and the mask all take part.
+TEXTS = ["ok", "A wonderful, moving film.", "Dull and far too long. " * 3, "the worst acting I have seen " * 20]
+ONNX_INT8 = RuntimeChoice("onnx", "int8")
+
+
+@pytest.fixture(scope="module")
+def exported(untrained_tiny, tmp_path_factory):
+    """A copy of the tiny model folder with both exports and their guards, made as the CLI makes them."""
+    folder = shutil.copytree(untrained_tiny, tmp_path_factory.mktemp("onnx") / "model")
+    split = generate_reviews(200, seed=3)
+    reports = {}
+    for q in ("none", "int8"):
+        files, reports[q] = build(folder, split, q, precision="fp32", batch_size=32)
+        for name, content in files.items():
+            (folder / name).write_bytes(content)
+    return str(folder), reports
+
+
+def _logits_and_cls(predictor: Predictor, texts):
+    logits, cls = predictor.forward(predictor.encode(texts), embeddings=True)
+    return logits.numpy(), cls.numpy()
+
+
+def test_the_fp32_export_computes_the_eager_logits_and_cls_vectors_on_padded_batches(exported):
+    folder, reports = exported
+    eager = Predictor(folder, precision="fp32", batch_size=3)  # rows of mixed lengths share batches
+    onnx = OnnxPredictor(folder, "none", batch_size=3)
+    want, got = _logits_and_cls(eager, TEXTS), _logits_and_cls(onnx, TEXTS)
+    np.testing.assert_allclose(got[0], want[0], atol=1e-4)
+    np.testing.assert_allclose(got[1], want[1], atol=1e-3)
+    assert onnx.embedding_dim == eager.embedding_dim
+    # Same answers through the same API, drift features included.
+    assert [p["label"] for p in onnx.predict(TEXTS)] == [p["label"] for p in eager.predict(TEXTS)]
+    preds, features = onnx.predict_features(TEXTS)
+    assert len(preds) == len(TEXTS) and features.embedding.shape == (len(TEXTS), eager.embedding_dim)
+    assert reports["none"].agreement == 1.0 and reports["none"].refusal(0.003, 0.99) is None
+
+
+def test_the_int8_export_stays_close_to_eager_and_its_guard_records_the_comparison(exported):
+    folder, reports = exported
+    eager = Predictor(folder, precision="fp32").predict_proba(TEXTS)
+    int8 = OnnxPredictor(folder, "int8").predict_proba(TEXTS)
+    assert np.abs(int8 - eager).max() < 0.05  # weights in int8: close, not equal
+    report = reports["int8"]
+    assert report.n == 200 and report.quantization == "int8" and report.eager_precision == "fp32"
+    assert 0 <= report.agreement <= 1 and report.onnx_sha256 and report.data_digest
+    assert unservable(folder, ONNX_INT8) == report.refusal(0.003, 0.99)  # the replica reads the same verdict
+
+
+def test_guard_thresholds():
+    report = GuardReport(
+        quantization="int8",
+        onnx_sha256="x",
+        n=1000,
+        data_digest="d",
+        eager_precision="bf16",
+        f1_eager=0.920,
+        f1_onnx=0.918,
+        agreement=0.992,
+        created_at=0,
+    )
+    assert report.refusal(0.003, 0.99) is None
+    assert "0.0020 below" in report.refusal(0.001, 0.99)
+    assert "agree with eager on 99.20%" in report.refusal(0.003, 0.995)
+    better = report.model_copy(update={"f1_onnx": 0.93})
+    assert better.refusal(0.0, 0.99) is None  # a gain is no drop
+
+
+def test_an_export_that_disagrees_with_eager_is_refused_and_eager_is_served(exported, tmp_path):
+    folder, _ = exported
+    split = generate_reviews(100, seed=5)
+    eager_labels = Predictor(folder, precision="fp32").predict_proba(split.texts).argmax(axis=1)
+    # As if eager had answered the opposite: the export then agrees on no text and loses F1.
+    files, report = build(folder, split, "int8", eager_labels=(1 - eager_labels).tolist(), precision="fp32")
+    assert report.agreement == 0.0
+    bad = shutil.copytree(folder, tmp_path / "refused")
+    for name, content in files.items():
+        (bad / name).write_bytes(content)
+    predictor, info = load_predictor(bad, ONNX_INT8, precision="fp32")
+    assert type(predictor) is Predictor
+    assert info["runtime"] == "torch" and "failed its accuracy guard" in info["fallback"]
+    assert "agree with eager on 0.00%" in info["fallback"]
+    # Looser thresholds of the replica's own config accept the same guard file without re-scoring.
+    predictor, info = load_predictor(bad, RuntimeChoice("onnx", "int8", 1.0, 0.0), precision="fp32")
+    assert isinstance(predictor, OnnxPredictor) and info == {
+        "runtime": "onnx",
+        "quantization": "int8",
+        "precision": "int8",
+        "fallback": None,
+    }
+
+
+@pytest.mark.parametrize("damage", ["no export", "no guard", "replaced file", "corrupt file"])
+def test_a_missing_or_altered_export_falls_back_to_eager_with_the_reason(exported, tmp_path, damage):
+    folder, _ = exported
+    model = shutil.copytree(folder, tmp_path / "m")
+    onnx_file = model / MODEL_FILES["int8"]
+    if damage == "no export":
+        onnx_file.unlink()
+    elif damage == "no guard":
+        (model / GUARD_FILES["int8"]).unlink()
+    elif damage == "replaced file":  # another valid model under the name the guard scored
+        shutil.copy(model / MODEL_FILES["none"], onnx_file)
+    else:
+        onnx_file.write_bytes(b"not an onnx model")
+    reason = {
+        "no export": "no model.int8.onnx",
+        "no guard": "no accuracy guard",
+        "replaced file": "not the file its accuracy guard scored",
+        "corrupt file": "not the file its accuracy guard scored",
+    }[damage]
+    predictor, info = load_predictor(model, RuntimeChoice("onnx", "int8", 1.0, 0.0), precision="fp32")
+    assert type(predictor) is Predictor and info["runtime"] == "torch" and reason in info["fallback"]
+    assert predictor.predict(TEXTS)  # and it answers
+
+
+def test_an_export_that_cannot_load_is_served_eagerly(exported, tmp_path):
+    """A file that passed its guard but that ONNX Runtime cannot open (a newer opset, a truncated copy
+    whose guard was rewritten): eager, with ONNX Runtime's reason."""
+    from ray_jobs.onnx_runtime import read_guard, sha256
+
+    model = shutil.copytree(exported[0], tmp_path / "m")
+    onnx_file = model / MODEL_FILES["none"]
+    onnx_file.write_bytes(onnx_file.read_bytes()[:1000])
+    guard = read_guard(model, "none").model_copy(update={"onnx_sha256": sha256(onnx_file)})
+    (model / GUARD_FILES["none"]).write_text(guard.model_dump_json())
+    with pytest.raises(OnnxError, match="ONNX Runtime cannot load"):
+        OnnxPredictor(model, "none")
+    predictor, info = load_predictor(model, RuntimeChoice("onnx"), precision="fp32")
+    assert type(predictor) is Predictor and "ONNX Runtime cannot load" in info["fallback"]
+
+
+def test_eager_is_what_the_default_choice_runs(untrained_tiny):
+    predictor, info = load_predictor(untrained_tiny, precision="fp32")
+    assert type(predictor) is Predictor
+    assert info == {"runtime": "torch", "quantization": "none", "precision": "fp32", "fallback": None}
+
+
+def test_an_empty_guard_split_is_refused(untrained_tiny):
+    from ray_jobs.data import Split
+
+    with pytest.raises(OnnxError, match="non-empty"):
+        build(untrained_tiny, Split([], []), "none")
+
+
+@pytest.mark.integration
+def test_a_model_process_runs_the_export_and_reports_it(exported, untrained_tiny):
+    """serve_app's model process: the runtime it runs is what the parent reports, and its answers and
+    drift features are the export's."""
+    from serve_app.model_worker import ModelWorker
+
+    folder, _ = exported
+    choice = RuntimeChoice("onnx", "int8", 1.0, 0.0)
+    worker = ModelWorker(folder, num_threads=1, precision="fp32", features=True, runtime=choice)
+    try:
+        assert worker.runtime == {"runtime": "onnx", "quantization": "int8", "precision": "int8", "fallback": None}
+        answer = worker.submit(TEXTS).result(timeout=60)
+        want = OnnxPredictor(folder, "int8").predict(TEXTS)
+        assert [p["score"] for p in answer.predictions] == pytest.approx([p["score"] for p in want], abs=1e-5)
+        assert answer.features.embedding.shape[0] == len(TEXTS)
+    finally:
+        worker.close()
+    fallback = ModelWorker(untrained_tiny, num_threads=1, precision="fp32", runtime=choice)  # no export there
+    try:
+        assert fallback.runtime["runtime"] == "torch" and "no model.int8.onnx" in fallback.runtime["fallback"]
+        eager = Predictor(untrained_tiny, precision="fp32").predict(TEXTS)
+        assert [p["score"] for p in fallback.predict(TEXTS)] == pytest.approx([p["score"] for p in eager], abs=1e-5)
+    finally:
+        fallback.close()
+
+
+def test_an_export_leaves_the_processes_logging_as_it_was(untrained_tiny, tmp_path):
+    """ORT's quantizer configures the root logger when imported; the export undoes that, or every later
+    line of a pipeline driver would be printed twice. A fresh interpreter, as a command starts."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = f"""
+import logging
+from ray_jobs.onnx_runtime import export
+export({untrained_tiny!r}, __import__("pathlib").Path({str(tmp_path / "m.onnx")!r}), "int8")
+print(len(logging.getLogger().handlers), logging.getLogger().level)
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == f"0 {logging.WARNING}"
+
+
+def test_the_command_exports_a_folder_and_exits_3_when_the_guard_refuses(untrained_tiny, tmp_path, capsys):
+    import json
+
+    from ray_jobs import onnx_runtime
+
+    model = shutil.copytree(untrained_tiny, tmp_path / "m")
+    data = tmp_path / "test.jsonl"
+    split = generate_reviews(60, seed=8)
+    rows = zip(split.texts, split.labels, strict=True)
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    args = ["--model", str(model), "--data", str(data), "--quantization", "int8", "--json"]
+    code = onnx_runtime.main([*args, "--set", "serve.runtime=onnx", "--set", "serve.min_label_agreement=0"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and report["refusal"] is None and report["n"] == 60 and report["stored_in"] == str(model)
+    assert unservable(model, RuntimeChoice("onnx", "int8", 1.0, 0.0)) is None
+    # The strictest guard (F1 may not drop at all, every label must agree): refused exactly when the
+    # int8 export changed any label, and then exit 3 with the files still written.
+    code = onnx_runtime.main([*args, "--set", "serve.max_f1_drop=0", "--set", "serve.min_label_agreement=1"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    perfect = report["agreement"] == 1.0 and report["f1_onnx"] >= report["f1_eager"]
+    assert (report["refusal"] is None) == perfect and code == (0 if perfect else 3)
+    assert (model / "model.int8.onnx").exists() and onnx_runtime.read_guard(model, "int8").n == 60
+    assert onnx_runtime.main(["--model", str(tmp_path / "missing"), "--data", str(data)]) == 2
