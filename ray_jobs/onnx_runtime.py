@@ -187,6 +187,8 @@ def _export(model_dir: str | Path, out: Path, quantization: Quantization) -> Non
         stats = {k: v for k, v in fused.get_fused_operator_statistics().items() if v}
         if not stats.get("Attention"):
             log.warning("ORT's optimizer fused no attention in %s (%s): the export will be slow", model_dir, stats)
+        else:
+            log.info("exported %s; ORT's optimizer fused %s", model_dir, stats)
         out.parent.mkdir(parents=True, exist_ok=True)
         partial = out.with_name(out.name + ".partial")  # never a half-written model under the real name
         if quantization == "int8":
