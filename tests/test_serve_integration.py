@@ -65,6 +65,8 @@ def test_health_model_docs(app_url):
     info = httpx.get(f"{app_url}/model").json()
     assert info["name"] == "svc-model" and info["version"] == "1" and info["alias"] == "champion"
     assert info["test_f1"] == pytest.approx(0.95) and info["data_digest"] == "abc" and info["loaded_at"] > 0
+    # serve.runtime's default, eager PyTorch, at the app's serve.precision.
+    assert info["runtime"] == {"runtime": "torch", "quantization": "none", "precision": "fp32", "fallback": None}
     assert httpx.get(f"{app_url}/docs").status_code == 200
     spec = httpx.get(f"{app_url}/openapi.json").json()
     assert {"/predict", "/batch_predict", "/health", "/model"} <= set(spec["paths"])
