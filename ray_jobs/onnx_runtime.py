@@ -40,6 +40,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 from pydantic import BaseModel
 
+from ray_jobs.config import ServeConfig
 from ray_jobs.data import Split
 from ray_jobs.errors import SentimentError
 from ray_jobs.inference import Predictor, classification_metrics, length_batches
@@ -58,15 +59,20 @@ class OnnxError(SentimentError):
 
 
 class RuntimeChoice(NamedTuple):
-    """What a model process is asked to run (the `serve` settings that pick the runtime)."""
+    """What a model process is asked to run: the `serve` settings that pick the runtime (their defaults
+    and their meaning are ServeConfig's)."""
 
-    runtime: Literal["torch", "onnx"] = "torch"
-    quantization: Quantization = "none"
-    max_f1_drop: float = 0.003
-    min_label_agreement: float = 0.99
+    runtime: Literal["torch", "onnx"]
+    quantization: Quantization
+    max_f1_drop: float
+    min_label_agreement: float
+
+    @classmethod
+    def of(cls, serve: ServeConfig) -> RuntimeChoice:
+        return cls(serve.runtime, serve.quantization, serve.max_f1_drop, serve.min_label_agreement)
 
 
-EAGER = RuntimeChoice()
+EAGER = RuntimeChoice("torch", "none", 0.0, 1.0)  # the thresholds only apply to an ONNX export
 
 
 class GuardReport(BaseModel):

@@ -65,6 +65,7 @@ from serve_app.schemas import (
     ModelInfo,
     Prediction,
     PredictRequest,
+    RuntimeInfo,
 )
 
 # Seconds a client is asked to wait before retrying a 503 (Retry-After).
@@ -120,9 +121,7 @@ def worker_factory(args: AppArgs, model_dir: str, features: bool | None = None):
         precision=args.serve.precision,
         deadline_s=args.serve.batch_deadline_s,
         features=args.serve.drift.enabled if features is None else features,
-        runtime=RuntimeChoice(
-            args.serve.runtime, args.serve.quantization, args.serve.max_f1_drop, args.serve.min_label_agreement
-        ),
+        runtime=RuntimeChoice.of(args.serve),
     )
 
 
@@ -576,7 +575,8 @@ class SentimentModel:
             update={
                 "failed_swap": self.failed_swap,
                 "model_restarts": restarts,
-                "runtime": self.predictor.runtime if self.predictor is not None else None,
+                # model_copy does not validate: the process's plain dict becomes the schema's model here.
+                "runtime": RuntimeInfo(**runtime) if (runtime := self.predictor and self.predictor.runtime) else None,
                 "challenger": self.challenger_info,
                 "challenger_error": self.challenger_error,
             }

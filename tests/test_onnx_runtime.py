@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
+from ray_jobs.config import ServeConfig
 from ray_jobs.data import generate_reviews
 from ray_jobs.inference import Predictor
 from ray_jobs.onnx_runtime import (
@@ -26,7 +27,8 @@ from ray_jobs.onnx_runtime import (
 
 # Lengths from one token to past the model's 64: padding, truncation and the mask all take part.
 TEXTS = ["ok", "A wonderful, moving film.", "Dull and far too long. " * 3, "the worst acting I have seen " * 20]
-ONNX_INT8 = RuntimeChoice("onnx", "int8")
+# serve.runtime: onnx with int8 and the default guard thresholds
+ONNX_INT8 = RuntimeChoice.of(ServeConfig(runtime="onnx", quantization="int8"))
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +72,7 @@ def test_the_int8_export_stays_close_to_eager_and_its_guard_records_the_comparis
     report = reports["int8"]
     assert report.n == 200 and report.quantization == "int8" and report.eager_precision == "fp32"
     assert 0 <= report.agreement <= 1 and report.onnx_sha256 and report.data_digest
-    assert unservable(folder, ONNX_INT8) == report.refusal(0.003, 0.99)  # the replica reads the same verdict
+    assert unservable(folder, ONNX_INT8) == report.refusal(*ONNX_INT8[2:])  # the replica reads the same verdict
 
 
 def test_guard_thresholds():
@@ -152,7 +154,7 @@ def test_an_export_that_cannot_load_is_served_eagerly(exported, tmp_path):
     (model / GUARD_FILES["none"]).write_text(guard.model_dump_json())
     with pytest.raises(OnnxError, match="ONNX Runtime cannot load"):
         OnnxPredictor(model, "none")
-    predictor, info = load_predictor(model, RuntimeChoice("onnx"), precision="fp32")
+    predictor, info = load_predictor(model, RuntimeChoice("onnx", "none", 1.0, 0.0), precision="fp32")
     assert type(predictor) is Predictor and "ONNX Runtime cannot load" in info["fallback"]
 
 
