@@ -98,6 +98,7 @@ def deploy(
             r = httpx.get(f"{url}/model", timeout=5)
             last = r.text
             if r.status_code == 200 and _reports(r.json(), wait_version, wait_challenger):
+                _say_runtime(cfg, r.json().get("runtime"))
                 return url
         except httpx.HTTPError as err:
             last = str(err)
@@ -105,6 +106,17 @@ def deploy(
     raise SentimentError(
         f"the Serve app did not report version {wait_version} within {timeout_s:.0f}s (last answer: {last})"
     )
+
+
+def _say_runtime(cfg: PipelineConfig, runtime: dict | None) -> None:
+    """Say what the replica serves with, and warn where it is not what was configured (serve.runtime:
+    onnx whose export is missing or refused by its guard): the operator sees why at deploy time too."""
+    if runtime and runtime.get("fallback"):
+        log.warning(
+            "serve.runtime is %s, but the replica serves eager PyTorch: %s", cfg.serve.runtime, runtime["fallback"]
+        )
+    elif runtime:
+        log.info("the replica serves with %s (%s)", runtime["runtime"], runtime["precision"])
 
 
 def _reports(model: dict, version: str | None, challenger: str | None) -> bool:

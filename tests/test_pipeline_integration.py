@@ -68,7 +68,7 @@ ONNX = ("serve.runtime=onnx", "gate.precision=fp32")
 ONNX_SERVED = {"runtime": "onnx", "quantization": "none", "precision": "fp32", "fallback": None}
 
 
-def test_pipeline_promotes_blocks_and_hot_swaps(pipe_app, tmp_path, capsys):
+def test_pipeline_promotes_blocks_and_hot_swaps(pipe_app, tmp_path, capsys, caplog):
     from ray_jobs import onnx_runtime, pipeline, registry
 
     serve_port = pipe_app
@@ -111,6 +111,7 @@ def test_pipeline_promotes_blocks_and_hot_swaps(pipe_app, tmp_path, capsys):
     assert (v1_folder / "model.onnx").exists() and onnx_runtime.read_guard(v1_folder, "none").agreement == 1.0
     assert reg.get_version("1").tags["onnx.none.guard"] == "passed"
     assert httpx.get(f"{url}/model").json()["runtime"] == ONNX_SERVED
+    assert "the replica serves with onnx (fp32)" in caplog.text  # the deploy step says so too
 
     # 2. A deliberately worse model (lr=0): blocked, exit code 3, champion and endpoint unchanged.
     worse = _args(tmp_path, serve_port, "train.lr=0", "train.epochs=1", "tune.search_space={}", "tune.num_samples=1")
