@@ -239,3 +239,48 @@ def test_the_command_exports_a_folder_and_exits_3_when_the_guard_refuses(untrain
     assert (report["refusal"] is None) == perfect and code == (0 if perfect else 3)
     assert (model / "model.int8.onnx").exists() and onnx_runtime.read_guard(model, "int8").n == 60
     assert onnx_runtime.main(["--model", str(tmp_path / "missing"), "--data", str(data)]) == 2
+
+
+@pytest.mark.integration
+def test_a_deploy_whose_export_is_refused_serves_eagerly_and_says_why(exported, serve_port, tmp_path, caplog):
+    """`ray_jobs.deploy` with serve.runtime: onnx and int8 on a real Serve app, where the guard refuses
+    (the replica's own threshold: every label must agree; the guard file is rewritten to report 99.5%):
+    the app serves eager PyTorch, /model and the deploy log say why, and the answers are eager's."""
+    import httpx
+    from conftest import ROOT, TINY
+    from ray import serve
+
+    from ray_jobs import deploy
+    from ray_jobs.onnx_runtime import read_guard
+
+    model = shutil.copytree(exported[0], tmp_path / "m")
+    guard = read_guard(model, "int8").model_copy(update={"agreement": 0.995})
+    (model / GUARD_FILES["int8"]).write_text(guard.model_dump_json())
+    sets = [
+        *TINY,
+        f"serve.model_uri={model}",
+        "serve.runtime=onnx",
+        "serve.quantization=int8",
+        "serve.min_label_agreement=1",
+        "serve.precision=fp32",
+        "serve.app_name=onnx-refused",
+        "serve.route_prefix=/onnx-refused",
+        "serve.num_cpus=0.5",
+        "serve.autoscaling.min_replicas=1",
+        "serve.autoscaling.max_replicas=1",
+        f"serve.port={serve_port}",
+        f"registry.root={tmp_path}/mlflow",
+    ]
+    try:
+        args = ["--config", str(ROOT / "tune_configs/quickstart.yaml"), *[x for kv in sets for x in ("--set", kv)]]
+        assert deploy.main(args) == 0
+        url = f"http://127.0.0.1:{serve_port}/onnx-refused"
+        runtime = httpx.get(f"{url}/model", timeout=30).json()["runtime"]
+        assert runtime["runtime"] == "torch" and "agree with eager on 99.50%" in runtime["fallback"]
+        assert "replica serves eager PyTorch" in caplog.text and "99.50%" in caplog.text
+        answer = httpx.post(f"{url}/predict", json={"text": TEXTS[1]}, timeout=30).json()
+        assert answer["score"] == pytest.approx(
+            Predictor(model, precision="fp32").predict([TEXTS[1]])[0]["score"], abs=1e-5
+        )
+    finally:
+        serve.delete("onnx-refused")
