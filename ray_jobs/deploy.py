@@ -97,8 +97,8 @@ def deploy(
         try:
             r = httpx.get(f"{url}/model", timeout=5)
             last = r.text
-            if r.status_code == 200 and _reports(r.json(), wait_version, wait_challenger):
-                _say_runtime(cfg, r.json().get("runtime"))
+            if r.status_code == 200 and _reports(model := r.json(), wait_version, wait_challenger):
+                _say_runtime(cfg, model.get("runtime"))
                 return url
         except httpx.HTTPError as err:
             last = str(err)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from ray_jobs.config import ServeConfig
 from ray_jobs.data import Split
@@ -73,6 +73,15 @@ class RuntimeChoice(NamedTuple):
 
 
 EAGER = RuntimeChoice("torch", "none", 0.0, 1.0)  # the thresholds only apply to an ONNX export
+
+
+class RuntimeInfo(BaseModel):
+    """What computes a model process's answers (serve.runtime, serve.quantization); `/model` shows it."""
+
+    runtime: Literal["torch", "onnx"]
+    quantization: Quantization
+    precision: str = Field(description="bf16 or fp32 (eager autocast), fp32 or int8 (ONNX)")
+    fallback: str | None = Field(None, description="why the configured ONNX export is not served (eager is)")
 
 
 class GuardReport(BaseModel):
@@ -115,11 +124,8 @@ class GuardReport(BaseModel):
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # ---------------------------------------------------------------------------- export
@@ -320,13 +326,14 @@ def load_predictor(
 
 
 def runtime_info(predictor: Predictor, fallback: str | None) -> dict[str, Any]:
+    """RuntimeInfo as a plain dict: what crosses from the model process to the replica."""
     onnx = isinstance(predictor, OnnxPredictor)
-    return {
-        "runtime": "onnx" if onnx else "torch",
-        "quantization": predictor.quantization if onnx else "none",
-        "precision": served_precision(predictor),
-        "fallback": fallback,
-    }
+    return RuntimeInfo(
+        runtime="onnx" if onnx else "torch",
+        quantization=predictor.quantization if onnx else "none",
+        precision=served_precision(predictor),
+        fallback=fallback,
+    ).model_dump()
 
 
 # ---------------------------------------------------------------------------- guard
@@ -376,7 +383,7 @@ def resolved_precision(precision: str) -> str:
     """The precision `auto` means on this machine (what eager labels were computed in)."""
     from ray_jobs.inference import autocast_dtype
 
-    return "fp32" if precision == "fp32" or autocast_dtype(precision, "cpu") is None else "bf16"
+    return "bf16" if autocast_dtype(precision, "cpu") is not None else "fp32"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,7 +38,7 @@ from ray.serve.exceptions import BackPressureError
 
 from ray_jobs.config import ServeConfig
 from ray_jobs.model import LABELS
-from ray_jobs.onnx_runtime import RuntimeChoice
+from ray_jobs.onnx_runtime import RuntimeChoice, RuntimeInfo
 from ray_jobs.registry import Registry, Rollout, parse_model_uri
 from serve_app.drift_monitor import DriftFeed, drift_deployment
 from serve_app.explainer import explain_deployment
@@ -65,7 +65,6 @@ from serve_app.schemas import (
     ModelInfo,
     Prediction,
     PredictRequest,
-    RuntimeInfo,
 )
 
 # Seconds a client is asked to wait before retrying a 503 (Retry-After).

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 from ray_jobs.config import RegistryConfig, ServeConfig, nest_dotted, served_model_uri
+from ray_jobs.onnx_runtime import RuntimeInfo
 
 
 class PredictRequest(BaseModel):
@@ -85,15 +86,6 @@ class ChallengerInfo(BaseModel):
     share: float = Field(description="canary: the share of routing keys it answers")
     mirror: float = Field(description="the share of requests the version that did not answer also scores")
     loaded_at: float
-
-
-class RuntimeInfo(BaseModel):
-    """What computes the answers (serve.runtime, serve.quantization; ray_jobs.onnx_runtime)."""
-
-    runtime: Literal["torch", "onnx"]
-    quantization: Literal["none", "int8"]
-    precision: str = Field(description="bf16 or fp32 (eager autocast), fp32 or int8 (ONNX)")
-    fallback: str | None = Field(None, description="why the configured ONNX export is not served (eager is)")
 
 
 class ModelInfo(BaseModel):
