@@ -74,7 +74,9 @@ class JobCluster:
         return "\n".join(f.read_text(errors="replace") for f in found)
 
     def actors_by_node(self, class_name: str) -> dict[str, str]:
-        """actor id -> node role of every actor of `class_name` (alive or dead), from Ray's state API."""
+        """actor id -> node role of every actor of `class_name` (alive or dead) that was placed on a node,
+        from Ray's state API. An actor killed while still pending (its driver was killed first) ran on
+        no node: the state API lists it without one, and it is left out."""
         out = subprocess.run(
             ["ray", "list", "actors", f"--address={self.url}", f"--filter=class_name={class_name}"]
             + ["--format=json", "--detail", "--limit=1000"],
@@ -84,7 +86,7 @@ class JobCluster:
             check=True,
         ).stdout
         roles = {node: role for role, node in self.node_ids.items()}
-        return {a["actor_id"]: roles.get(a["node_id"], a["node_id"]) for a in json.loads(out)}
+        return {a["actor_id"]: roles.get(a["node_id"], a["node_id"]) for a in json.loads(out) if a.get("node_id")}
 
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
