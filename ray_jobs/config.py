@@ -111,6 +111,10 @@ class TrainConfig(_Strict):
     # at a few hundred validation reviews F1 moves in steps of 1/n and its noise (~1.3 points at 500)
     # exceeds the gains between checkpoints; the loss uses every prediction's confidence.
     select_by: Literal["val_loss", "val_f1"] = "val_loss"
+    # Validate, checkpoint and register an exponential moving average of the weights (e.g. 0.998) instead of
+    # the weights themselves; None: the weights. Its first updates remember less ((1 + n) / (10 + n) while
+    # that is below the decay), so the untrained head and the start do not linger in a short run's average.
+    ema_decay: float | None = Field(None, gt=0, lt=1)
     # Validate (and checkpoint) every N optimizer steps as well as at each epoch end; None: epoch ends only.
     eval_every_steps: int | None = Field(None, ge=1)
     log_every_steps: int = Field(50, ge=1)

@@ -45,7 +45,7 @@ from ray_jobs.runtime import (
     wait_until_interrupted,
     with_cluster_addresses,
 )
-from ray_jobs.train import local_checkpoint_dir, put_data
+from ray_jobs.train import RESUME_FILES, local_checkpoint_dir, put_data
 from ray_jobs.tune import CHECKPOINT_KEY, SearchOutcome, run_search
 
 log = logging.getLogger(__name__)
@@ -333,6 +333,7 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
                 **onnx_tags,
             },
             extra_files={REFERENCE_FILE: reference.to_bytes(), **onnx_files},
+            exclude=RESUME_FILES,
         )
         reg.set_tags(run_id, {"registered_version": version})
         behaviour = run_behaviour(reg, cfg, run_id, version, ckpt)

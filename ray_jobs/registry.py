@@ -274,14 +274,27 @@ class Registry:
 
     # ------------------------------------------------------------------ registry
     def register(
-        self, run_id: str, model_dir: str, tags: dict[str, Any], extra_files: dict[str, bytes] | None = None
+        self,
+        run_id: str,
+        model_dir: str,
+        tags: dict[str, Any],
+        extra_files: dict[str, bytes] | None = None,
+        exclude: tuple[str, ...] = (),
     ) -> str:
         """Log the Hugging Face folder as the run's `model` artifacts and register it as a new version.
         `extra_files` (name: content) join the model folder first, so the version holds them from its
-        start (the drift reference): the checkpoint folder itself is not written to."""
+        start (the drift reference): the checkpoint folder itself is not written to. Files named in
+        `exclude` are left out (a training checkpoint's resume state: optimizer moments, raw weights)."""
+        import shutil
+
         from mlflow.exceptions import MlflowException
 
-        self._call("log_artifacts", self.client.log_artifacts, run_id, model_dir, "model")
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = model_dir
+            if any((Path(model_dir) / name).exists() for name in exclude):
+                folder = str(Path(tmp) / "model")
+                shutil.copytree(model_dir, folder, ignore=shutil.ignore_patterns(*exclude))
+            self._call("log_artifacts", self.client.log_artifacts, run_id, folder, "model")
         if extra_files:
             self._log_model_files(run_id, extra_files)
         try:

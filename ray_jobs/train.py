@@ -34,6 +34,11 @@ from ray_jobs.runtime import (
 log = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.pt"
+# With train.ema_decay, a checkpoint's model.safetensors is the average (what is validated and served) and
+# this file holds the weights the optimizer steps, which a resumed run continues from.
+TRAIN_WEIGHTS_FILE = "training_weights.safetensors"
+# Files of a checkpoint that only a resumed run needs: a registered version leaves them out.
+RESUME_FILES = (STATE_FILE, TRAIN_WEIGHTS_FILE)
 # What `train.select_by` can name, and whether more is better.
 SELECTION_MODES = {"val_loss": "min", "val_f1": "max"}
 
@@ -177,9 +182,10 @@ def validate(model, data: ShardData, pad_id: int, batch_size: int, device, amp_d
     """Loss and binary metrics over the whole validation split (each rank scores its shard, then sum)."""
     import torch
 
+    was_training = model.training
     model.eval()
     logits = batched_logits(model, data.val_seqs, pad_id, batch_size, device, amp_dtype)
-    model.train()
+    model.train(was_training)
     loss_sum = (
         torch.nn.functional.cross_entropy(logits, torch.tensor(data.val_labels), reduction="sum").item()
         if data.val_seqs
@@ -189,6 +195,22 @@ def validate(model, data: ShardData, pad_id: int, batch_size: int, device, amp_d
     loss_sum, *counts = all_reduce([loss_sum, *counts], world)
     n = sum(counts)
     return {"val_loss": loss_sum / max(n, 1), **{f"val_{k}": v for k, v in binary_metrics(*counts).items()}}
+
+
+def weight_average(model, decay: float):
+    """torch's AveragedModel of `model` as an exponential moving average: after update n (n >= 1) the
+    average is d * average + (1 - d) * weights, with d = min(decay, (1 + n) / (10 + n))."""
+    import torch
+    from torch.optim.swa_utils import AveragedModel
+
+    def ema(averaged: list, current: list, n_averaged) -> None:
+        n = int(n_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        torch._foreach_lerp_(averaged, current, 1.0 - d)
+
+    average = AveragedModel(model, multi_avg_fn=ema, use_buffers=False)
+    average.module.eval()
+    return average
 
 
 def make_optimizer(model, lr: float, weight_decay: float):
@@ -281,6 +303,11 @@ class WorkerRun:
         self.data = shard_and_encode(self.tokenizer, *ray.get(system["data_ref"]), mc, self.rank, self.world)
         prepare_for_training(model, mc.freeze_embeddings, self.tc.attention)
         self.model = ray.train.torch.prepare_model(model)
+        # The average lives beside the model on each rank: DDP keeps the ranks' weights equal, so are theirs.
+        self.average = weight_average(model, self.tc.ema_decay) if self.tc.ema_decay else None
+        if self.average is not None and saved is not None and "average" in saved:
+            self.average.module.load_state_dict(saved["average"], strict=False)
+            self.average.n_averaged.fill_(saved.get("ema_updates", 1))
         self.optimizer = make_optimizer(self.model, self.tc.lr, self.tc.weight_decay)
         self.steps_per_epoch = math.ceil(len(self.data.train_seqs) / self.tc.batch_size)
         self.schedule = LinearSchedule(
@@ -316,8 +343,13 @@ class WorkerRun:
         if not checkpoint:
             return Progress(), None
         with checkpoint.as_directory() as d:
-            model.load_state_dict(load_file(os.path.join(d, "model.safetensors")), strict=False)
             saved = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+            served = load_file(os.path.join(d, "model.safetensors"))
+            if os.path.isfile(os.path.join(d, TRAIN_WEIGHTS_FILE)):  # written with train.ema_decay
+                model.load_state_dict(load_file(os.path.join(d, TRAIN_WEIGHTS_FILE)), strict=False)
+                saved["average"] = served
+            else:
+                model.load_state_dict(served, strict=False)
         progress = Progress(**saved["progress"])
         if self.rank == 0:
             log.info("resuming from checkpoint at epoch %d step %d", progress.epoch, progress.step_in_epoch)
@@ -332,7 +364,17 @@ class WorkerRun:
 
         from ray_jobs.model import save_model
 
-        save_model(self.model, self.tokenizer, folder, {**self.meta, "metrics": metrics})
+        if self.average is None:
+            save_model(self.model, self.tokenizer, folder, {**self.meta, "metrics": metrics})
+        else:
+            from safetensors.torch import save_model as save_weights
+
+            save_model(self.average.module, self.tokenizer, folder, {**self.meta, "metrics": metrics})
+            save_weights(
+                getattr(self.model, "module", self.model),
+                os.path.join(folder, TRAIN_WEIGHTS_FILE),
+                metadata={"format": "pt"},  # what transformers expects of a model.safetensors
+            )
         progress = {
             **asdict(self.progress),
             "epoch": epoch,
@@ -346,6 +388,7 @@ class WorkerRun:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.lr_scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
+                "ema_updates": int(self.average.n_averaged) if self.average is not None else 0,
             },
             os.path.join(folder, STATE_FILE),
         )
@@ -355,8 +398,9 @@ class WorkerRun:
         import ray.train
 
         train_loss = all_reduce([window.mean_loss], self.world)[0] / self.world
+        scored = self.model if self.average is None else self.average.module
         metrics = validate(
-            self.model, self.data, self.pad_id, self.tc.eval_batch_size, self.device, self.amp_dtype, self.world
+            scored, self.data, self.pad_id, self.tc.eval_batch_size, self.device, self.amp_dtype, self.world
         )
         metrics.update(
             epoch=epoch + step_in_epoch / self.steps_per_epoch,
@@ -428,6 +472,8 @@ class WorkerRun:
                 self.device,
             )
             self.lr_scheduler.step()
+            if self.average is not None:
+                self.average.update_parameters(getattr(self.model, "module", self.model))
             p.global_step += 1
             window.add(loss.item(), len(idx))
             if self.rank == 0 and p.global_step % tc.log_every_steps == 0:

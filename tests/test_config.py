@@ -189,6 +189,8 @@ def test_explain_limits_are_validated_and_its_deadline_follows_the_requests():
         ("serve.drift.permutations=3", "serve.drift.permutations"),
         ("train.select_by=val_accuracy", "train.select_by"),
         ("train.attention=flash", "train.attention"),
+        ("train.ema_decay=1.0", "train.ema_decay"),
+        ("train.ema_decay=0", "train.ema_decay"),
         ('train.init_from=""', "train.init_from"),
         ("gate.precision=fp16", "gate.precision"),
     ],

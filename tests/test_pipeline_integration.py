@@ -15,6 +15,7 @@ from conftest import request_stream, tiny_config
 
 from ray_jobs.drift import REFERENCE_FILE
 from ray_jobs.errors import SentimentError
+from ray_jobs.train import STATE_FILE
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -102,8 +103,10 @@ def test_pipeline_promotes_blocks_and_hot_swaps(pipe_app, tmp_path, capsys, capl
     assert reg.champion() == "1"
     v1_f1 = float(reg.get_version("1").tags["test_f1"])
     assert 0 <= float(reg.get_version("1").tags["behaviour.INV_failure_rate"]) <= 1  # the suite ran on it
-    # The drift reference was profiled on the test split at registration and is part of the version.
+    # The drift reference was profiled on the test split at registration and is part of the version;
+    # the checkpoint's resume state (optimizer moments) is not.
     assert (Path(reg.model_dir("1")) / REFERENCE_FILE).exists()
+    assert not (Path(reg.model_dir("1")) / STATE_FILE).exists()
     drift = httpx.get(f"{url}/drift").json()
     assert drift["model_version"] == "1" and drift["reference"]["n"] == int(reg.get_version("1").tags["test_n"])
     # So was the ONNX export with its accuracy guard, which passed: the replica serves the export.

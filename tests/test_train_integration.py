@@ -8,13 +8,15 @@ from conftest import tiny_config
 pytestmark = pytest.mark.integration
 
 
-def _initial_val_loss(cfg) -> float:
+def _initial_val_loss(cfg, model=None) -> float:
+    """Validation loss of `model` (default: the model a run starts from) on the config's validation split."""
     import torch
 
     from ray_jobs.data import encode, load_splits, pad_batch
     from ray_jobs.model import build_model
 
-    model, tok = build_model(cfg.model, seed=cfg.train.seed)
+    built, tok = build_model(cfg.model, seed=cfg.train.seed)
+    model = model or built
     model.eval()
     val = load_splits(cfg.data).val
     ids, mask = pad_batch(encode(tok, val.texts, cfg.model.max_length, cfg.model.truncation), tok.pad_token_id)
@@ -41,7 +43,7 @@ def test_ddp_training_learns_and_checkpoints_load(trained_tiny):
     assert len(result.best_checkpoints) <= cfg.train.num_to_keep
 
 
-def _fit_with_fault(tmp_path, max_failures):
+def _fit_with_fault(tmp_path, max_failures, *overrides):
     from ray_jobs.data import load_splits
     from ray_jobs.train import FaultInjection, fit, put_data, system_settings
 
@@ -51,6 +53,7 @@ def _fit_with_fault(tmp_path, max_failures):
         "train.epochs=3",
         f"train.max_failures={max_failures}",
         "data.synthetic.n_samples=1200",
+        *overrides,
     )
     splits = load_splits(cfg.data)
     marker = tmp_path / "killed"
@@ -75,6 +78,32 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, tmp_path):
     again = fit(cfg, system_settings(cfg, data), run_name=Path(result.path).name)
     assert again.metrics["resumed_from_step"] == m["step"] and again.metrics["val_f1"] == m["val_f1"]
     assert again.metrics["epoch"] == 3 and (Path(again.checkpoint.path) / "model.safetensors").is_file()
+
+
+def test_an_averaged_run_validates_its_average_and_resumes_with_it(ray_cluster, tmp_path):
+    """train.ema_decay: a checkpoint's model folder is the average (what is validated and registered),
+    beside the weights the optimizer steps; a killed worker's replacement continues both."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import DistilBertForSequenceClassification
+
+    from ray_jobs.train import STATE_FILE, TRAIN_WEIGHTS_FILE
+
+    result, marker, cfg, _ = _fit_with_fault(tmp_path, 1, "train.ema_decay=0.9")
+    assert marker.exists(), "the fault was not injected"
+    m = result.metrics
+    assert m["epoch"] == 3 and m["resumed_from_step"] == m["step"] // 3
+    assert m["val_loss"] < 0.8 * _initial_val_loss(cfg), m  # the average learnt too
+    folder = Path(result.checkpoint.path)
+    # The average's update count ran on from the checkpoint: it was restored, not started again.
+    assert torch.load(folder / STATE_FILE, weights_only=True)["ema_updates"] == m["step"]
+    average, raw = load_file(str(folder / "model.safetensors")), load_file(str(folder / TRAIN_WEIGHTS_FILE))
+    assert not torch.equal(average["classifier.weight"], raw["classifier.weight"])
+    # The reported validation loss is the average's, not the raw weights'.
+    served = DistilBertForSequenceClassification.from_pretrained(str(folder), use_safetensors=True)
+    assert _initial_val_loss(cfg, served) == pytest.approx(m["val_loss"], rel=1e-3)
+    served.load_state_dict(raw, strict=False)
+    assert _initial_val_loss(cfg, served) != pytest.approx(m["val_loss"], rel=1e-3)
 
 
 def test_killed_worker_fails_the_run_without_retries(ray_cluster, tmp_path):

@@ -120,3 +120,25 @@ def test_the_matmul_attention_matches_sdpa_with_padding(score_block, monkeypatch
     model.train()
     model(**batch).logits.sum().backward()
     assert model.distilbert.transformer.layer[0].attention.q_lin.weight.grad.abs().sum() > 0
+
+
+def test_the_weight_average_is_an_ema_whose_first_updates_remember_less():
+    import torch
+
+    from ray_jobs.train import weight_average
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    average = weight_average(model, decay=0.9)
+    expected = None
+    for n, value in enumerate([1.0, 3.0, 7.0, -2.0, 5.0] + [1.0] * 100):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        average.update_parameters(model)
+        if expected is None:  # the first update copies
+            expected = value
+        else:
+            d = min(0.9, (1 + n) / (10 + n))  # n updates were averaged before this one
+            expected = d * expected + (1 - d) * value
+        assert average.module.weight[0, 0].item() == pytest.approx(expected, rel=1e-5)
+    assert int(average.n_averaged) == 105  # past n = 80 the decay itself (0.9) decided
+    assert not average.module.training  # it is scored, never trained
