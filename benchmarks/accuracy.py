@@ -10,14 +10,20 @@ Besides the test F1 of both it reports:
 - with --chunked, the model's F1 when a review longer than max_length is scored as overlapping windows whose
   logits are averaged, against head+tail truncation;
 - with --score-checkpoints, every checkpoint the run kept (set train.num_to_keep high) with its validation
-  loss and F1 and its test F1: which selection criterion would have picked the best one.
+  loss and F1 and its test F1: which selection criterion would have picked the best one;
+- with --set train.ema_decay=D, the registered model is the weights' moving average: the same run's raw
+  weights (kept in its checkpoints for resuming) are scored beside it, at the selected checkpoint and,
+  with --score-checkpoints, at every kept one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,8 +96,25 @@ def chunked_logits(predictor, texts, stride_fraction: float = 0.5):
     return out / counts[:, None]
 
 
+@contextlib.contextmanager
+def raw_weights(checkpoint: Path):
+    """A model folder of `checkpoint`'s raw weights (those the optimizer stepped) where the run averaged
+    them (train.ema_decay; the checkpoint's own model is the average), else None."""
+    from ray_jobs.train import RESUME_FILES, TRAIN_WEIGHTS_FILE
+
+    if not (checkpoint / TRAIN_WEIGHTS_FILE).is_file():
+        yield None
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "raw"
+        shutil.copytree(checkpoint, folder, ignore=shutil.ignore_patterns("model.safetensors", *RESUME_FILES))
+        shutil.copyfile(checkpoint / TRAIN_WEIGHTS_FILE, folder / "model.safetensors")
+        yield folder
+
+
 def score_checkpoints(run_dir: Path, test, precision: str, batch_size: int) -> list[dict]:
-    """Every checkpoint of one Ray Train run: step, validation loss and F1 (from its metadata), test F1."""
+    """Every checkpoint of one Ray Train run: step, validation loss and F1 (from its metadata), test F1
+    (and, where the run averaged its weights, the raw weights' test F1)."""
     from ray_jobs.evaluate import evaluate_dir
     from ray_jobs.model import read_meta
 
@@ -100,9 +123,13 @@ def score_checkpoints(run_dir: Path, test, precision: str, batch_size: int) -> l
         m = read_meta(d).get("metrics", {})
         ev = evaluate_dir(str(d), test, batch_size, precision)
         rows.append({"step": m.get("step"), "val_loss": m.get("val_loss"), "val_f1": m.get("val_f1"), "test_f1": ev.f1})
+        with raw_weights(d) as raw:
+            if raw is not None:
+                rows[-1]["raw_test_f1"] = evaluate_dir(str(raw), test, batch_size, precision).f1
         print(
             f"checkpoint step {m.get('step')}: val_loss {m.get('val_loss'):.4f} val_f1 {m.get('val_f1'):.4f} "
-            f"test_f1 {ev.f1:.4f}",
+            f"test_f1 {ev.f1:.4f}"
+            + (f" (raw weights {rows[-1]['raw_test_f1']:.4f})" if "raw_test_f1" in rows[-1] else ""),
             flush=True,
         )
     rows.sort(key=lambda r: r["step"] or 0)
@@ -170,6 +197,17 @@ def main() -> int:
         predictor = Predictor(str(ckpt), precision=cfg.gate.precision, batch_size=cfg.gate.eval_batch_size)
         preds = predictor.predict_proba(splits.test.texts).argmax(1)
         results["model"]["by_length"] = by_length(splits.test.labels, preds, lengths)
+        with raw_weights(ckpt) as raw:  # the same run's raw weights beside their average (train.ema_decay)
+            if raw is not None:
+                raw_preds = (
+                    Predictor(str(raw), precision=cfg.gate.precision, batch_size=cfg.gate.eval_batch_size)
+                    .predict_proba(splits.test.texts)
+                    .argmax(1)
+                )
+                results["model"]["raw_weights"] = {
+                    "f1": classification_metrics(splits.test.labels, raw_preds)["f1"],
+                    "by_length": by_length(splits.test.labels, raw_preds, lengths),
+                }
         if args.chunked:  # only the reviews over max_length change; the others keep their prediction
             t1 = time.time()
             long = [i for i, n in enumerate(lengths) if n > predictor.max_length - 2]
@@ -195,6 +233,11 @@ def main() -> int:
             f"| DistilBERT (MiniLM-L6 init), {cfg.model.max_length} tokens {cfg.model.truncation} | "
             f"{r['f1']:.4f} | - | "
             f"{r['train_minutes']:.1f} min | {r['train_samples_per_s'] or 0:.1f} |"
+        )
+    if "raw_weights" in results.get("model", {}):
+        print(
+            f"| same run, raw weights (not averaged, train.ema_decay={cfg.train.ema_decay}) | "
+            f"{results['model']['raw_weights']['f1']:.4f} | - | | |"
         )
     for name, r in (("TF-IDF + LR", base), ("model", results.get("model"))):
         if r:
