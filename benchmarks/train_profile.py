@@ -4,17 +4,21 @@
     python benchmarks/train_profile.py --data ../shared/data/imdb/train.parquet --ray   # + Ray Train's share
 
 For each max_length (default 512 and 256) on the same reviews, batches and model (the config's recipe):
-- ceilings measured in this run: one 2048x2048 matmul (bf16 and fp32) and the bare bf16 forward pass of the
-  model (no grad, SDPA: the serving path) on the same batches;
+- ceilings measured in this run: one 2048x2048 matmul in fp32 and, where the CPU has bf16 (AVX-512 BF16 or
+  AMX), in bf16, and the bare forward pass of the model at the training precision (no grad, SDPA: the
+  serving path) on the same batches;
 - the training loop with each attention kernel (`sdpa`, the old loop; `matmul`, the new default on CPUs),
   interleaved over --rounds so that machine noise hits both alike: samples/s, GFLOP/s and the split of a step
   into forward, backward and optimizer (`ray_jobs.train.train_step`'s marks);
 - one torch.profiler pass per kernel: shares of linear layers, attention, autocast casts, element-wise work
-  and the optimizer;
+  and the optimizer; from the linear share, the linear layers' own GFLOP/s (against the ceiling at the
+  training precision) and the bound on any speed-up that leaves the linear layers as they are (1 / share);
 - tokenization cost and padding waste (padded tokens that carry no text) with the config's length bucketing.
 With --ray, Ray Train (1 worker x all cores) runs an epoch of the same reviews with each kernel: its share
 over the plain loop is Ray's and the data path's cost. With --attention, only the attention kernels are
-timed, forward and backward apart, on random 16 x 12-head x 32-wide bf16 inputs at 128-512 tokens.
+timed, forward and backward apart, on random 16 x 12-head x 32-wide inputs at 128-512 tokens, in bf16
+where the CPU has it, else fp32 (on a CPU without bf16 instructions a bf16 matmul runs hundreds of times
+slower than fp32: that is also why the bf16 ceiling is measured only where the CPU has them).
 
 FLOPs are counted on padded tokens (the work the kernels do), per token and layer: 2*(4h^2 + 2hf) for the
 linear layers plus 4*L*h for attention's two products; a training step is 3x its forward pass.
@@ -66,10 +70,14 @@ def matmul_ceiling(dtype, n: int = 2048, reps: int = 5, trials: int = 5) -> floa
     return best
 
 
-def forward_flops(cfg, batches: list[tuple[int, int]]) -> float:
-    """Forward FLOPs of padded batches, each given as (tokens it holds, padded length)."""
+def forward_flops(cfg, batches: list[tuple[int, int]], attention: bool = True) -> float:
+    """Forward FLOPs of padded batches, each given as (tokens it holds, padded length); with
+    attention=False, those of the linear layers alone."""
     h, f, layers = cfg.dim, cfg.hidden_dim, cfg.n_layers
-    return sum(tokens * layers * (2 * (4 * h * h + 2 * h * f) + 4 * length * h) for tokens, length in batches)
+    return sum(
+        tokens * layers * (2 * (4 * h * h + 2 * h * f) + (4 * length * h if attention else 0))
+        for tokens, length in batches
+    )
 
 
 class Loop:
@@ -140,10 +148,15 @@ def bare_forward(model, batches, amp) -> float:
 
 
 def attention_kernels(lengths=(128, 256, 384, 512), batch: int = 16, heads: int = 12, width: int = 32, reps: int = 5):
-    """ms forward and backward of one attention call per kernel and length (bf16, one padded row)."""
+    """ms forward and backward of one attention call per kernel and length (one padded row), in bf16 where
+    the CPU has it, else fp32."""
     import torch
 
+    from ray_jobs.inference import cpu_supports_bf16
     from ray_jobs.model import matmul_attention
+
+    dtype = torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    print(f"attention kernels in {dtype}", flush=True)
 
     def sdpa(q, k, v, mask):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -158,9 +171,7 @@ def attention_kernels(lengths=(128, 256, 384, 512), batch: int = 16, heads: int 
         for name, fn in (("sdpa", sdpa), ("matmul", matmul)):
             fwd = bwd = 0.0
             for i in range(reps + 1):
-                q, k, v = (
-                    torch.randn(batch, heads, length, width, dtype=torch.bfloat16, requires_grad=True) for _ in "qkv"
-                )
+                q, k, v = (torch.randn(batch, heads, length, width, dtype=dtype, requires_grad=True) for _ in "qkv")
                 t0 = time.perf_counter()
                 o = fn(q, k, v, mask)
                 t1 = time.perf_counter()
@@ -220,10 +231,27 @@ def main() -> int:
     base = load_config(args.config, ["train.epochs=1", "train.storage_path=runs/bench-profile"])
     split = split_examples(load_file(args.data), base.data.val_fraction, base.data.test_fraction, seed=0)
     train = split.train.take(range(min(args.samples, len(split.train))))
-    report: dict = {"samples": len(train), "threads": 2, "ceilings_gflops": {}, "lengths": {}}
-    for name, dtype in (("matmul_2048_bf16", torch.bfloat16), ("matmul_2048_fp32", torch.float32)):
-        report["ceilings_gflops"][name] = round(matmul_ceiling(dtype), 1)
-    print(f"{len(train)} reviews, 2 threads; ceilings (GFLOP/s): {report['ceilings_gflops']}", flush=True)
+    from ray_jobs.inference import autocast_dtype, cpu_supports_bf16
+
+    precision = "bf16" if autocast_dtype(base.train.precision, "cpu") == torch.bfloat16 else "fp32"
+    report: dict = {
+        "samples": len(train),
+        "threads": 2,
+        "cpu_bf16": cpu_supports_bf16(),
+        "precision": precision,
+        "ceilings_gflops": {},
+        "lengths": {},
+    }
+    ceilings = [("fp32", torch.float32)]
+    if cpu_supports_bf16() or precision == "bf16":
+        ceilings.insert(0, ("bf16", torch.bfloat16))
+    for name, dtype in ceilings:
+        report["ceilings_gflops"][f"matmul_2048_{name}"] = round(matmul_ceiling(dtype), 1)
+    report["ceiling_gflops"] = report["ceilings_gflops"][f"matmul_2048_{precision}"]
+    print(
+        f"{len(train)} reviews, 2 threads, training in {precision}; ceilings (GFLOP/s): {report['ceilings_gflops']}",
+        flush=True,
+    )
     for max_length in args.max_length:
         cfg = base.model_copy(deep=True)
         cfg.model.max_length = max_length
@@ -239,7 +267,9 @@ def main() -> int:
             batches.append((ids, mask, [train.labels[i] for i in idx]))
         real = sum(len(s) for s in seqs)
         padded = sum(b[0].numel() for b in batches)
-        fwd_flops = forward_flops(loops["sdpa"].model.config, [(b[0].numel(), b[0].shape[1]) for b in batches])
+        shapes = [(b[0].numel(), b[0].shape[1]) for b in batches]
+        fwd_flops = forward_flops(loops["sdpa"].model.config, shapes)
+        linear_flops = forward_flops(loops["sdpa"].model.config, shapes, attention=False)
         for loop in loops.values():  # warm-up: first-call allocations and kernel selection
             for b in batches[:2]:
                 loop.step(*b)
@@ -265,11 +295,15 @@ def main() -> int:
         }
         for k in KERNELS:
             med = sorted(runs[k], key=lambda x: x["seconds"])[len(runs[k]) // 2]
+            shares = loops[k].categories(batches[: min(6, len(batches))])
             row["kernels"][k] = {
                 "samples_per_s": round(med["samples"] / med["seconds"], 2),
                 "gflops": round(3 * fwd_flops / med["seconds"] / 1e9, 1),
                 "step_shares": {ph: round(med[ph] / med["seconds"], 3) for ph in ("forward", "backward", "optimizer")},
-                "op_shares": loops[k].categories(batches[: min(6, len(batches))]),
+                "op_shares": shares,
+                # The profiled steps are the first few batches, the timed ones all of them: an estimate.
+                "linear_gflops": round(3 * linear_flops / (med["seconds"] * shares["linear"]) / 1e9, 1),
+                "bound_if_only_linear": round(1 / shares["linear"], 2),
             }
         row["speedup_matmul_over_sdpa"] = round(
             row["kernels"]["matmul"]["samples_per_s"] / row["kernels"]["sdpa"]["samples_per_s"], 3
@@ -290,23 +324,27 @@ def main() -> int:
 
 
 def print_table(report: dict) -> None:
-    c = report["ceilings_gflops"]
-    print(f"\nceilings: bf16 matmul {c['matmul_2048_bf16']} GFLOP/s, fp32 matmul {c['matmul_2048_fp32']} GFLOP/s")
-    print("| max_length | loop | samples/s | GFLOP/s | share of bf16 matmul | forward / backward / optimizer |")
-    print("|---|---|---|---|---|---|")
+    prec, ceiling = report["precision"], report["ceiling_gflops"]
+    print(f"\nceilings (GFLOP/s): {report['ceilings_gflops']}; training in {prec}, compared with the {prec} matmul")
+    print(
+        "| max_length | loop | samples/s | GFLOP/s | of ceiling | forward / backward / optimizer "
+        "| linear layers: share, GFLOP/s | bound with linear layers as they are |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for length, row in report["lengths"].items():
         print(
-            f"| {length} | bare bf16 forward (SDPA) | - | {row['bare_forward_gflops']} | "
-            f"{row['bare_forward_gflops'] / c['matmul_2048_bf16']:.0%} | - |"
+            f"| {length} | bare {prec} forward (SDPA) | - | {row['bare_forward_gflops']} | "
+            f"{row['bare_forward_gflops'] / ceiling:.0%} | - | | |"
         )
         for k, kr in row["kernels"].items():
             sh = kr["step_shares"]
             print(
                 f"| {length} | training, {k} attention | {kr['samples_per_s']} | {kr['gflops']} | "
-                f"{kr['gflops'] / c['matmul_2048_bf16']:.0%} | "
-                f"{sh['forward']:.0%} / {sh['backward']:.0%} / {sh['optimizer']:.0%} |"
+                f"{kr['gflops'] / ceiling:.0%} | "
+                f"{sh['forward']:.0%} / {sh['backward']:.0%} / {sh['optimizer']:.0%} | "
+                f"{kr['op_shares']['linear']:.0%}, {kr['linear_gflops']} | {kr['bound_if_only_linear']}x |"
             )
-        print(f"| {length} | new / old | {row['speedup_matmul_over_sdpa']}x | | | |")
+        print(f"| {length} | new / old | {row['speedup_matmul_over_sdpa']}x | | | | | |")
     ray = report.get("ray_train_samples_per_s")
     if ray:
         first = next(iter(report["lengths"].values()))
