@@ -135,3 +135,27 @@ def test_evaluate_cli_known_metrics_and_errors(model_dir, tmp_path, capsys, capl
         )
         == 2
     )
+
+
+def test_bf16_asked_for_on_a_cpu_without_it_is_honoured_with_one_warning(monkeypatch, caplog):
+    import logging
+
+    import torch
+
+    from ray_jobs import inference
+
+    monkeypatch.setattr(inference, "cpu_supports_bf16", lambda: False)
+    inference._warn_emulated_bf16.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="ray_jobs.inference"):
+        assert inference.autocast_dtype("bf16", "cpu") == torch.bfloat16  # asked for by name: honoured
+        assert inference.autocast_dtype("bf16", "cpu") == torch.bfloat16
+        assert inference.autocast_dtype("auto", "cpu") is None  # auto picks fp32 on such a CPU
+    assert sum("emulated" in r.getMessage() for r in caplog.records) == 1  # once per process
+    caplog.clear()
+    monkeypatch.setattr(inference, "cpu_supports_bf16", lambda: True)
+    inference._warn_emulated_bf16.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="ray_jobs.inference"):
+        assert inference.autocast_dtype("bf16", "cpu") == torch.bfloat16
+        assert inference.autocast_dtype("auto", "cpu") == torch.bfloat16
+    assert not any("emulated" in r.getMessage() for r in caplog.records)
+    inference._warn_emulated_bf16.cache_clear()
