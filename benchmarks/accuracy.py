@@ -182,7 +182,12 @@ def main() -> int:
             "f1": out.decision.challenger_f1,
             "val_f1": m.get("val_f1"),
             "train_minutes": m.get("elapsed_s", 0) / 60,
-            "train_samples_per_s": m.get("train_samples_per_s"),
+            # Over the whole run, validations included: the last report's own rate covers only the
+            # steps since the report before it (3 steps, once, when the budget struck right after one).
+            "train_samples_per_s": m.get("step", 0)
+            * cfg.train.batch_size
+            * cfg.train.num_workers
+            / max(m.get("elapsed_s", 0), 1e-9),
             "wall_minutes": (time.time() - t0) / 60,
             "version": out.version,
             "gate": out.decision.reason,
