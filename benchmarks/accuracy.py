@@ -199,16 +199,15 @@ def main() -> int:
         ckpt = Path(m["checkpoint_path"])
         from ray_jobs.inference import Predictor
 
-        predictor = Predictor(str(ckpt), precision=cfg.gate.precision, batch_size=cfg.gate.eval_batch_size)
+        def predictor_of(folder: Path) -> Predictor:
+            return Predictor(str(folder), precision=cfg.gate.precision, batch_size=cfg.gate.eval_batch_size)
+
+        predictor = predictor_of(ckpt)
         preds = predictor.predict_proba(splits.test.texts).argmax(1)
         results["model"]["by_length"] = by_length(splits.test.labels, preds, lengths)
         with raw_weights(ckpt) as raw:  # the same run's raw weights beside their average (train.ema_decay)
             if raw is not None:
-                raw_preds = (
-                    Predictor(str(raw), precision=cfg.gate.precision, batch_size=cfg.gate.eval_batch_size)
-                    .predict_proba(splits.test.texts)
-                    .argmax(1)
-                )
+                raw_preds = predictor_of(raw).predict_proba(splits.test.texts).argmax(1)
                 results["model"]["raw_weights"] = {
                     "f1": classification_metrics(splits.test.labels, raw_preds)["f1"],
                     "by_length": by_length(splits.test.labels, raw_preds, lengths),

@@ -231,9 +231,9 @@ def main() -> int:
     base = load_config(args.config, ["train.epochs=1", "train.storage_path=runs/bench-profile"])
     split = split_examples(load_file(args.data), base.data.val_fraction, base.data.test_fraction, seed=0)
     train = split.train.take(range(min(args.samples, len(split.train))))
-    from ray_jobs.inference import autocast_dtype, cpu_supports_bf16
+    from ray_jobs.inference import cpu_supports_bf16, resolved_precision
 
-    precision = "bf16" if autocast_dtype(base.train.precision, "cpu") == torch.bfloat16 else "fp32"
+    precision = resolved_precision(base.train.precision)
     report: dict = {
         "samples": len(train),
         "threads": 2,

@@ -48,6 +48,11 @@ def autocast_dtype(precision: str, device_type: str):
     return torch.bfloat16 if cpu_supports_bf16() else None
 
 
+def resolved_precision(precision: str) -> str:
+    """The precision `precision` (auto included) computes in on this machine's CPU: bf16 or fp32."""
+    return "bf16" if autocast_dtype(precision, "cpu") is not None else "fp32"
+
+
 @functools.cache
 def _warn_emulated_bf16() -> None:
     # Once per process. Nothing else would tell why a run or a replica is that slow: on an AMD EPYC with

@@ -43,7 +43,7 @@ from pydantic import BaseModel, Field
 from ray_jobs.config import ServeConfig
 from ray_jobs.data import Split
 from ray_jobs.errors import SentimentError
-from ray_jobs.inference import Predictor, classification_metrics, length_batches
+from ray_jobs.inference import Predictor, classification_metrics, length_batches, resolved_precision
 from ray_jobs.model import load_model, load_tokenizer, read_meta
 
 log = logging.getLogger(__name__)
@@ -377,13 +377,6 @@ def build(
         )
         files = {path.name: path.read_bytes(), GUARD_FILES[quantization]: report.model_dump_json(indent=1).encode()}
     return files, report
-
-
-def resolved_precision(precision: str) -> str:
-    """The precision `auto` means on this machine (what eager labels were computed in)."""
-    from ray_jobs.inference import autocast_dtype
-
-    return "bf16" if autocast_dtype(precision, "cpu") is not None else "fp32"
 
 
 def main(argv: list[str] | None = None) -> int:
