@@ -38,4 +38,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
 
 # Inside the container the proxy must listen on 0.0.0.0 to be reachable through the published
 # port; publish it on the host's loopback (-p 127.0.0.1:8000:8000) unless you mean to expose it.
-CMD ["python", "-m", "ray_jobs.deploy", "--config", "tune_configs/quickstart.yaml", "--set", "serve.host=0.0.0.0", "--block"]
+CMD ["python", "-m", "ray_jobs", "deploy", "--config", "tune_configs/quickstart.yaml", "--set", "serve.host=0.0.0.0", "--block"]

@@ -100,7 +100,7 @@ def chunked_logits(predictor, texts, stride_fraction: float = 0.5):
 def raw_weights(checkpoint: Path):
     """A model folder of `checkpoint`'s raw weights (those the optimizer stepped) where the run averaged
     them (train.ema_decay; the checkpoint's own model is the average), else None."""
-    from ray_jobs.train import RESUME_FILES, TRAIN_WEIGHTS_FILE
+    from ray_jobs.train_worker import RESUME_FILES, TRAIN_WEIGHTS_FILE
 
     if not (checkpoint / TRAIN_WEIGHTS_FILE).is_file():
         yield None

@@ -307,7 +307,8 @@ class Cluster:
             [
                 sys.executable,
                 "-m",
-                "ray_jobs.deploy",
+                "ray_jobs",
+                "deploy",
                 "--config",
                 str(ROOT / "tune_configs/quickstart.yaml"),
                 *[x for kv in sets for x in ("--set", kv)],

@@ -108,7 +108,7 @@ SERVE_VARIANTS = {
     "shadow-25-haproxy": Variant(_HAPROXY, None, "proxy", drift=False, shadow=0.25),
     "no-feedback-haproxy": Variant(_HAPROXY, None, "proxy", drift=False, shadow=0.0, feedback=False),
     # The model's runtime, behind HAProxy without drift monitoring (ray_jobs.onnx_runtime; the folder
-    # needs its exports first: python -m ray_jobs.onnx_runtime --model <folder> --quantization none|int8).
+    # needs its exports first: python -m ray_jobs onnx --model <folder> --quantization none|int8).
     "runtime-eager-fp32": Variant(_HAPROXY, None, "proxy", drift=False, precision="fp32"),
     "runtime-eager-bf16": Variant(_HAPROXY, None, "proxy", drift=False, precision="bf16"),
     "runtime-onnx-fp32": Variant(_HAPROXY, None, "proxy", drift=False, runtime="onnx"),

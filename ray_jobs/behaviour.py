@@ -8,12 +8,11 @@ F1 score hides. A fixed, versioned set of template-generated cases of three type
 - DIR (directional expectation): "I loved it." appended must not lower the positive probability
   ("I hated it." must not raise it) by more than DIR_TOLERANCE.
 
-    python -m ray_jobs.behaviour --model <models:/name@alias | version | folder> [--json] [--config ...]
+    python -m ray_jobs behaviour --model <models:/name@alias | version | folder> [--json] [--config ...]
 
 The pipeline runs it on every registered version (MLflow: metrics behaviour.<type>_failure_rate and
 behaviour.json); `gate.behaviour.max_failure_rate` makes the gate block a challenger for which any test
-fails more often than that. Plain Python and PyTorch through ray_jobs.inference: no Ray, no MLflow here
-but in main().
+fails more often than that. Plain Python and PyTorch through ray_jobs.inference: no Ray, no MLflow here.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import product
@@ -212,41 +210,3 @@ def format_report(report: Report) -> str:
         for ex in t.examples[:2]:
             lines.append(f"  e.g. {t.name}: {json.dumps(ex)}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ray_jobs.errors import SentimentError
-    from ray_jobs.runtime import (
-        EXIT_FAILURE,
-        EXIT_OK,
-        EXIT_USAGE,
-        add_model_argument,
-        config_parser,
-        configure_logging,
-        load_from_args,
-        with_cluster_addresses,
-    )
-
-    p = config_parser("Run the behavioural test suite on a sentiment model.", config_required=False)
-    add_model_argument(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    args = p.parse_args(argv)
-    configure_logging()
-    try:
-        from ray_jobs.registry import Registry
-
-        cfg = with_cluster_addresses(load_from_args(args))
-        model_dir = Registry(cfg.registry).resolve_model_dir(args.model)
-        report = run_on_model(model_dir, cfg.gate.eval_batch_size)
-    except SentimentError as err:
-        log.error("%s", err)
-        return EXIT_USAGE
-    except Exception as err:
-        log.error("behavioural suite failed: %s: %s", type(err).__name__, err)
-        return EXIT_FAILURE
-    print(json.dumps({"model": args.model, **report.to_dict()}) if args.json else format_report(report))
-    return EXIT_OK
-
-
-if __name__ == "__main__":
-    sys.exit(main())

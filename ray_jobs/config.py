@@ -363,7 +363,7 @@ class ServeConfig(_Strict):
     # auto: bf16 where the CPU has AVX-512 BF16/AMX (same predictions within 0.1 point of F1), else fp32.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # The replica's model runtime: eager PyTorch at `precision`, or ONNX Runtime on the version's export
-    # (python -m ray_jobs.onnx_runtime; the pipeline exports at registration when this is onnx), with its
+    # (python -m ray_jobs onnx; the pipeline exports at registration when this is onnx), with its
     # weights in int8 for `quantization: int8`. An export is served only where its accuracy guard on the
     # version's test split passed: F1 at most `max_f1_drop` below eager's and labels agreeing on at least
     # `min_label_agreement` of the texts; else the replica serves eager and /model says why.

@@ -1,6 +1,6 @@
 """Deploy the champion, or hot-swap the running application to the current champion.
 
-    python -m ray_jobs.deploy --config tune_configs/quickstart.yaml      # deploy / hot-swap, then exit
+    python -m ray_jobs deploy --config tune_configs/quickstart.yaml      # deploy / hot-swap, then exit
 
 The application is the one `serve.import_path` names (default `serve_app.app:build_app`), called with
 the config's `serve` and `registry` sections, as a Serve config file's `import_path` and `args` would
@@ -11,23 +11,12 @@ from __future__ import annotations
 
 import logging
 import pkgutil
-import sys
 import time
 
 from ray_jobs.config import PipelineConfig, served_model_uri
 from ray_jobs.errors import ConfigError, SentimentError
 from ray_jobs.registry import Registry
-from ray_jobs.runtime import (
-    EXIT_FAILURE,
-    EXIT_OK,
-    EXIT_USAGE,
-    config_parser,
-    configure_logging,
-    init_ray,
-    load_from_args,
-    wait_until_interrupted,
-    with_cluster_addresses,
-)
+from ray_jobs.runtime import init_ray, with_cluster_addresses
 
 log = logging.getLogger(__name__)
 
@@ -135,31 +124,3 @@ def deploy_champion(cfg: PipelineConfig) -> tuple[str, str]:
     version = reg.resolve_version(uri)
     rollout = reg.served_rollout(uri, version)
     return version, deploy(cfg, wait_version=version, wait_challenger=rollout.version if rollout else None)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = config_parser("Deploy the champion with Ray Serve, or hot-swap a running app to it.")
-    parser.add_argument(
-        "--block", action="store_true", help="stay up until Ctrl-C/SIGTERM (containers, in-process Ray)"
-    )
-    args = parser.parse_args(argv)
-    configure_logging()
-    try:
-        cfg = load_from_args(args)
-    except SentimentError as err:
-        log.error("%s", err)
-        return EXIT_USAGE
-    try:
-        version, url = deploy_champion(cfg)
-    except Exception as err:
-        log.error("deploy failed: %s", err)
-        return EXIT_FAILURE
-    log.info("serving version %s at %s", version, url)
-    print(url, flush=True)
-    if args.block:
-        wait_until_interrupted()
-    return EXIT_OK
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """ONNX Runtime for serving (`serve.runtime: onnx`, `serve.quantization: none | int8`): export a model
 folder once, guard the export's accuracy against the eager model, and score texts with it.
 
-    python -m ray_jobs.onnx_runtime --model <version | models:/name@alias | folder> [--quantization int8]
+    python -m ray_jobs onnx --model <version | models:/name@alias | folder> [--quantization int8]
         [--data <labelled file>] [--config tune_configs/imdb_cpu.yaml --set data.path=...]
 
 Once per registered version: the pipeline exports at registration when `serve.runtime` is onnx (the
@@ -24,12 +24,9 @@ version registered before, or to a local folder. Replicas only load the file; no
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
-import json
 import logging
-import sys
 import tempfile
 import time
 import warnings
@@ -236,7 +233,7 @@ class OnnxPredictor(Predictor):
 
         path = Path(onnx_path or Path(model_dir) / MODEL_FILES[quantization])
         if not path.is_file():
-            raise OnnxError(f"{path} does not exist (export it: python -m ray_jobs.onnx_runtime --model ...)")
+            raise OnnxError(f"{path} does not exist (export it: python -m ray_jobs onnx --model ...)")
         self.tokenizer, self.meta = load_tokenizer(model_dir), read_meta(model_dir)
         self._text_settings(model_dir, batch_size)
         self.quantization = quantization
@@ -289,7 +286,7 @@ def unservable(model_dir: str | Path, choice: RuntimeChoice) -> str | None:
     if not path.is_file():
         return (
             f"no {path.name} in the model folder (export it once per version: "
-            f"python -m ray_jobs.onnx_runtime --model <version> --quantization {choice.quantization})"
+            f"python -m ray_jobs onnx --model <version> --quantization {choice.quantization})"
         )
     try:
         guard = read_guard(model_dir, choice.quantization)
@@ -379,70 +376,20 @@ def build(
     return files, report
 
 
-def main(argv: list[str] | None = None) -> int:
-    from ray_jobs.data import load_file, load_splits
-    from ray_jobs.registry import Registry, parse_model_uri
-    from ray_jobs.runtime import (
-        EXIT_BLOCKED,
-        EXIT_FAILURE,
-        EXIT_OK,
-        EXIT_USAGE,
-        add_model_argument,
-        config_parser,
-        configure_logging,
-        load_from_args,
-        with_cluster_addresses,
-    )
+def store(reg, model_ref: str, model_dir: str, files: dict[str, bytes]) -> str:
+    """Put `files` (from `build`) beside the model `model_ref` names: into a model folder (each file
+    written whole, then renamed into place), or into a registered version (Registry.add_version_files).
+    `reg` is the config's Registry; a bare version number is one of its model. Returns where, in words."""
+    from ray_jobs.registry import parse_model_uri
 
-    p: argparse.ArgumentParser = config_parser(
-        "Export a registered version (or a model folder) to ONNX once, score it against the eager model, "
-        "and store both beside the model.",
-        config_required=False,
-    )
-    add_model_argument(p)
-    p.add_argument("--quantization", choices=sorted(MODEL_FILES), help="default: the config's serve.quantization")
-    p.add_argument("--data", help="labelled file for the guard (default: the config's test split, as the pipeline)")
-    p.add_argument("--json", action="store_true", help="print the guard report as one JSON object")
-    args = p.parse_args(argv)
-    configure_logging()
-    try:
-        cfg = with_cluster_addresses(load_from_args(args))
-        quantization = args.quantization or cfg.serve.quantization
-        if args.data:
-            split = load_file(args.data, cfg.data.text_column, cfg.data.label_column)
-        else:
-            split = load_splits(cfg.data).test
-        reg = Registry(cfg.registry)
-        model_dir = reg.resolve_model_dir(args.model)
-        files, report = build(
-            model_dir, split, quantization, precision=cfg.gate.precision, batch_size=cfg.gate.eval_batch_size
-        )
-        if Path(args.model).is_dir():
-            for name, content in files.items():
-                partial = Path(model_dir) / (name + ".partial")
-                partial.write_bytes(content)
-                partial.replace(Path(model_dir) / name)
-            where = model_dir
-        else:
-            bare = args.model.isdigit()  # a version number of the config's registered model
-            target = reg if bare else reg.for_model(parse_model_uri(args.model)[0])
-            version = args.model if bare else reg.resolve_version(args.model)
-            target.add_version_files(version, files)
-            where = f"version {version} of '{target.name}'"
-    except SentimentError as err:
-        log.error("%s", err)
-        return EXIT_USAGE
-    except Exception as err:
-        log.error("export failed: %s: %s", type(err).__name__, err)
-        return EXIT_FAILURE
-    refusal = report.refusal(cfg.serve.max_f1_drop, cfg.serve.min_label_agreement)
-    if args.json:
-        print(json.dumps({**report.model_dump(), "stored_in": where, "refusal": refusal}))
-    else:
-        print(f"{MODEL_FILES[quantization]} stored in {where}: {report.summary()}")
-        print("guard: " + (refusal or "passed: replicas with serve.runtime=onnx serve it"))
-    return EXIT_BLOCKED if refusal else EXIT_OK
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    if Path(model_ref).is_dir():
+        for name, content in files.items():
+            partial = Path(model_dir) / (name + ".partial")
+            partial.write_bytes(content)
+            partial.replace(Path(model_dir) / name)
+        return model_dir
+    bare = model_ref.isdigit()
+    target = reg if bare else reg.for_model(parse_model_uri(model_ref)[0])
+    version = model_ref if bare else reg.resolve_version(model_ref)
+    target.add_version_files(version, files)
+    return f"version {version} of '{target.name}'"

@@ -1,21 +1,14 @@
 """The whole job: tune (-> train) -> register the best trial -> gate -> deploy / hot-swap -> summary.
 
-    python -m ray_jobs.pipeline --config tune_configs/quickstart.yaml
-    ray job submit --working-dir . -- python -m ray_jobs.pipeline --config tune_configs/imdb.yaml
-
-Exit codes: 0 promoted, or in shadow with gate.on_pass: shadow (and deployed unless --no-deploy), 3
-blocked by the gate (a valid outcome), 2 bad config or data, 1 failure (nothing promoted, no alias
-changed), 4 promoted in the registry (the champion alias moved) but a later step failed: recording the
-decision, deploying, or the sample request;
-130 interrupted (Ctrl-C, or SIGTERM from `ray job stop`) before a promotion: the MLflow run ends KILLED,
-and a version registered but not yet gated keeps the tag gate.decision=pending.
+The command is `python -m ray_jobs pipeline` (ray_jobs.cli.pipeline, which also lists the exit codes).
+A failure after the champion alias moved raises PromotedNotDeployedError; an interrupted run ends its
+MLflow run KILLED, and a version registered but not yet gated keeps the tag gate.decision=pending.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,28 +17,14 @@ from ray_jobs.behaviour import Report, run_on_model
 from ray_jobs.config import PipelineConfig
 from ray_jobs.data import Split, load_splits
 from ray_jobs.drift import REFERENCE_FILE
-from ray_jobs.errors import ConfigError, DataError, GateError, PromotedNotDeployedError, SentimentError
+from ray_jobs.errors import GateError, PromotedNotDeployedError
 from ray_jobs.evaluate import evaluate_and_profile, evaluate_dir
 from ray_jobs.gate import Decision, Evaluation, decide, policy_from_config
 from ray_jobs.model import read_meta
 from ray_jobs.registry import Registry, Rollout
-from ray_jobs.runtime import (
-    EXIT_BLOCKED,
-    EXIT_FAILURE,
-    EXIT_INTERRUPTED,
-    EXIT_NOT_DEPLOYED,
-    EXIT_OK,
-    EXIT_USAGE,
-    config_parser,
-    configure_logging,
-    init_ray,
-    interrupt_on_sigterm,
-    load_from_args,
-    sigterm_received,
-    wait_until_interrupted,
-    with_cluster_addresses,
-)
-from ray_jobs.train import RESUME_FILES, local_checkpoint_dir, put_data
+from ray_jobs.runtime import init_ray, interrupt_on_sigterm, sigterm_received, with_cluster_addresses
+from ray_jobs.train import local_checkpoint_dir, put_data
+from ray_jobs.train_worker import RESUME_FILES
 from ray_jobs.tune import CHECKPOINT_KEY, SearchOutcome, run_search
 
 log = logging.getLogger(__name__)
@@ -126,7 +105,7 @@ def run_gate(
         reg.set_version_tags(version, tags)
         if shadows(cfg, decision, champ):
             # gate.on_pass: shadow. The champion stays; the new version is mirrored on live traffic
-            # until `ray_jobs.registry promote` decides on the live evidence (ray_jobs.rollout).
+            # until `python -m ray_jobs registry promote` decides on the live evidence (ray_jobs.rollout).
             lease.check()
             reg.set_rollout(Rollout(mode="shadow", version=version, champion=champ, started_at=time.time()))
             reg.record_history({"event": "shadow", "version": version, "champion": champ, "by": "gate.on_pass"})
@@ -360,86 +339,3 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
         raise
     finally:
         reg.end_run(run_id, "KILLED" if sigterm_received() else status)
-
-
-def _print_summary(cfg: PipelineConfig, out: Outcome) -> None:
-    d = out.decision
-    champ = "none" if d.champion_f1 is None else f"v{out.champion_before} F1 {d.champion_f1:.4f}"
-    print(f"\n=== pipeline '{cfg.name}' ===")
-    print(f"registered     {cfg.registry.model_name} version {out.version}")
-    print(f"challenger     test F1 {d.challenger_f1:.4f} on {d.n} examples (digest {d.test_digest})")
-    print(f"champion       {champ}")
-    verdict = ("PASSED, IN SHADOW" if out.shadowed else "PROMOTED") if d.promote else "BLOCKED"
-    print(f"gate           {verdict}: {d.reason}")
-    if out.shadowed:
-        print(f"shadow         v{out.version} scores live traffic beside v{out.champion_before}; decide with")
-        print(f"               python -m ray_jobs.registry --config ... promote {out.version}   (or abort)")
-    if out.url:
-        print(f"endpoint       {out.url}/predict   (docs: {out.url}/docs)")
-    if out.sample:
-        print(f'sample request POST /predict {{"text": "{SAMPLE_REVIEW}"}}')
-        print(f"       answer  {out.sample}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = config_parser("Tune, register, gate and serve the sentiment classifier.")
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--no-deploy", action="store_true", help="do not deploy or hot-swap the Serve app")
-    mode.add_argument("--deploy-only", action="store_true", help="only deploy (or hot-swap to) the current champion")
-    parser.add_argument("--resume-tune", metavar="EXPERIMENT_PATH", help="continue an interrupted Tune search")
-    parser.add_argument(
-        "--keep-serving",
-        action="store_true",
-        help="stay up (Ctrl-C stops) so the endpoint outlives the run when Ray was started in-process",
-    )
-    args = parser.parse_args(argv)
-    configure_logging()
-    try:
-        cfg = load_from_args(args)
-    except ConfigError as err:
-        log.error("%s", err)
-        return EXIT_USAGE
-    try:
-        if args.deploy_only:
-            from ray_jobs.deploy import deploy_champion
-
-            _, url = deploy_champion(cfg)
-            print(f"endpoint       {url}/predict")
-            code = EXIT_OK
-        else:
-            out = run_pipeline(cfg, deploy_app=not args.no_deploy, resume_tune=args.resume_tune)
-            _print_summary(cfg, out)
-            code = EXIT_OK if out.decision.promote else EXIT_BLOCKED
-    except PromotedNotDeployedError as err:
-        log.error(
-            "version %s was promoted in the registry (it is the champion now), not deployed: %s. "
-            "Fix the cause and run --deploy-only, or roll back: python -m ray_jobs.registry ... rollback",
-            err.version,
-            err,
-        )
-        print(f"gate           PROMOTED v{err.version} in the registry, NOT DEPLOYED: {err}", flush=True)
-        return EXIT_NOT_DEPLOYED
-    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - the last line of defence says what broke
-        if isinstance(err, KeyboardInterrupt) or sigterm_received():
-            # A promotion (the alias moved) that was interrupted afterwards exits 4 (promoted_steps).
-            log.error("interrupted (Ctrl-C or SIGTERM) before any promotion: nothing promoted")
-            return EXIT_INTERRUPTED
-        if isinstance(err, (ConfigError, DataError)):
-            log.error("%s", err)
-            return EXIT_USAGE
-        if isinstance(err, SentimentError):
-            log.error("pipeline failed, nothing promoted: %s", err)
-            return EXIT_FAILURE
-        log.exception("pipeline failed, nothing promoted: %s: %s", type(err).__name__, err)
-        return EXIT_FAILURE
-    if args.keep_serving:
-        print("serving until Ctrl-C ...", flush=True)
-        wait_until_interrupted()
-    return code
-
-
-if __name__ == "__main__":
-    # `ray job stop` sends SIGTERM (SIGKILL 3 s later): handled as Ctrl-C, so that the MLflow run ends
-    # KILLED. Only here: a process that calls main() keeps its own signal handling.
-    interrupt_on_sigterm()
-    sys.exit(main())

@@ -1,11 +1,6 @@
-"""The only module that talks to MLflow: tracking runs, registering versions, aliases, and the registry CLI.
+"""The only module that talks to MLflow: tracking runs, registering versions, aliases and the rollout record.
 
-python -m ray_jobs.registry --config tune_configs/quickstart.yaml status
-python -m ray_jobs.registry --config ... compare 1 2
-python -m ray_jobs.registry --config ... rollback
-python -m ray_jobs.registry --config ... promote 3 --force --reason "hotfix"
-python -m ray_jobs.registry --config ... experiments
-python -m ray_jobs.registry --config ... shadow 3 | canary 3 --share 0.1 | promote 3 | abort   (ray_jobs.rollout)
+Its command is `python -m ray_jobs registry` (ray_jobs.cli.registry); the gate's lock is ray_jobs.registry_lock.
 """
 
 from __future__ import annotations
@@ -15,13 +10,9 @@ import json
 import logging
 import os
 import re
-import socket
 import subprocess
-import sys
 import tempfile
-import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -29,17 +20,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ray_jobs.config import PipelineConfig, RegistryConfig, absolute_path
-from ray_jobs.errors import ConfigError, RegistryError, SentimentError
-from ray_jobs.runtime import (
-    EXIT_BLOCKED,
-    EXIT_FAILURE,
-    EXIT_OK,
-    EXIT_USAGE,
-    config_parser,
-    configure_logging,
-    load_from_args,
-    with_cluster_addresses,
-)
+from ray_jobs.errors import RegistryError, SentimentError
+from ray_jobs.registry_lock import GateLease, does_not_exist
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +325,7 @@ class Registry:
         try:
             return str(self.client.get_model_version_by_alias(self.name, alias).version)
         except MlflowException as err:
-            if _does_not_exist(err):
+            if does_not_exist(err):
                 return None
             raise RegistryError(f"MLflow alias lookup failed at {self.uri}: {err}") from None
         except Exception as err:
@@ -470,128 +452,39 @@ class Registry:
         rm = self._call("get_registered_model", self.client.get_registered_model, self.name)
         return {a: str(v) for a, v in (rm.aliases or {}).items()}
 
+    def pipeline_runs(self, limit: int) -> list:
+        """The newest `limit` pipeline runs (parent runs only: trials are nested runs), newest first."""
+        runs = self._call(
+            "search_runs",
+            self.client.search_runs,
+            [self.experiment_id()],
+            filter_string="tags.pipeline != ''",
+            order_by=["attributes.start_time DESC"],
+            max_results=limit,
+        )
+        return [r for r in runs if not r.data.tags.get("mlflow.parentRunId")]
 
-class GateLease:
-    """The registry-held lock of `Registry.lock` (see there)."""
-
-    def __init__(self, reg: Registry, lease_s: float):
-        if lease_s <= 0:
-            raise ValueError("lease_s must be positive")
-        self.reg, self.lease_s = reg, lease_s
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._stop = threading.Event()
-        self._lost: str | None = None
-        self._beat: threading.Thread | None = None
-
-    def _tags(self) -> dict[str, str] | None:
-        """The lock's tags, or None when nobody holds it."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return dict(self.reg.client.get_registered_model(self.reg.lock_name).tags or {})
-        except MlflowException as err:
-            if _does_not_exist(err):
-                return None
-            raise
-
-    def _try_create(self) -> bool:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.reg.client.create_registered_model(
-                self.reg.lock_name,
-                tags={"owner": self.owner, "heartbeat": "0"},
-                description=f"gate lock of {self.reg.name}: exists while a driver decides (ray_jobs.registry)",
+    def move_champion_by_hand(self, version: str, kind: str, reason: str) -> str | None:
+        """Make `version` the champion outside the gate (`kind`: rollback, manual), under the gate's lock,
+        recorded as a version tag and in the history. Returns the champion before."""
+        with self.lock() as lease:
+            old = self.champion()
+            self.get_version(version)  # must exist
+            lease.check()
+            self.set_aliases(version, old)
+            now = time.time()
+            self.set_version_tags(version, {"gate.decision": kind, "gate.reason": reason, "gate.timestamp": now})
+            self.record_history(
+                {
+                    "event": kind,
+                    "champion": version,
+                    "previous": old,
+                    "reason": reason,
+                    "timestamp": now,
+                    "user": os.environ.get("USER", ""),
+                }
             )
-            return True
-        except MlflowException as err:
-            # Taken (or released between the insert and MLflow's look-up of the existing one): wait.
-            if "RESOURCE_ALREADY_EXISTS" in str(err.error_code) or _does_not_exist(err):
-                return False
-            raise
-
-    def acquire(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        seen: tuple[str, str] | None = None  # (owner, heartbeat) last seen, and since when it has not moved
-        seen_since = time.monotonic()
-        waited = False
-        while True:
-            if self.reg._call("create the gate lock", self._try_create):
-                break
-            tags = self.reg._call("read the gate lock", self._tags)
-            now = time.monotonic()
-            if tags is not None:
-                current = (tags.get("owner", ""), tags.get("heartbeat", ""))
-                if current != seen:
-                    seen, seen_since = current, now
-                elif now - seen_since > self.lease_s:
-                    log.warning("gate lock of %s not renewed for %.0f s: taking it over", seen[0], now - seen_since)
-                    self._take_over(seen[0])
-                    seen = None
-                    continue
-                if not waited:
-                    log.info("waiting for the gate lock on %s (held by %s)", self.reg.name, current[0])
-                    waited = True
-            if now > deadline:
-                raise RegistryError(
-                    f"timed out after {timeout_s:.0f} s waiting for the gate lock {self.reg.lock_name} "
-                    f"(held by {seen[0] if seen else 'nobody'})"
-                )
-            time.sleep(0.2 + 0.3 * (uuid.uuid4().int % 100) / 100)  # jitter: waiters do not poll in step
-        self._beat = threading.Thread(target=self._heartbeat, name="gate-lock-heartbeat", daemon=True)
-        self._beat.start()
-
-    def _take_over(self, stale_owner: str) -> None:
-        """Delete a dead holder's lock, unless it changed hands since we looked."""
-        from mlflow.exceptions import MlflowException
-
-        tags = self.reg._call("read the gate lock", self._tags)
-        if tags is None or tags.get("owner") != stale_owner:
-            return
-        try:
-            self.reg.client.delete_registered_model(self.reg.lock_name)
-        except MlflowException as err:
-            if not _does_not_exist(err):
-                raise RegistryError(f"MLflow delete of a stale gate lock failed at {self.reg.uri}: {err}") from None
-
-    def _heartbeat(self) -> None:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(self.reg.uri, self.reg.uri)  # its own client: the driver's is busy elsewhere
-        beat = 0
-        while not self._stop.wait(self.lease_s / 4):
-            beat += 1
-            try:
-                tags = client.get_registered_model(self.reg.lock_name).tags or {}
-                if tags.get("owner") != self.owner:
-                    self._lost = f"taken over by {tags.get('owner')}"
-                    return
-                client.set_registered_model_tag(self.reg.lock_name, "heartbeat", str(beat))
-            except Exception as err:  # noqa: BLE001 - one missed beat is not a lost lease; check() decides
-                log.warning("gate lock heartbeat failed: %s: %s", type(err).__name__, str(err)[:200])
-
-    def check(self) -> None:
-        """Raise RegistryError unless this process still holds the lock (call before writing aliases)."""
-        tags = self.reg._call("read the gate lock", self._tags)
-        if self._lost or tags is None or tags.get("owner") != self.owner:
-            why = self._lost or f"now held by {(tags or {}).get('owner')}"
-            raise RegistryError(f"lost the gate lock {self.reg.lock_name} ({why})")
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._beat is not None:
-            self._beat.join(timeout=30)
-        try:
-            tags = self._tags()
-            if tags is not None and tags.get("owner") == self.owner:
-                self.reg.client.delete_registered_model(self.reg.lock_name)
-        except Exception as err:  # noqa: BLE001 - the lease expires by itself; say so and go on
-            log.warning("could not release the gate lock (it expires in %.0f s): %s", self.lease_s, err)
-
-
-def _does_not_exist(err: Exception) -> bool:
-    text = f"{getattr(err, 'error_code', '')} {err}".lower()
-    return "resource_does_not_exist" in text or "not found" in text or "does not exist" in text
+        return old
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -603,176 +496,3 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-# ---------------------------------------------------------------------- CLI
-
-
-def _cmd_status(reg: Registry) -> None:
-    aliases = reg.aliases()
-    by_version: dict[str, list[str]] = {}
-    for a, v in aliases.items():
-        by_version.setdefault(v, []).append(a)
-    print(f"registered model: {reg.name}  ({reg.uri})")
-    rollout = reg.rollout()
-    if rollout is not None:
-        print(
-            f"live: version {rollout.version} in {rollout.mode} beside champion {rollout.champion} "
-            f"(share {rollout.share:g}, mirror {rollout.mirror:g})"
-        )
-    print(f"{'version':>7}  {'aliases':<18} {'test_f1':>8}  {'gate':<8} {'created':<19}  reason")
-    for v in reg.versions():
-        t = v.tags or {}
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v.creation_timestamp / 1000))
-        print(
-            f"{v.version:>7}  {','.join(sorted(by_version.get(str(v.version), []))) or '-':<18} "
-            f"{t.get('test_f1', '-'):>8}  {t.get('gate.decision', '-'):<8} {created:<19}  {t.get('gate.reason', '')}"
-        )
-
-
-def _cmd_compare(reg: Registry, a: str, b: str) -> None:
-    va, vb = reg.get_version(a), reg.get_version(b)
-    keys = sorted(
-        {k for v in (va, vb) for k in (v.tags or {}) if k.startswith(("test_", "val_", "gate.", "hp.", "data_digest"))}
-    )
-    print(f"{'':<28} {'v' + a:>22} {'v' + b:>22}")
-    for k in keys:
-        print(f"{k:<28} {str((va.tags or {}).get(k, '-'))[:22]:>22} {str((vb.tags or {}).get(k, '-'))[:22]:>22}")
-
-
-def _cmd_experiments(reg: Registry, limit: int) -> None:
-    runs = reg._call(
-        "search_runs",
-        reg.client.search_runs,
-        [reg.experiment_id()],
-        filter_string="tags.pipeline != ''",
-        order_by=["attributes.start_time DESC"],
-        max_results=limit,
-    )
-    print(f"{'started':<19}  {'run':<34} {'status':<9} {'best_val_f1':>11} {'version':>7}  gate")
-    for r in runs:
-        if r.data.tags.get("mlflow.parentRunId"):
-            continue
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.info.start_time / 1000))
-        m, t = r.data.metrics, r.data.tags
-        best = f"{m['best_val_f1']:.4f}" if "best_val_f1" in m else "-"
-        print(
-            f"{started:<19}  {r.info.run_name[:34]:<34} {r.info.status:<9} {best:>11} "
-            f"{t.get('registered_version', '-'):>7}  {t.get('gate.decision', '-')}"
-        )
-
-
-def _manual_alias_change(reg: Registry, new: str, kind: str, reason: str) -> None:
-    with reg.lock() as lease:
-        old = reg.champion()
-        reg.get_version(new)  # must exist
-        lease.check()
-        reg.set_aliases(new, old)
-        event = {
-            "event": kind,
-            "champion": new,
-            "previous": old,
-            "reason": reason,
-            "timestamp": time.time(),
-            "user": os.environ.get("USER", ""),
-        }
-        reg.set_version_tags(new, {"gate.decision": kind, "gate.reason": reason, "gate.timestamp": event["timestamp"]})
-        reg.record_history(event)
-    print(f"{kind}: champion is now version {new} (was {old})")
-
-
-def _fraction(text: str) -> float:
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{value:g} is not between 0 and 1")
-    return value
-
-
-def _rollout_command(args, cfg: PipelineConfig) -> int:
-    """shadow, canary, promote (on live evidence) and abort: ray_jobs.rollout, which deploys."""
-    from ray_jobs import rollout  # imported here: it depends on this module (and on ray_jobs.deploy)
-
-    deploy_app = not args.no_deploy
-    if args.cmd in ("shadow", "canary"):
-        r = rollout.start(cfg, args.cmd, args.version, getattr(args, "share", 0.0), args.mirror, deploy_app)
-        print(f"{r.mode}: version {r.version} beside champion {r.champion} (share {r.share:g}, mirror {r.mirror:g})")
-        return EXIT_OK
-    if args.cmd == "abort":
-        r = rollout.abort(cfg, deploy_app)
-        print(f"abort: version {r.version} ({r.mode}) is off live traffic; the champion serves alone")
-        return EXIT_OK
-    decision = rollout.promote(cfg, args.version, deploy_app)
-    print(decision.summary().replace("gate:", "live gate:", 1))
-    return EXIT_OK if decision.promote else EXIT_BLOCKED
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = config_parser(
-        "Inspect and change the model registry (status, compare, rollback, promote, experiments) and run a "
-        "challenger on live traffic (shadow, canary, promote, abort). "
-        "The config's registry section names the store, e.g. --set registry.tracking_uri=http://host:5000.",
-        config_required=False,
-    )
-    sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("status", help="versions, aliases, test F1 and gate decisions")
-    c = sub.add_parser("compare", help="two versions' metrics side by side")
-    c.add_argument("a")
-    c.add_argument("b")
-    sub.add_parser("rollback", help="champion <- previous (recorded)")
-    pr = sub.add_parser(
-        "promote",
-        help="make VERSION the champion: the challenger in shadow/canary on live evidence, or by hand with --force",
-    )
-    pr.add_argument("version")
-    pr.add_argument("--force", action="store_true", help="bypass the gate and the live evidence (needs --reason)")
-    pr.add_argument("--reason", help="why (required with --force)")
-    pr.add_argument("--no-deploy", action="store_true", help="only record; the next deploy applies it")
-    e = sub.add_parser("experiments", help="recent pipeline runs and their best trials")
-    e.add_argument("--limit", type=int, default=20)
-    sh = sub.add_parser("shadow", help="VERSION scores live traffic beside the champion; the champion answers")
-    ca = sub.add_parser("canary", help="VERSION answers a share of live traffic (sticky per routing key)")
-    for cmd in (sh, ca):
-        cmd.add_argument("version")
-        cmd.add_argument(
-            "--mirror", type=_fraction, default=1.0, help="share of requests both versions score (default 1)"
-        )
-        cmd.add_argument("--no-deploy", action="store_true", help="only record; the next deploy applies it")
-    ca.add_argument("--share", type=_fraction, required=True, help="share of routing keys VERSION answers")
-    ab = sub.add_parser("abort", help="end the shadow/canary: the champion alone serves")
-    ab.add_argument("--no-deploy", action="store_true", help="only record; the next deploy applies it")
-    args = p.parse_args(argv)
-    configure_logging()
-    try:
-        cfg = with_cluster_addresses(load_from_args(args))
-        reg = Registry(cfg.registry)
-        reg.ping()
-        if args.cmd == "status":
-            _cmd_status(reg)
-        elif args.cmd == "compare":
-            _cmd_compare(reg, args.a, args.b)
-        elif args.cmd == "experiments":
-            _cmd_experiments(reg, args.limit)
-        elif args.cmd == "rollback":
-            prev = reg.alias_version(PREVIOUS)
-            if prev is None:
-                raise RegistryError("no 'previous' version to roll back to")
-            _manual_alias_change(reg, prev, "rollback", f"rollback from version {reg.champion()}")
-        elif args.cmd == "promote" and args.force:
-            if not args.reason:
-                raise ConfigError("promote --force needs --reason")
-            _manual_alias_change(reg, args.version, "manual", args.reason)
-        else:
-            return _rollout_command(args, cfg)
-    except SentimentError as err:
-        log.error("%s", err)
-        return EXIT_USAGE if isinstance(err, ConfigError) else EXIT_FAILURE
-    return EXIT_OK
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,9 @@
 """Shadow and canary rollouts of a challenger, and promotion on live evidence.
 
-    python -m ray_jobs.registry --config ... shadow 3 [--mirror 0.5]     # champion answers, v3 scores too
-    python -m ray_jobs.registry --config ... canary 3 --share 0.1        # v3 answers 10% of routing keys
-    python -m ray_jobs.registry --config ... promote 3                   # decided on labelled live traffic
-    python -m ray_jobs.registry --config ... abort                       # back to the champion alone
+    python -m ray_jobs registry --config ... shadow 3 [--mirror 0.5]     # champion answers, v3 scores too
+    python -m ray_jobs registry --config ... canary 3 --share 0.1        # v3 answers 10% of routing keys
+    python -m ray_jobs registry --config ... promote 3                   # decided on labelled live traffic
+    python -m ray_jobs registry --config ... abort                       # back to the champion alone
 
 The rollout lives in the registry (alias `challenger`, tag `rollout`: registry.Rollout), the one source
 the Serve app reads when it is built. Each command records an event in the registered model's history

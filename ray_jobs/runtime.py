@@ -1,8 +1,8 @@
-"""Process-level plumbing shared by the entry points: logging, the `--config/--set` CLI, Ray start-up, exit codes."""
+"""Process-level plumbing for drivers, workers and replicas: logging, Ray start-up, the Serve ingress
+environment, the head's address, SIGTERM. The command line itself (arguments, exit codes) is ray_jobs.cli."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -10,20 +10,11 @@ import signal
 import sys
 import threading
 
-from ray_jobs.config import PipelineConfig, RayConfig, load_config
+from ray_jobs.config import PipelineConfig, RayConfig
 from ray_jobs.errors import ConfigError
 
-# Exit codes of every `python -m ray_jobs.*` command.
-EXIT_OK = 0  # success (pipeline: the challenger was promoted)
-EXIT_FAILURE = 1  # something broke; nothing was promoted
-EXIT_USAGE = 2  # bad config, bad arguments or bad input data
-EXIT_BLOCKED = 3  # pipeline/gate: a valid run whose challenger the gate did not promote
-EXIT_NOT_DEPLOYED = 4  # pipeline: promoted in the registry (the alias moved), then deploying or recording failed
-EXIT_INTERRUPTED = 130  # pipeline: Ctrl-C or SIGTERM (`ray job stop`) before any promotion
-
-
 # The project's loggers: modules log to logging.getLogger(__name__) under these names.
-# "__main__": an entry point run as `python -m ray_jobs.pipeline` logs under that name, not its own.
+# "__main__": a script run as `python benchmarks/x.py` logs under that name, not its own.
 LOGGERS = ("ray_jobs", "serve_app", "__main__")
 
 
@@ -42,39 +33,6 @@ def configure_logging() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         handler._sentiment_ray = True  # marks ours, so a second call adds none
         logger.addHandler(handler)
-
-
-def config_parser(description: str, config_required: bool = True) -> argparse.ArgumentParser:
-    """The one command-line shape of every entry point: `--config FILE` and repeatable `--set key=value`."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument(
-        "--config",
-        required=config_required,
-        help="YAML file, e.g. tune_configs/quickstart.yaml"
-        + ("" if config_required else " (default: built-in defaults)"),
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.lr=3e-5 (repeatable; the value is YAML)",
-    )
-    return parser
-
-
-def add_model_argument(parser: argparse.ArgumentParser) -> None:
-    """`--model`, as every command that takes one model reads it (Registry.resolve_model_dir)."""
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="models:/<name>@<alias>, models:/<name>/<version>, a version number, or a model folder",
-    )
-
-
-def load_from_args(args: argparse.Namespace) -> PipelineConfig:
-    return load_config(args.config, args.overrides)
 
 
 # The environment each `ray.serve_ingress` mode needs when the Ray cluster starts (`serve_ingress_env`
@@ -105,12 +63,12 @@ SERVE_INGRESS_ENV: dict[str, dict[str, str]] = {
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
     },
 }
-HAPROXY_COMMAND = "sentiment-haproxy"  # ray_jobs/haproxy.py, installed by pip next to the interpreter
+HAPROXY_COMMAND = "sentiment-haproxy"  # serve_app/haproxy.py, installed by pip next to the interpreter
 
 
 def serve_ingress_env(mode: str) -> dict[str, str]:
     """SERVE_INGRESS_ENV[mode]; for `haproxy`, also RAY_SERVE_HAPROXY_BINARY_PATH: the `sentiment-haproxy`
-    command of this install (ray_jobs/haproxy.py: Ray's HAProxy, buffering each request so that it can
+    command of this install (serve_app/haproxy.py: Ray's HAProxy, buffering each request so that it can
     be replayed)."""
     env = dict(SERVE_INGRESS_ENV[mode])
     if mode == "haproxy":

@@ -4,15 +4,14 @@ Ray 2.60 runs Train V2, where a trainer cannot be handed to `Tuner`: each trial 
 function that builds and fits a `TorchTrainer` (the one from `ray_jobs.train.fit`) whose reports
 reach Tune through `TuneReportCallback`.
 
-    python -m ray_jobs.tune --config tune_configs/quickstart.yaml            # search only
-    python -m ray_jobs.tune --config ... --resume runs/tune/<experiment>     # continue an interrupted search
+    python -m ray_jobs tune --config tune_configs/quickstart.yaml            # search only
+    python -m ray_jobs tune --config ... --resume runs/tune/<experiment>     # continue an interrupted search
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -21,8 +20,7 @@ from typing import Any
 
 from ray_jobs.config import PipelineConfig, TrainConfig, absolute_path
 from ray_jobs.errors import ConfigError, SentimentError
-from ray_jobs.runtime import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, config_parser, configure_logging
-from ray_jobs.train import SELECTION_MODES, fit, hparams_of, selection_key, start_run, system_settings
+from ray_jobs.train import SELECTION_MODES, fit, hparams_of, selection_key, system_settings
 
 log = logging.getLogger(__name__)
 
@@ -200,34 +198,3 @@ def run_search(
         errors = "; ".join(t.error or t.status for t in trials)[:2000]
         raise SentimentError(f"no trial produced a checkpoint ({errors})")
     return outcome
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = config_parser("Search hyper-parameters with Ray Tune (no registry, no gate).")
-    parser.add_argument("--resume", metavar="EXPERIMENT_PATH", help="continue an interrupted search from its folder")
-    args = parser.parse_args(argv)
-    configure_logging()
-    started = start_run(args)
-    if started is None:
-        return EXIT_USAGE
-    cfg, data_ref, meta = started
-    try:
-        outcome = run_search(cfg, data_ref, meta, restore_path=args.resume)
-    except Exception as err:
-        log.error("search failed: %s", err)
-        return EXIT_FAILURE
-    best = outcome.best_trial
-    log.info(
-        "best trial %s by %s: val_loss %.4f val_f1 %.4f, checkpoint %s",
-        best.trial_id,
-        best.select_by,
-        best.best["val_loss"],
-        best.best["val_f1"],
-        best.best[CHECKPOINT_KEY],
-    )
-    print(best.best[CHECKPOINT_KEY])
-    return EXIT_OK
-
-
-if __name__ == "__main__":
-    sys.exit(main())

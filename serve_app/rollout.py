@@ -6,7 +6,7 @@ answer has left. Every answer carries a `request_id`. Replicas send what each ve
 each request id (`EvidenceFeed`, fire-and-forget) to one `LiveEvidence` replica, which keeps a bounded,
 time-limited store of them. POST /feedback adds a request's true label there; GET /challenger reports,
 per version, requests, agreement with the champion, confidence difference, latency and live F1, and
-GET /challenger/evidence hands the labelled requests both versions scored to `ray_jobs.registry promote`.
+GET /challenger/evidence hands the labelled requests both versions scored to `python -m ray_jobs registry promote`.
 
 Nothing here can fail a request: a replica sends one call at a time without waiting for it and drops
 what it cannot send (counted); the store being down costs /feedback and /challenger a 503, nothing else.

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from ray_jobs.behaviour import SUITE_VERSION, format_report, main, run_suite, suite, suite_digest
+from ray_jobs.behaviour import SUITE_VERSION, format_report, run_suite, suite, suite_digest
+from ray_jobs.cli.behaviour import main
 from ray_jobs.errors import GateError
 from ray_jobs.gate import Policy, decide, evaluation_from
 

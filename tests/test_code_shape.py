@@ -10,27 +10,110 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("ray_jobs", "serve_app")
 
 
+def _files(package: str) -> dict[str, Path]:
+    """module name -> file, subpackages included; `__main__` (it runs a command when imported) left out."""
+    out = {}
+    for p in sorted((ROOT / package).rglob("*.py")):
+        parts = p.relative_to(ROOT).with_suffix("").parts
+        if parts[-1] == "__main__":
+            continue
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return out
+
+
 def _modules(package: str) -> list[str]:
-    return sorted(f"{package}.{p.stem}" if p.stem != "__init__" else package for p in (ROOT / package).glob("*.py"))
+    return sorted(_files(package))
+
+
+FILES = {name: path for package in PACKAGES for name, path in _files(package).items()}
+CLI = "ray_jobs.cli"
 
 
 def _imported(path: Path) -> set[str]:
-    """Every module a file imports, at any depth (lazy imports inside functions count too)."""
+    """Every module a file imports, at any depth (lazy imports inside functions count too); for
+    `from package import name`, also `package.name` (it may be a module)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
+
+
+def _graph() -> dict[str, set[str]]:
+    """Project module -> the project modules it imports."""
+    return {name: {m for m in _imported(path) if m in FILES and m != name} for name, path in FILES.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles: strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
 
 
 def test_ray_jobs_never_imports_serve_app():
     offenders = {
         str(p.relative_to(ROOT)): sorted(n for n in _imported(p) if n.split(".")[0] == "serve_app")
-        for p in (ROOT / "ray_jobs").glob("*.py")
+        for p in (ROOT / "ray_jobs").rglob("*.py")
     }
     assert not {k: v for k, v in offenders.items() if v}, "ray_jobs must not depend on serve_app"
+
+
+def test_no_import_circle_among_project_modules():
+    assert _cycles(_graph()) == []
+
+
+def test_the_circle_check_finds_a_circle():
+    # The check above must fail on a circle, also one through a lazy import three modules long.
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycles(graph) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_nothing_imports_the_commands_and_only_commands_parse_argv():
+    """Commands (ray_jobs.cli) parse, call the library and print; the library never imports them, and no
+    library module builds an argument parser or reads sys.argv (the process entries of a model worker
+    and of the HAProxy wrapper read their own, documented arguments)."""
+    graph = _graph()
+    importers = {m for m, deps in graph.items() if not m.startswith(CLI) and any(d.startswith(CLI) for d in deps)}
+    assert importers == set()
+    entries = {"serve_app.model_worker", "serve_app.haproxy"}
+    parsing = {
+        name
+        for name, path in FILES.items()
+        if not name.startswith(CLI)
+        and name not in entries
+        and ("argparse" in _imported(path) or "sys.argv" in path.read_text())
+    }
+    assert parsing == set()
 
 
 def test_the_import_graph_check_sees_lazy_imports(tmp_path):
@@ -46,7 +129,7 @@ def test_importing_any_module_adds_no_log_handler():
     code = f"""
 import importlib, json, logging
 before = list(logging.getLogger().handlers)
-for name in {json.dumps([m for p in PACKAGES for m in _modules(p)])}:
+for name in {json.dumps(sorted(FILES))}:
     importlib.import_module(name)
 ours = {{name: len(logging.getLogger(name).handlers) for name in logging.root.manager.loggerDict
          if name.split(".")[0] in {list(PACKAGES)!r}}}
@@ -68,10 +151,10 @@ configure_logging(); configure_logging()
 print([len(logging.getLogger(name).handlers) for name in LOGGERS])
 logging.getLogger("ray_jobs.train").info("hello from a worker")
 logging.getLogger("ray_jobs.train").debug("not shown at INFO")
-logging.getLogger("__main__").info("from python -m ray_jobs.pipeline")  # an entry point's own name
+logging.getLogger("__main__").info("from python -m ray_jobs pipeline")  # an entry point's own name
 """
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[1, 1, 1]"
     assert r.stderr.count("INFO ray_jobs.train: hello from a worker") == 1 and "not shown" not in r.stderr
-    assert "INFO __main__: from python -m ray_jobs.pipeline" in r.stderr
+    assert "INFO __main__: from python -m ray_jobs pipeline" in r.stderr

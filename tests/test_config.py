@@ -97,7 +97,7 @@ def test_serve_ingress_modes_set_ray_environment(monkeypatch):
     assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
     apply_serve_ingress("haproxy")
     assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
-    command = os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"]  # ray_jobs/haproxy.py, tests/test_haproxy.py
+    command = os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"]  # serve_app/haproxy.py, tests/test_haproxy.py
     assert os.path.basename(command) == "sentiment-haproxy" and os.access(command, os.X_OK)
     os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "0"  # the user's shell says otherwise: an error, not an override
     with pytest.raises(ConfigError, match="RAY_SERVE_THROUGHPUT_OPTIMIZED=1"):

@@ -252,7 +252,9 @@ def test_the_feed_holds_at_most_four_windows_while_a_send_is_in_flight():
 
 
 def test_drift_off_is_a_404_and_costs_the_model_process_nothing(untrained_tiny):
-    from serve_app.app import ApiError, SentimentModel, worker_factory
+    from serve_app.app import SentimentModel
+    from serve_app.http import ApiError
+    from serve_app.loading import worker_factory
 
     model = SentimentModel({"serve.model_uri": untrained_tiny, "serve.drift.enabled": False})
     assert model.drift is None and model.drift_feed is None

@@ -12,7 +12,8 @@ import signal
 
 import pytest
 
-from serve_app.app import ApiError, SentimentModel, read_json_body
+from serve_app.app import SentimentModel
+from serve_app.http import ApiError, read_json_body
 
 pytestmark = pytest.mark.integration  # real model processes, real signals
 

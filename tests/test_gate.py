@@ -76,8 +76,9 @@ def test_a_failure_after_the_alias_moved_says_promoted_not_deployed_and_exits_4(
     """Once the champion alias has moved, a later failure must not claim "nothing promoted": it becomes
     PromotedNotDeployedError, and the pipeline exits 4 naming the promoted version."""
     from ray_jobs import pipeline
+    from ray_jobs.cli import pipeline as command
+    from ray_jobs.cli.common import EXIT_NOT_DEPLOYED
     from ray_jobs.errors import PromotedNotDeployedError
-    from ray_jobs.runtime import EXIT_NOT_DEPLOYED
 
     with pytest.raises(PromotedNotDeployedError) as err:
         with pipeline.promoted_steps("7", "deploying"):
@@ -91,9 +92,9 @@ def test_a_failure_after_the_alias_moved_says_promoted_not_deployed_and_exits_4(
         with pipeline.promoted_steps("7", "the sample request"):
             raise TimeoutError("no answer")
 
-    monkeypatch.setattr(pipeline, "run_pipeline", run)
+    monkeypatch.setattr(command, "run_pipeline", run)
     from conftest import ROOT
 
-    assert pipeline.main(["--config", str(ROOT / "tune_configs/quickstart.yaml")]) == EXIT_NOT_DEPLOYED == 4
+    assert command.main(["--config", str(ROOT / "tune_configs/quickstart.yaml")]) == EXIT_NOT_DEPLOYED == 4
     out = capsys.readouterr().out
     assert "PROMOTED v7 in the registry, NOT DEPLOYED" in out and "the sample request failed" in out

@@ -1,12 +1,12 @@
-"""`sentiment-haproxy` (ray_jobs/haproxy.py): Ray's HAProxy, run on Ray's config with request buffering added.
+"""`sentiment-haproxy` (serve_app/haproxy.py): Ray's HAProxy, run on Ray's config with request buffering added.
 The end-to-end check (a request whose replica is killed under it is replayed, for a client that sends the
 body in a write of its own) is test_serve_integration.py::test_haproxy_ingress_survives_faults_..."""
 
 import os
 import subprocess
 
-from ray_jobs.haproxy import OPTION, add_option, config_path
 from ray_jobs.runtime import serve_ingress_env
+from serve_app.haproxy import OPTION, add_option, config_path
 
 CONFIG = """global
     maxconn 64

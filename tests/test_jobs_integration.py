@@ -249,7 +249,7 @@ def _submit(
 ) -> subprocess.CompletedProcess:
     cmd = ["ray", "job", "submit", f"--address={cluster.url}", f"--submission-id={submission_id}", "--working-dir=."]
     cmd += [f"--entrypoint-resources={json.dumps({driver: 1})}", *([] if wait else ["--no-wait"])]
-    entry = [sys.executable, "-m", "ray_jobs.pipeline", "--config", "tune_configs/quickstart.yaml"]
+    entry = [sys.executable, "-m", "ray_jobs", "pipeline", "--config", "tune_configs/quickstart.yaml"]
     entry += [] if deploy else ["--no-deploy"]
     return subprocess.run(
         [*cmd, "--", *entry, *args], cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=600
@@ -283,7 +283,7 @@ def _driver_pids(marker: str) -> list[int]:
                 cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue
-            if "ray_jobs.pipeline" in cmdline and marker in cmdline and "job submit" not in cmdline:
+            if "ray_jobs pipeline" in cmdline and marker in cmdline and "job submit" not in cmdline:
                 pids.append(int(proc.name))
     return pids
 

@@ -220,6 +220,7 @@ def test_the_command_exports_a_folder_and_exits_3_when_the_guard_refuses(untrain
     import json
 
     from ray_jobs import onnx_runtime
+    from ray_jobs.cli import onnx
 
     model = shutil.copytree(untrained_tiny, tmp_path / "m")
     data = tmp_path / "test.jsonl"
@@ -227,18 +228,18 @@ def test_the_command_exports_a_folder_and_exits_3_when_the_guard_refuses(untrain
     rows = zip(split.texts, split.labels, strict=True)
     data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
     args = ["--model", str(model), "--data", str(data), "--quantization", "int8", "--json"]
-    code = onnx_runtime.main([*args, "--set", "serve.runtime=onnx", "--set", "serve.min_label_agreement=0"])
+    code = onnx.main([*args, "--set", "serve.runtime=onnx", "--set", "serve.min_label_agreement=0"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and report["refusal"] is None and report["n"] == 60 and report["stored_in"] == str(model)
     assert unservable(model, RuntimeChoice("onnx", "int8", 1.0, 0.0)) is None
     # The strictest guard (F1 may not drop at all, every label must agree): refused exactly when the
     # int8 export changed any label, and then exit 3 with the files still written.
-    code = onnx_runtime.main([*args, "--set", "serve.max_f1_drop=0", "--set", "serve.min_label_agreement=1"])
+    code = onnx.main([*args, "--set", "serve.max_f1_drop=0", "--set", "serve.min_label_agreement=1"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     perfect = report["agreement"] == 1.0 and report["f1_onnx"] >= report["f1_eager"]
     assert (report["refusal"] is None) == perfect and code == (0 if perfect else 3)
     assert (model / "model.int8.onnx").exists() and onnx_runtime.read_guard(model, "int8").n == 60
-    assert onnx_runtime.main(["--model", str(tmp_path / "missing"), "--data", str(data)]) == 2
+    assert onnx.main(["--model", str(tmp_path / "missing"), "--data", str(data)]) == 2
 
 
 @pytest.mark.integration
@@ -250,7 +251,7 @@ def test_a_deploy_whose_export_is_refused_serves_eagerly_and_says_why(exported, 
     from conftest import ROOT, TINY
     from ray import serve
 
-    from ray_jobs import deploy
+    from ray_jobs.cli import deploy
     from ray_jobs.onnx_runtime import read_guard
 
     model = shutil.copytree(exported[0], tmp_path / "m")

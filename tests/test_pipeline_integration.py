@@ -15,7 +15,7 @@ from conftest import request_stream, tiny_config
 
 from ray_jobs.drift import REFERENCE_FILE
 from ray_jobs.errors import SentimentError
-from ray_jobs.train import STATE_FILE
+from ray_jobs.train_worker import STATE_FILE
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -70,7 +70,8 @@ ONNX_SERVED = {"runtime": "onnx", "quantization": "none", "precision": "fp32", "
 
 
 def test_pipeline_promotes_blocks_and_hot_swaps(pipe_app, tmp_path, capsys, caplog):
-    from ray_jobs import onnx_runtime, pipeline, registry
+    from ray_jobs.cli import onnx as onnx_runtime
+    from ray_jobs.cli import pipeline, registry
 
     serve_port = pipe_app
 
@@ -178,7 +179,7 @@ def test_pipeline_promotes_blocks_and_hot_swaps(pipe_app, tmp_path, capsys, capl
 
 
 def test_unreachable_registry_fails_closed(tmp_path, capsys):
-    from ray_jobs import pipeline
+    from ray_jobs.cli import pipeline
 
     start = time.time()
     assert pipeline.main(_args(tmp_path, 1, "registry.tracking_uri=http://127.0.0.1:1")) == 1
@@ -186,7 +187,7 @@ def test_unreachable_registry_fails_closed(tmp_path, capsys):
 
 
 def test_bad_config_exit_code(tmp_path):
-    from ray_jobs import pipeline
+    from ray_jobs.cli import pipeline
 
     assert pipeline.main(_args(tmp_path, 1, "train.epochs=zero")) == 2
 
@@ -197,18 +198,19 @@ def test_a_pipeline_interrupted_before_its_gate_decision_leaves_a_pending_versio
     """Ctrl-C or SIGTERM (`ray job stop`) between registering and deciding: exit 130, no alias, the MLflow
     run KILLED, and the version says gate.decision=pending rather than look like a gated model. (The
     search is the session's trained model: this test is about what happens after it.)"""
-    from ray_jobs import pipeline
+    from ray_jobs import pipeline as library
+    from ray_jobs.cli import pipeline
     from ray_jobs.tune import CHECKPOINT_KEY, SearchOutcome, TrialRecord
 
     _, _, path, metrics = trained_tiny
     trial = TrialRecord("t0", {"lr": 0.001}, "TERMINATED", history=[{**metrics, CHECKPOINT_KEY: path}])
     assert trial.best is not None and trial.best["val_loss"] == metrics["val_loss"]
-    monkeypatch.setattr(pipeline, "run_search", lambda *a, **k: SearchOutcome([trial], str(tmp_path / "tune")))
+    monkeypatch.setattr(library, "run_search", lambda *a, **k: SearchOutcome([trial], str(tmp_path / "tune")))
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "run_gate", interrupted)
+    monkeypatch.setattr(library, "run_gate", interrupted)
     assert pipeline.main([*_args(tmp_path, 1), "--no-deploy"]) == 130
     assert "nothing promoted" in caplog.text
     reg = _registry(tmp_path)

@@ -98,7 +98,7 @@ def test_batched_method_awaited_directly_with_concurrent_calls(model_dir, replic
 
 
 def test_evaluate_cli_known_metrics_and_errors(model_dir, tmp_path, capsys, caplog):
-    from ray_jobs import evaluate
+    from ray_jobs.cli import evaluate
 
     preds = Predictor(model_dir, precision="fp32").predict(TEXTS)
     pred_labels = [1 if r["label"] == "positive" else 0 for r in preds]

@@ -25,7 +25,7 @@ MIN_LABELLED = 30
 def ro(serve_port, ray_cluster, tmp_path_factory, trained_tiny, untrained_tiny):
     from ray import serve
 
-    from ray_jobs import deploy
+    from ray_jobs.cli import deploy
     from ray_jobs.config import RegistryConfig
     from ray_jobs.data import load_splits
     from ray_jobs.registry import Registry
@@ -58,7 +58,7 @@ def ro(serve_port, ray_cluster, tmp_path_factory, trained_tiny, untrained_tiny):
 
 
 def _cli(ro, *cmd) -> int:
-    from ray_jobs import registry
+    from ray_jobs.cli import registry
 
     return registry.main([*ro["args"], *cmd])
 

@@ -340,7 +340,7 @@ def test_a_deploy_of_a_model_that_cannot_load_is_refused_and_the_app_keeps_servi
 
     from conftest import ROOT, TINY
 
-    from ray_jobs import deploy
+    from ray_jobs.cli import deploy
 
     broken = shutil.copytree(registered[2], tmp_path / "broken")
     (broken / "model.safetensors").write_bytes(b"\0" * 64)
@@ -420,7 +420,8 @@ def test_direct_ingress_mode_serves_on_the_proxy_and_the_replica_port(tmp_path, 
         [
             sys.executable,
             "-m",
-            "ray_jobs.deploy",
+            "ray_jobs",
+            "deploy",
             "--config",
             str(ROOT / "tune_configs/quickstart.yaml"),
             *[x for kv in sets for x in ("--set", kv)],
@@ -505,7 +506,8 @@ def test_haproxy_ingress_survives_faults_with_zero_failed_requests(
             [
                 sys.executable,
                 "-m",
-                "ray_jobs.deploy",
+                "ray_jobs",
+                "deploy",
                 "--config",
                 str(ROOT / "tune_configs/quickstart.yaml"),
                 *[x for kv in sets for x in ("--set", kv)],

@@ -45,7 +45,8 @@ def test_ddp_training_learns_and_checkpoints_load(trained_tiny):
 
 def _fit_with_fault(tmp_path, max_failures, *overrides):
     from ray_jobs.data import load_splits
-    from ray_jobs.train import FaultInjection, fit, put_data, system_settings
+    from ray_jobs.train import fit, put_data, system_settings
+    from ray_jobs.train_worker import FaultInjection
 
     cfg = tiny_config(
         tmp_path,
@@ -87,7 +88,7 @@ def test_an_averaged_run_validates_its_average_and_resumes_with_it(ray_cluster, 
     from safetensors.torch import load_file
     from transformers import DistilBertForSequenceClassification
 
-    from ray_jobs.train import STATE_FILE, TRAIN_WEIGHTS_FILE
+    from ray_jobs.train_worker import STATE_FILE, TRAIN_WEIGHTS_FILE
 
     result, marker, cfg, _ = _fit_with_fault(tmp_path, 1, "train.ema_decay=0.9")
     assert marker.exists(), "the fault was not injected"
@@ -135,7 +136,8 @@ def test_training_starts_from_the_champion_or_a_model_folder(ray_cluster, tmp_pa
     from ray_jobs.errors import SentimentError
     from ray_jobs.model import build_model
     from ray_jobs.registry import Registry
-    from ray_jobs.train import fit, initial_weights, load_initial_weights, put_data, system_settings
+    from ray_jobs.train import fit, initial_weights, put_data, system_settings
+    from ray_jobs.train_worker import load_initial_weights
 
     _, _, trained_path, trained_metrics = trained_tiny
     cfg = tiny_config(tmp_path, "train.epochs=1", "train.lr=0", "train.init_from=champion")
