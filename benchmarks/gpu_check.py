@@ -27,7 +27,7 @@ from ray_jobs.config import ModelConfig  # noqa: E402
 from ray_jobs.data import batch_order, encode, generate_reviews, pad_batch, split_examples  # noqa: E402
 from ray_jobs.inference import autocast, autocast_dtype, classification_metrics  # noqa: E402
 from ray_jobs.model import build_model, save_model  # noqa: E402
-from ray_jobs.train_worker import make_optimizer, train_step  # noqa: E402
+from ray_jobs.train_steps import make_optimizer, train_step  # noqa: E402
 
 DEV = torch.device("cuda")
 

@@ -111,7 +111,7 @@ def run_variant(cfg, v: dict, data: dict, device, steps: int, eval_every: int) -
     import torch
 
     from ray_jobs.inference import autocast_dtype
-    from ray_jobs.train_worker import LinearSchedule, make_optimizer, train_step
+    from ray_jobs.train_steps import LinearSchedule, make_optimizer, train_step
 
     tc = cfg.train
     model, tok = build(cfg, v, device)
@@ -167,7 +167,7 @@ def measure_cpu(cfg, data: dict, lengths: list[int], steps: int = 40) -> dict[in
     import torch
 
     from ray_jobs.inference import autocast_dtype
-    from ray_jobs.train_worker import make_optimizer, train_step
+    from ray_jobs.train_steps import make_optimizer, train_step
 
     torch.set_num_threads(cfg.train.threads_per_worker or 2)
     dev = torch.device("cpu")

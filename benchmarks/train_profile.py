@@ -88,7 +88,7 @@ class Loop:
 
         from ray_jobs.inference import autocast_dtype
         from ray_jobs.model import build_model, prepare_for_training
-        from ray_jobs.train_worker import make_optimizer
+        from ray_jobs.train_steps import make_optimizer
 
         self.model, self.tokenizer = build_model(cfg.model, seed=cfg.train.seed)
         prepare_for_training(self.model, cfg.model.freeze_embeddings, kernel)
@@ -100,7 +100,7 @@ class Loop:
     def step(self, ids, mask, labels, marks=None):
         import torch
 
-        from ray_jobs.train_worker import train_step
+        from ray_jobs.train_steps import train_step
 
         return train_step(
             self.model, ids, mask, labels, self.opt, self.scaler, self.amp, 1.0, torch.device("cpu"), marks

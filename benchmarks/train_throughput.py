@@ -26,7 +26,7 @@ def plain_loop(cfg, train: Split, threads: int) -> float:
 
     from ray_jobs.inference import autocast_dtype
     from ray_jobs.model import build_model, prepare_for_training
-    from ray_jobs.train_worker import make_optimizer, train_step
+    from ray_jobs.train_steps import make_optimizer, train_step
 
     torch.set_num_threads(threads)
     model, tok = build_model(cfg.model, seed=cfg.train.seed)

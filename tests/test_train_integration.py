@@ -46,7 +46,7 @@ def test_ddp_training_learns_and_checkpoints_load(trained_tiny):
 def _fit_with_fault(tmp_path, max_failures, *overrides):
     from ray_jobs.data import load_splits
     from ray_jobs.train import fit, put_data, system_settings
-    from ray_jobs.train_worker import FaultInjection
+    from ray_jobs.train_steps import FaultInjection
 
     cfg = tiny_config(
         tmp_path,
@@ -137,7 +137,7 @@ def test_training_starts_from_the_champion_or_a_model_folder(ray_cluster, tmp_pa
     from ray_jobs.model import build_model
     from ray_jobs.registry import Registry
     from ray_jobs.train import fit, initial_weights, put_data, system_settings
-    from ray_jobs.train_worker import load_initial_weights
+    from ray_jobs.train_steps import load_initial_weights
 
     _, _, trained_path, trained_metrics = trained_tiny
     cfg = tiny_config(tmp_path, "train.epochs=1", "train.lr=0", "train.init_from=champion")

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from ray_jobs.data import generate_reviews
-from ray_jobs.train_worker import LinearSchedule, Progress
+from ray_jobs.train_steps import LinearSchedule, Progress
 
 
 def test_schedule_warms_up_then_decays_to_zero_at_the_horizon():
@@ -39,7 +39,7 @@ def test_a_resumed_schedule_keeps_the_horizon_its_checkpoint_saved():
 def test_shards_are_equal_and_disjoint():
     from ray_jobs.config import ModelConfig
     from ray_jobs.model import build_model
-    from ray_jobs.train_worker import shard_and_encode
+    from ray_jobs.train_steps import shard_and_encode
 
     train, val = generate_reviews(103, seed=1), generate_reviews(11, seed=2)
     cfg = ModelConfig(source="tiny", max_length=32)
@@ -125,7 +125,7 @@ def test_the_matmul_attention_matches_sdpa_with_padding(score_block, monkeypatch
 def test_the_weight_average_is_an_ema_whose_first_updates_remember_less():
     import torch
 
-    from ray_jobs.train_worker import weight_average
+    from ray_jobs.train_steps import weight_average
 
     model = torch.nn.Linear(2, 1, bias=False)
     average = weight_average(model, decay=0.9)
