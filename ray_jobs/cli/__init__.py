@@ -19,6 +19,7 @@ COMMANDS = {
     "deploy": "deploy the champion with Ray Serve, or hot-swap a running app to it",
     "registry": "versions, aliases, rollback, promotion, and challengers on live traffic",
     "onnx": "export a version to ONNX once and guard its accuracy",
+    "config": "every config key with its value, type and meaning",
 }
 
 
