@@ -255,6 +255,9 @@ def main() -> int:
     print(json.dumps(results, default=str))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+        from figures import render  # benchmarks/figures.py: test F1 against steps, beside TF-IDF
+
+        print(f"figure: {render(args.out)}")
     return 0
 
 

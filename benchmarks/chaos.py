@@ -391,6 +391,27 @@ def _p99(latencies: list[float]) -> float:
     return lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000 if lat else float("nan")
 
 
+def timeline(records: list[tuple[float, float, int | str]], t_fault: float, bin_s: float = 0.5) -> dict:
+    """The requests by the half second they ended in, from the fault: how many succeeded and failed, and
+    the p99 latency of those that succeeded (what benchmarks/figures.py draws)."""
+    bins: dict[int, list] = {}
+    for start, end, status in records:
+        counts = bins.setdefault(int((end - t_fault) // bin_s), [0, 0, []])  # ok, failed, latencies
+        if status == 200:
+            counts[0] += 1
+            counts[2].append(end - start)
+        else:
+            counts[1] += 1
+    keys = sorted(bins)
+    return {
+        "bin_s": bin_s,
+        "t": [k * bin_s for k in keys],
+        "ok": [bins[k][0] for k in keys],
+        "failed": [bins[k][1] for k in keys],
+        "p99_ms": [_p99(bins[k][2]) if bins[k][2] else None for k in keys],  # None: nothing answered
+    }
+
+
 def run_fault(fault: str, cluster: Cluster, models: dict[str, str], texts: list[str], state: dict, args) -> dict:
     """Load, the fault after `lead` seconds, and load on until the system is back: full strength (every
     replica with its model process and RUNNING, /health ok, the model the last deploy asked for) and every
@@ -447,6 +468,7 @@ def run_fault(fault: str, cluster: Cluster, models: dict[str, str], texts: list[
         "p99_before_ms": _p99([e - s for s, e, st in records if e < t_fault and st == 200]),
         "p99_fault_ms": _p99([e - s for s, e, st in records if e >= t_fault and s <= end and st == 200]),
         "recovery_s": None if recovered is None else recovered - t_fault,
+        "timeline": timeline(records, t_fault),
     }
 
 
@@ -549,6 +571,9 @@ def main() -> int:
         Path(args.out).write_text(
             json.dumps({"machine": f"{os.cpu_count()} CPUs", "args": vars(args), "rows": rows}, indent=1)
         )
+        from figures import render  # benchmarks/figures.py: the fault timelines, for the docs
+
+        print(f"figure: {render(args.out)}")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

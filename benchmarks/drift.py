@@ -341,6 +341,9 @@ def main() -> int:
         result["serve_cost"] = serve_cost(args, reference)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
+        from figures import render  # benchmarks/figures.py: alarm rates per scenario and window size
+
+        print(f"figure: {render(args.out)}")
     return 0
 
 

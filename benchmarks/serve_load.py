@@ -785,6 +785,9 @@ def main() -> int:
     if args.out:
         out = {"machine": f"{os.cpu_count()} CPUs", "results": results, "runtimes": runtimes}
         Path(args.out).write_text(json.dumps(out, indent=1))
+        from figures import render  # benchmarks/figures.py: req/s, p99 and share of the bound per variant
+
+        print(f"figure: {render(args.out)}")
     return 0
 
 

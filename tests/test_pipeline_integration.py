@@ -70,8 +70,8 @@ ONNX_SERVED = {"runtime": "onnx", "quantization": "none", "precision": "fp32", "
 
 
 def test_pipeline_promotes_blocks_and_hot_swaps(pipe_app, tmp_path, capsys, caplog):
-    from ray_jobs.cli import onnx as onnx_runtime
-    from ray_jobs.cli import pipeline, registry
+    from ray_jobs import onnx_runtime
+    from ray_jobs.cli import onnx, pipeline, registry
 
     serve_port = pipe_app
 
@@ -170,7 +170,7 @@ def test_pipeline_promotes_blocks_and_hot_swaps(pipe_app, tmp_path, capsys, capl
     # 5. An int8 export added to version 2 after its registration, guarded on the config's test split:
     # exit 0 (passed) or 3 (refused: replicas would serve v2 eagerly), the files in the version either way.
     capsys.readouterr()
-    code = onnx_runtime.main([*_args(tmp_path, serve_port), "--model", "2", "--quantization", "int8", "--json"])
+    code = onnx.main([*_args(tmp_path, serve_port), "--model", "2", "--quantization", "int8", "--json"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == (0 if report["refusal"] is None else 3) and report["stored_in"] == f"version 2 of '{reg.name}'"
     v2_folder = Path(reg.model_dir("2"))

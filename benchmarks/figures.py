@@ -1,0 +1,212 @@
+"""Figures of the benchmarks' JSON results, for the docs: each benchmark renders its own right after it
+writes its JSON (`--out`), and this script renders committed results again:
+
+    python benchmarks/figures.py benchmarks/results/chaos_run3.json benchmarks/results/serve_load_run8.json
+
+A figure goes to docs/figures/<name of the JSON>.png, where the docs pages (and GitHub) show it; the JSON
+it was drawn from stays in benchmarks/results/. The kind of result is read from its keys.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = ROOT / "docs" / "figures"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a server or in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def kind_of(data: dict) -> str:
+    """chaos, serve_load, accuracy or drift, from the keys each benchmark writes."""
+    if "rows" in data and "faults" in data.get("args", {}):
+        return "chaos"
+    if "detection" in data:
+        return "drift"
+    if "tfidf" in data and "model" in data:
+        return "accuracy"
+    if "results" in data:
+        return "serve_load"
+    raise ValueError(f"not a result this script draws (keys: {sorted(data)})")
+
+
+def chaos(data: dict, title: str):
+    """Per fault and ingress mode: with a timeline (benchmarks/chaos.py records one per fault), each
+    request's latency p99 per half second and the failed requests over time around the fault; results
+    from before timelines were recorded: failed requests and recovery time per fault."""
+    plt = _pyplot()
+    rows = data["rows"]
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    faults = list(dict.fromkeys(r["fault"] for r in rows))
+    if all("timeline" in r for r in rows):
+        fig, axes = plt.subplots(len(faults), len(modes), figsize=(5 * len(modes), 1.9 * len(faults)), squeeze=False)
+        for r in rows:
+            ax = axes[faults.index(r["fault"])][modes.index(r["mode"])]
+            tl = r["timeline"]
+            ax.plot(
+                tl["t"],
+                [float("nan") if p is None else p / 1000 for p in tl["p99_ms"]],
+                color="tab:blue",
+                lw=1,
+                label="p99 latency (s)",
+            )
+            ax.set_yscale("log")
+            ax.set_ylabel("p99 (s)", fontsize=7)
+            ax.axvline(0, color="black", lw=0.8)
+            if r["recovery_s"] is not None:
+                ax.axvspan(0, r["recovery_s"], color="tab:orange", alpha=0.15)
+            failed = [(t, f) for t, f in zip(tl["t"], tl["failed"], strict=True) if f]
+            if failed:
+                twin = ax.twinx()
+                twin.bar([t for t, _ in failed], [f for _, f in failed], width=tl["bin_s"], color="tab:red")
+                twin.set_ylabel("failed", color="tab:red", fontsize=7)
+            ax.set_title(f"{r['mode']}: {r['fault']} ({r['failed']} of {r['sent']} failed)", fontsize=8)
+            ax.tick_params(labelsize=7)
+        for ax in axes[-1]:
+            ax.set_xlabel("seconds from the fault (shaded: until recovered)", fontsize=7)
+    else:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.45 * len(faults) + 1.6))
+        height = 0.8 / len(modes)
+        for i, mode in enumerate(modes):
+            by_fault = {r["fault"]: r for r in rows if r["mode"] == mode}
+            ys = [k + i * height for k in range(len(faults))]
+            rec = [(by_fault[f]["recovery_s"] or 0) if f in by_fault else 0 for f in faults]
+            fail = [by_fault[f]["failed"] if f in by_fault else 0 for f in faults]
+            right.barh(ys, rec, height, label=mode)
+            left.barh(ys, [max(x, 0.5) for x in fail], height, label=mode)
+            for y, x in zip(ys, fail, strict=True):
+                left.text(max(x, 0.5) * 1.1, y, str(x), va="center", fontsize=7)
+        for ax in (left, right):
+            ax.set_yticks([k + 0.4 - height / 2 for k in range(len(faults))], faults, fontsize=8)
+            ax.invert_yaxis()
+        left.set_xscale("log")
+        left.set_xlabel("failed requests (log; 0 drawn at 0.5)")
+        right.set_xlabel("recovery (s)")
+        right.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _rounds(results: dict) -> dict[str, dict[int, list[dict]]]:
+    """variant -> clients -> one measurement per round ("name #2" is round 2 of "name")."""
+    out: dict[str, dict[int, list[dict]]] = {}
+    for name, levels in results.items():
+        variant = name.split(" #")[0]
+        for level, m in levels.items():
+            out.setdefault(variant, {}).setdefault(int(level), []).append(m)
+    return out
+
+
+def serve_load(data: dict, title: str):
+    """Per variant against clients: req/s and p99 latency (medians over rounds, the spread as a bar),
+    and each one's share of the in-process bound."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for variant, levels in _rounds(data["results"]).items():
+        xs = sorted(levels)
+        for ax, key, scale in ((axes[0], "req_s", 1), (axes[1], "p99", 1 / 1000), (axes[2], "of_bound", 100)):
+            vals = [[m[key] * scale for m in levels[x] if key in m] for x in xs]
+            pts = [(x, v) for x, v in zip(xs, vals, strict=True) if v]
+            if not pts:
+                continue
+            med = [statistics.median(v) for _, v in pts]
+            err = [
+                [m - min(v) for m, (_, v) in zip(med, pts, strict=True)],
+                [max(v) - m for m, (_, v) in zip(med, pts, strict=True)],
+            ]
+            ax.errorbar([x for x, _ in pts], med, yerr=err, marker="o", capsize=3, label=variant)
+    levels = sorted({x for levels in _rounds(data["results"]).values() for x in levels})
+    for ax, label in zip(axes, ("requests/s", "p99 latency (s)", "% of the in-process bound"), strict=True):
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(levels, [str(x) for x in levels])
+        ax.grid(alpha=0.3)
+    axes[2].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def accuracy(data: dict, title: str):
+    """Test F1 against training steps (every scored checkpoint where the run kept them), beside TF-IDF."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    m = data["model"]
+    points = sorted(
+        data.get("checkpoints") or [{"step": m.get("step", 0), "test_f1": m["f1"]}], key=lambda c: c["step"]
+    )
+    ax.plot([c["step"] for c in points], [c["test_f1"] for c in points], marker="o", label="transformer, test F1")
+    if any("val_f1" in c for c in points):
+        ax.plot(
+            [c["step"] for c in points], [c.get("val_f1") for c in points], marker=".", ls=":", label="validation F1"
+        )
+    ax.axhline(data["tfidf"]["f1"], color="gray", ls="--", label=f"TF-IDF + LR {data['tfidf']['f1']:.4f}")
+    ax.set_xlabel("optimizer steps")
+    ax.set_ylabel("F1")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def drift(data: dict, title: str):
+    """Share of windows that alarm, per scenario and window size (a no-shift row is the false-alarm
+    rate, which the detector bounds by alpha)."""
+    plt = _pyplot()
+    scenarios = list(data["detection"])
+    sizes = sorted({int(s) for by_size in data["detection"].values() for s in by_size})
+    rates = [
+        [100 * data["detection"][sc].get(str(s), {}).get("alarm_rate", float("nan")) for s in sizes] for sc in scenarios
+    ]
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(scenarios) + 1.4))
+    ax.imshow(rates, cmap="Reds", vmin=0, vmax=100, aspect="auto")
+    for i, row in enumerate(rates):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.1f}%", ha="center", va="center", fontsize=8, color="white" if v > 60 else "black")
+    ax.set_xticks(range(len(sizes)), [f"{s} texts" for s in sizes], fontsize=8)
+    ax.set_yticks(range(len(scenarios)), scenarios, fontsize=8)
+    ax.set_xlabel(f"window; % of {data.get('trials', '?')} windows that alarm (alpha {data['alpha']:g})", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+DRAW = {"chaos": chaos, "serve_load": serve_load, "accuracy": accuracy, "drift": drift}
+
+
+def render(json_path: str | Path, data: dict | None = None) -> Path:
+    """Draw the figure of one result file; returns the PNG's path (docs/figures/<stem>.png)."""
+    json_path = Path(json_path)
+    data = json.loads(json_path.read_text()) if data is None else data
+    fig = DRAW[kind_of(data)](data, f"{json_path.name} ({data.get('machine', 'machine not recorded')})")
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    out = FIGURES / f"{json_path.stem}.png"
+    fig.savefig(out, dpi=90)
+    _pyplot().close(fig)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        sys.stderr.write(__doc__)
+        return 2
+    for path in argv:
+        sys.stdout.write(f"{render(path)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
