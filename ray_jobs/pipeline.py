@@ -137,15 +137,15 @@ def run_gate(
 def onnx_export(cfg: PipelineConfig, ckpt: str, test: Split, challenger: Evaluation) -> tuple[dict, dict]:
     """(files for the version's model folder, version tags): the ONNX export that `serve.runtime: onnx`
     serves, made once here and scored against the gate's own eager predictions on the test split
-    (ray_jobs.onnx_runtime). An export that fails costs the version nothing: replicas then serve it
+    (ray_jobs.onnx_export). An export that fails costs the version nothing: replicas then serve it
     eagerly and say why."""
     if cfg.serve.runtime != "onnx":
         return {}, {}
-    from ray_jobs import onnx_runtime
+    from ray_jobs import onnx_export
 
     q = cfg.serve.quantization
     try:
-        files, guard = onnx_runtime.build(
+        files, guard = onnx_export.build(
             ckpt, test, q, challenger.predictions, cfg.gate.precision, cfg.gate.eval_batch_size
         )
     except Exception as err:  # noqa: BLE001 - the model is fine; only its faster runtime is missing

@@ -1,6 +1,6 @@
-"""ONNX Runtime serving (ray_jobs.onnx_runtime): the export computes what the eager model computes, int8
-stays close, the accuracy guard refuses an export that disagrees, and a model process serves eager with
-the reason whenever the export is missing, refused, replaced or broken."""
+"""ONNX Runtime serving (ray_jobs.onnx_export, ray_jobs.onnx_runtime): the export computes what the eager
+model computes, int8 stays close, the accuracy guard refuses an export that disagrees, and a model process
+serves eager with the reason whenever the export is missing, refused, replaced or broken."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from ray_jobs.config import ServeConfig
 from ray_jobs.data import generate_reviews
 from ray_jobs.inference import Predictor
+from ray_jobs.onnx_export import build
 from ray_jobs.onnx_runtime import (
     GUARD_FILES,
     MODEL_FILES,
@@ -20,7 +21,6 @@ from ray_jobs.onnx_runtime import (
     OnnxError,
     OnnxPredictor,
     RuntimeChoice,
-    build,
     load_predictor,
     unservable,
 )
@@ -207,7 +207,7 @@ def test_an_export_leaves_the_processes_logging_as_it_was(untrained_tiny, tmp_pa
 
     code = f"""
 import logging
-from ray_jobs.onnx_runtime import export
+from ray_jobs.onnx_export import export
 export({untrained_tiny!r}, __import__("pathlib").Path({str(tmp_path / "m.onnx")!r}), "int8")
 print(len(logging.getLogger().handlers), logging.getLogger().level)
 """

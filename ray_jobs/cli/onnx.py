@@ -1,6 +1,6 @@
 """`python -m ray_jobs onnx --model REF [--quantization int8] [--data FILE] [--json]`: export a registered
 version (or a model folder) to ONNX once, score it against the eager model, and store both beside the
-model (ray_jobs.onnx_runtime). Exit 3 where the guard refuses the export."""
+model (ray_jobs.onnx_export). Exit 3 where the guard refuses the export."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 
 from ray_jobs.cli.common import EXIT_BLOCKED, EXIT_OK, add_model_argument, config_parser, load_from_args, run
 from ray_jobs.data import load_file, load_splits
-from ray_jobs.onnx_runtime import MODEL_FILES, build, store
+from ray_jobs.onnx_export import build, store
+from ray_jobs.onnx_runtime import MODEL_FILES
 from ray_jobs.registry import Registry
 from ray_jobs.runtime import with_cluster_addresses
 
