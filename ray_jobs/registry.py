@@ -65,7 +65,8 @@ class Rollout(BaseModel):
 
 class Registry(Tracking):
     """The model registry for one registered model (versions, aliases, the rollout record, the gate's
-    lock), on the tracking store of ray_jobs.tracking."""
+    lock), on the tracking store of ray_jobs.tracking. Over ~150 lines: a facade with one short method
+    per registry operation, each an MLflow call behind `_call`'s error handling."""
 
     @property
     def lock_name(self) -> str:

@@ -73,7 +73,9 @@ class BatchAnswer(NamedTuple):
 
 class ModelWorker:
     """A Predictor in a child process. Batches are answered in the order they were submitted: a sender
-    thread writes them to the socket, a receiver thread reads the answers and completes the futures."""
+    thread writes them to the socket, a receiver thread reads the answers and completes the futures.
+    Over ~150 lines: start-up, the two threads, the deadline and close share the socket and the queue of
+    futures; apart, each would need the others' locks."""
 
     def __init__(
         self,
