@@ -766,7 +766,8 @@ def main() -> int:
             )
     for name, per in results.items():  # each shadow variant against the champion alone of its round
         variant, _, round_ = name.partition(" ")
-        if SERVE_VARIANTS[variant].shadow is None or variant.startswith("shadow-off"):
+        # The per-request server is no Serve variant: it has no shadow to compare (it crashed here, issue 31).
+        if variant not in SERVE_VARIANTS or SERVE_VARIANTS[variant].shadow is None or variant.startswith("shadow-off"):
             continue
         off = results.get(f"shadow-off{'-haproxy' if variant.endswith('-haproxy') else ''} {round_}".strip(), {})
         for level, r in per.items():
