@@ -230,8 +230,9 @@ def test_canary_answers_a_sticky_share_per_routing_key(ro):
             assert r.status_code == 200, r.text
             seen.setdefault(key, set()).add(r.json()["model_version"])
     assert all(len(v) == 1 for v in seen.values()), seen  # one client, one version
-    # Without a routing key each text is routed by its own request id: the share over 2,000 texts.
-    versions = [a["model_version"] for a in _batch(url, [f"unkeyed review {i}" for i in range(2000)])]
+    # Without a routing key each text is routed by its own request id: the share over 800 texts, within
+    # 4 standard deviations (0.3 +- 0.065: far from 0, 1 or a share of 0.5).
+    versions = [a["model_version"] for a in _batch(url, [f"unkeyed review {i}" for i in range(800)])]
     assert abs(versions.count("2") / len(versions) - 0.3) < 4 * np.sqrt(0.3 * 0.7 / len(versions))
     routed = {k for k, v in seen.items() if v == {"2"}}
     assert routed == {k for k in seen if routes_to_challenger(k, 0.3)}
