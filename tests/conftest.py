@@ -123,7 +123,8 @@ def ray_cluster():
     # Ray Train's controller polls its workers every 2 s: a finished fit waits up to that long to be
     # seen, and the suite runs about twenty fits. Polling every 0.5 s costs nothing on a tiny model.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False, _metrics_export_port=free_port())
+    # address="local": a cluster of its own, never one that `ray start` left on this machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False, _metrics_export_port=free_port())
     yield ray
     _stop_session_cluster()
 
