@@ -210,3 +210,7 @@ def format_report(report: Report) -> str:
         for ex in t.examples[:2]:
             lines.append(f"  e.g. {t.name}: {json.dumps(ex)}")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the command moved to ray_jobs.cli: fail, never exit 0 having done nothing
+    raise SystemExit("python -m ray_jobs.behaviour is no command: run `python -m ray_jobs behaviour`")

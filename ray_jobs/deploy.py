@@ -124,3 +124,7 @@ def deploy_champion(cfg: PipelineConfig) -> tuple[str, str]:
     version = reg.resolve_version(uri)
     rollout = reg.served_rollout(uri, version)
     return version, deploy(cfg, wait_version=version, wait_challenger=rollout.version if rollout else None)
+
+
+if __name__ == "__main__":  # the command moved to ray_jobs.cli: fail, never exit 0 having done nothing
+    raise SystemExit("python -m ray_jobs.deploy is no command: run `python -m ray_jobs deploy`")

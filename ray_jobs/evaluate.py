@@ -49,3 +49,7 @@ def evaluate_and_profile(
 
 def report(ev: Evaluation) -> dict:
     return {**{k: round(v, 6) for k, v in ev.metrics.items()}, "n": ev.n, "data_digest": ev.digest, "model": ev.model}
+
+
+if __name__ == "__main__":  # the command moved to ray_jobs.cli: fail, never exit 0 having done nothing
+    raise SystemExit("python -m ray_jobs.evaluate is no command: run `python -m ray_jobs evaluate`")

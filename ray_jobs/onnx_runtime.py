@@ -224,3 +224,7 @@ def runtime_info(predictor: Predictor, fallback: str | None) -> dict[str, Any]:
         precision=served_precision(predictor),
         fallback=fallback,
     ).model_dump()
+
+
+if __name__ == "__main__":  # the command moved to ray_jobs.cli: fail, never exit 0 having done nothing
+    raise SystemExit("python -m ray_jobs.onnx_runtime is no command: run `python -m ray_jobs onnx`")

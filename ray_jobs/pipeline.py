@@ -339,3 +339,7 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
         raise
     finally:
         reg.end_run(run_id, "KILLED" if sigterm_received() else status)
+
+
+if __name__ == "__main__":  # the command moved to ray_jobs.cli: fail, never exit 0 having done nothing
+    raise SystemExit("python -m ray_jobs.pipeline is no command: run `python -m ray_jobs pipeline`")

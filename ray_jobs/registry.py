@@ -321,3 +321,7 @@ class Registry(Tracking):
                 }
             )
         return old
+
+
+if __name__ == "__main__":  # the command moved to ray_jobs.cli: fail, never exit 0 having done nothing
+    raise SystemExit("python -m ray_jobs.registry is no command: run `python -m ray_jobs registry`")

@@ -151,3 +151,7 @@ def best_checkpoint(result, select_by: str) -> tuple[str, dict[str, Any]]:
         raise SentimentError("the training run left no checkpoint")
     ckpt, metrics = max(pairs, key=lambda p: selection_key(p[1], select_by))
     return ckpt.path, metrics
+
+
+if __name__ == "__main__":  # the command moved to ray_jobs.cli: fail, never exit 0 having done nothing
+    raise SystemExit("python -m ray_jobs.train is no command: run `python -m ray_jobs train`")

@@ -198,3 +198,7 @@ def run_search(
         errors = "; ".join(t.error or t.status for t in trials)[:2000]
         raise SentimentError(f"no trial produced a checkpoint ({errors})")
     return outcome
+
+
+if __name__ == "__main__":  # the command moved to ray_jobs.cli: fail, never exit 0 having done nothing
+    raise SystemExit("python -m ray_jobs.tune is no command: run `python -m ray_jobs tune`")

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("ray_jobs", "serve_app")
 
@@ -158,3 +160,29 @@ logging.getLogger("__main__").info("from python -m ray_jobs pipeline")  # an ent
     assert r.stdout.strip() == "[1, 1, 1]"
     assert r.stderr.count("INFO ray_jobs.train: hello from a worker") == 1 and "not shown" not in r.stderr
     assert "INFO __main__: from python -m ray_jobs pipeline" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "module, command",
+    [
+        ("pipeline", "pipeline"),
+        ("train", "train"),
+        ("tune", "tune"),
+        ("deploy", "deploy"),
+        ("evaluate", "evaluate"),
+        ("behaviour", "behaviour"),
+        ("registry", "registry"),
+        ("onnx_runtime", "onnx"),
+    ],
+)
+def test_a_former_entry_point_fails_and_names_the_command(module, command):
+    """`python -m ray_jobs.pipeline` was the command before ray_jobs.cli: a script or `ray job submit` that
+    still runs it must fail (a job that "succeeded" having done nothing would hide it), naming the new form."""
+    import runpy
+    import warnings
+
+    with pytest.raises(SystemExit) as done, warnings.catch_warnings():
+        # runpy warns that the module was imported already (by other tests): running it again is the point.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        runpy.run_module(f"ray_jobs.{module}", run_name="__main__")
+    assert f"python -m ray_jobs {command}" in str(done.value.code)
