@@ -51,6 +51,7 @@ class JobCluster:
     token: str
     node_ids: dict[str, str]  # role -> Ray node id
     temp_dirs: list[str]  # each node's Ray temp dir
+    gcs: int  # the head's GCS port
 
     def job(self, submission_id: str) -> dict:
         """The job's status, message and driver node, from the Jobs API (with the token)."""
@@ -87,6 +88,44 @@ class JobCluster:
         ).stdout
         roles = {node: role for role, node in self.node_ids.items()}
         return {a["actor_id"]: roles.get(a["node_id"], a["node_id"]) for a in json.loads(out) if a.get("node_id")}
+
+    def release_leaked_placement_groups(self, job_id: str, wait_s: float = 20) -> list[str]:
+        """Placement groups that the ended job `job_id` (Ray's job id) still holds after `wait_s`, removed.
+        Ray Train (2.60) can leak its worker group's placement group when the driver is stopped or killed
+        at an unlucky moment (seen in one run of three: two such groups, CREATED, of jobs that had ended,
+        no actor in them); a resumed search then waits for their resources until Ray Train's worker-group
+        start-up times out, and hangs. The product does not clean this up yet (docs/limitations.md); this
+        keeps the test about what it tests, resuming, and says when it had to."""
+        deadline = time.time() + wait_s
+        while True:
+            listed = subprocess.run(
+                ["ray", "list", "placement-groups", f"--address={self.url}", "--format=json", "--detail"]
+                + ["--limit=1000"],
+                env=self.env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            leaked = [
+                pg["placement_group_id"]
+                for pg in json.loads(listed)
+                if pg.get("creator_job_id") == job_id and pg.get("state") in ("CREATED", "PENDING")
+            ]
+            if not leaked or time.time() > deadline:
+                break
+            time.sleep(1)
+        if leaked:
+            code = (
+                "import ray, sys\n"
+                "from ray._raylet import PlacementGroupID\n"
+                "from ray.util.placement_group import PlacementGroup, remove_placement_group\n"
+                f"ray.init(address='127.0.0.1:{self.gcs}', log_to_driver=False)\n"
+                "for pg in sys.argv[1:]:\n"
+                "    remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg))))\n"
+            )
+            subprocess.run([sys.executable, "-c", code, *leaked], env=self.env, capture_output=True, check=True)
+            print(f"removed placement groups that ended job {job_id} leaked: {leaked}")
+        return leaked
 
     def _auth(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"}
@@ -138,7 +177,7 @@ def job_cluster(tmp_path_factory):
             role = next(r for r, (_, res) in NODES.items() if set(res) <= set(total))
             node_ids[role] = node["node_id"]
         assert set(node_ids) == set(NODES), listed[:2000]
-        yield JobCluster(env, url, token, node_ids, [temp_dir for _, temp_dir in nodes])
+        yield JobCluster(env, url, token, node_ids, [temp_dir for _, temp_dir in nodes], gcs)
     finally:
         for proc, temp_dir in reversed(nodes):
             stop_head(proc, temp_dir, graceful=False)  # done with it: no need to wait for a clean shutdown
@@ -364,6 +403,7 @@ def test_a_search_stopped_then_killed_resumes_where_it_stopped_each_time(job_clu
     [experiment] = [p for p in (tmp_path / "tune").iterdir() if p.is_dir()]
 
     # 2. Resumed; its driver is SIGKILLed once the second trial has checkpointed an epoch.
+    job_cluster.release_leaked_placement_groups(job_cluster.job("search-1")["job_id"])
     assert _submit(job_cluster, [*sets, "--resume-tune", str(experiment)], "search-2", wait=False).returncode == 0
     _wait_for_checkpoints(job_cluster, "search-2", train_root, trials=2)
     pids = _driver_pids(str(tmp_path))
@@ -379,6 +419,7 @@ def test_a_search_stopped_then_killed_resumes_where_it_stopped_each_time(job_clu
     _resumed_from(stopped, killed, first, epochs=4)
 
     # 3. Resumed again: runs to the end, promoted, deployed.
+    job_cluster.release_leaked_placement_groups(job_cluster.job("search-2")["job_id"])
     r = _submit(job_cluster, [*sets, "--resume-tune", str(experiment)], "search-3", deploy=True)
     job = job_cluster.job("search-3")
     assert job["status"] == "SUCCEEDED", r.stdout[-4000:]
