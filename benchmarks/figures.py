@@ -113,7 +113,8 @@ def serve_load(data: dict, title: str):
     and each one's share of the in-process bound."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for variant, levels in _rounds(data["results"]).items():
+    rounds = _rounds(data["results"])
+    for variant, levels in rounds.items():
         xs = sorted(levels)
         for ax, key, scale in ((axes[0], "req_s", 1), (axes[1], "p99", 1 / 1000), (axes[2], "of_bound", 100)):
             vals = [[m[key] * scale for m in levels[x] if key in m] for x in xs]
@@ -126,7 +127,7 @@ def serve_load(data: dict, title: str):
                 [max(v) - m for m, (_, v) in zip(med, pts, strict=True)],
             ]
             ax.errorbar([x for x, _ in pts], med, yerr=err, marker="o", capsize=3, label=variant)
-    levels = sorted({x for levels in _rounds(data["results"]).values() for x in levels})
+    levels = sorted({x for levels in rounds.values() for x in levels})
     for ax, label in zip(axes, ("requests/s", "p99 latency (s)", "% of the in-process bound"), strict=True):
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel(label)

@@ -102,6 +102,7 @@ def test_every_documented_command_and_flag_exists():
     assert len(documented) >= 20, "the extraction found the docs' commands"
     helps: dict[tuple[str, ...], str] = {}
     registry_subcommands = re.search(r"\{([a-z,]+)\}", _help("registry")).group(1).split(",")
+    registry_help = {s: _help("registry", s) for s in registry_subcommands}
     for source, command, rest in documented:
         assert command in COMMANDS, f"{source}: `python -m ray_jobs {command}` is no command"
         words = rest.split()
@@ -113,7 +114,7 @@ def test_every_documented_command_and_flag_exists():
             if flag in ("--set", "--config", "--help") or flag in helps[key]:
                 continue
             # A registry line lists several subcommands (`shadow 3 | canary 3 --share 0.1`): any may own it.
-            owners = [s for s in registry_subcommands if command == "registry" and flag in _help("registry", s)]
+            owners = [s for s in registry_subcommands if command == "registry" and flag in registry_help[s]]
             assert owners, f"{source}: `python -m ray_jobs {command}{rest}` uses {flag}, which it does not take"
 
 
