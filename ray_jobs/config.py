@@ -134,6 +134,19 @@ class TrainConfig(_Strict):
         "benchmarks/train_profile.py, 1.09x over a 30-minute run, with a lower test F1 in that run). "
         "auto = sdpa",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the model a worker trains (forward and backward; validation stays eager). On "
+        "one H200, fixed-length batches (256 tokens, batch 128) stepped 1.3x faster; IMDB's variable lengths "
+        "did not gain reliably (docs/gpu.md), and on CPUs it is unmeasured: off unless asked",
+    )
+    pad_to_multiple: int | None = Field(
+        None,
+        ge=1,
+        description="pad each batch's length up to a multiple of this (at most model.max_length): fewer distinct "
+        "shapes for compiled kernels, aligned sizes for GPU kernels. None: 64 on GPUs (as measured in docs/gpu.md), "
+        "1 (the batch's longest text) on CPUs",
+    )
     seed: int = Field(42, description="seed of initialisation, shuffling and dropout")
     time_budget_s: float | None = Field(
         None,
@@ -147,11 +160,14 @@ class TrainConfig(_Strict):
         "data): champion (the production model; the backbone while there is none), a version number, "
         "models:/<name>/<version>, models:/<name>@<alias> or a model folder. The gate still decides",
     )
-    select_by: Literal["val_loss", "val_f1"] = Field(
+    select_by: Literal["val_loss", "val_f1", "last"] = Field(
         "val_loss",
         description="the validation metric that picks the checkpoint, the best trial and what ASHA compares. "
         "val_loss: at a few hundred validation reviews F1 moves in steps of 1/n and its noise (~1.3 points at "
-        "500) exceeds the gains between checkpoints; the loss uses every prediction's confidence",
+        "500) exceeds the gains between checkpoints; the loss uses every prediction's confidence. last: the "
+        "run's final checkpoint, for whole-epoch schedules that decay to zero (trials are still compared by "
+        "val_loss): on one GPU, val_loss picked a mid-run checkpoint 0.4-0.9 points of test F1 below the final "
+        "one in 4 of 4 runs (docs/gpu.md)",
     )
     ema_decay: float | None = Field(
         None,
@@ -351,6 +367,16 @@ class AutoscalingConfig(_Strict):
         return self
 
 
+# Serving defaults on a GPU (ServeConfig.num_gpus): see ServeConfig._gpu.
+GPU_MAX_BATCH_SIZE = 128
+GPU_BATCH_WAIT_S = 0.005
+
+
+def _whole_gpus_above_one(n: float) -> None:
+    if n > 1 and n != int(n):
+        raise ValueError(f"num_gpus {n:g}: above 1 it must be a whole number (Ray shares a GPU in fractions of one)")
+
+
 class ExplainConfig(_Strict):
     """POST /explain: integrated gradients in a Serve deployment of its own (serve_app.explainer), so
     that attribution work never joins /predict's batches. Its cost is bounded: the model's max_length
@@ -361,8 +387,13 @@ class ExplainConfig(_Strict):
     n_steps: int = Field(20, ge=1, description="integration steps when a request names none")
     max_n_steps: int = Field(64, ge=1, description="the most steps a request may ask for (422 beyond)")
     num_cpus: float = Field(1, gt=0, description="CPUs an explainer replica reserves")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast where the CPU has AVX-512 BF16/AMX (half the time, same top words)"
+    num_gpus: float = Field(
+        0, ge=0, description="GPUs an explainer replica reserves (fractions share one); above 0 it explains on it"
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 autocast where the CPU has AVX-512 BF16/AMX (half the time, same top words), and on "
+        "GPUs with bf16 (fp16 on others); the weights stay fp32 (attributions are gradients)",
     )
     min_replicas: int = Field(
         0,
@@ -377,6 +408,7 @@ class ExplainConfig(_Strict):
 
     @model_validator(mode="after")
     def _bounds(self) -> ExplainConfig:
+        _whole_gpus_above_one(self.num_gpus)
         if self.n_steps > self.max_n_steps:
             raise ValueError(f"n_steps ({self.n_steps}) must be <= max_n_steps ({self.max_n_steps})")
         if self.min_replicas > self.max_replicas:
@@ -466,11 +498,21 @@ class ServeConfig(_Strict):
         None, description="None: models:/<registry.model_name>@champion. Else a models:/ URI, or a local model folder"
     )
     num_cpus: float = Field(1, gt=0, description="CPUs a model replica reserves (its model process's threads)")
+    num_gpus: float = Field(
+        0,
+        ge=0,
+        description="GPUs a model replica reserves; fractions share one GPU (0.25: four replicas on it). Above 0 "
+        "the model process computes on the GPU Ray assigns the replica, in bf16 weights (fp16 where the GPU has "
+        "no bf16) at precision auto, and max_batch_size and batch_wait_timeout_s default to "
+        f"{GPU_MAX_BATCH_SIZE} and {GPU_BATCH_WAIT_S} s. ONNX Runtime stays on the CPU: runtime onnx needs 0",
+    )
     resources: dict[str, float] = Field(
         {}, description="custom Ray resources a replica also needs, e.g. {serve: 1} to place replicas on serving nodes"
     )
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 where the CPU has AVX-512 BF16/AMX (same predictions within 0.1 point of F1)"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 where the CPU has AVX-512 BF16/AMX (same predictions within 0.1 point of F1); on a "
+        "GPU bf16, or fp16 where it has no bf16",
     )
     runtime: Literal["torch", "onnx"] = Field(
         "torch",
@@ -483,9 +525,14 @@ class ServeConfig(_Strict):
     min_label_agreement: float = Field(
         0.99, ge=0, le=1, description="ONNX guard: labels agree with eager's on at least this share of the texts"
     )
-    max_batch_size: int = Field(32, ge=1, description="texts per dynamic batch (changeable at run time)")
+    max_batch_size: int = Field(
+        32, ge=1, description=f"texts per dynamic batch (changeable at run time); {GPU_MAX_BATCH_SIZE} with num_gpus"
+    )
     batch_wait_timeout_s: float = Field(
-        0.01, ge=0, description="how long a batch waits to fill when the model is idle (changeable at run time)"
+        0.01,
+        ge=0,
+        description="how long a batch waits to fill when the model is idle (changeable at run time); "
+        f"{GPU_BATCH_WAIT_S} with num_gpus",
     )
     max_ongoing_requests: int | None = Field(None, ge=1, description="per replica; default: 4 x max_batch_size")
     max_queued_requests: int = Field(256, ge=-1, description="requests Serve queues for the app; more get 503")
@@ -524,6 +571,20 @@ class ServeConfig(_Strict):
         return _custom_resources(v)
 
     @model_validator(mode="after")
+    def _gpu(self) -> ServeConfig:
+        _whole_gpus_above_one(self.num_gpus)
+        if self.num_gpus and self.runtime == "onnx":
+            raise ValueError("runtime: onnx runs on the CPU only (CPUExecutionProvider): num_gpus 0 or runtime torch")
+        # A GPU forward pass costs about the same for 1 or 128 short texts, so a GPU replica batches more and
+        # waits less for a batch to fill (docs/gpu.md: the bound per batch size). Explicit settings win.
+        if self.num_gpus:
+            if "max_batch_size" not in self.model_fields_set:
+                self.max_batch_size = GPU_MAX_BATCH_SIZE
+            if "batch_wait_timeout_s" not in self.model_fields_set:
+                self.batch_wait_timeout_s = GPU_BATCH_WAIT_S
+        return self
+
+    @model_validator(mode="after")
     def _int8_is_an_onnx_export(self) -> ServeConfig:
         if self.quantization != "none" and self.runtime != "onnx":
             raise ValueError(f"quantization: {self.quantization} needs runtime: onnx (it quantizes the ONNX export)")
@@ -542,6 +603,11 @@ class ServeConfig(_Strict):
         if self.model_uri is None or self.model_uri.startswith("models:/"):
             return self
         return self.model_copy(update={"model_uri": absolute_path(self.model_uri)})
+
+
+def serving_device(serve: ServeConfig) -> str:
+    """Where a replica's model computes: cuda where it reserves a GPU."""
+    return "cuda" if serve.num_gpus > 0 else "cpu"
 
 
 def served_model_uri(serve: ServeConfig, registry: RegistryConfig) -> str:

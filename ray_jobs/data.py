@@ -380,17 +380,20 @@ def encode_counted(
     return seqs, [len(ids) for ids in raw], [ids.count(unk) for ids in raw]
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int):
-    """Pad to the longest sequence of this batch (dynamic padding), returning torch tensors."""
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, multiple: int = 1, cap: int | None = None):
+    """Pad to the longest sequence of this batch (dynamic padding), rounded up to a multiple of `multiple`
+    but not past `cap` (a GPU's compiled kernels then see a few shapes, not one per length); torch tensors.
+    One numpy fill, not a copy per row: a GPU waits on this for every batch."""
     import torch
 
-    longest = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    longest = int(lengths.max())
+    if multiple > 1:
+        longest = max(longest, min(-(-longest // multiple) * multiple, cap or longest))
+    mask = np.arange(longest) < lengths[:, None]
+    ids = np.full((len(seqs), longest), pad_id, dtype=np.int64)
+    ids[mask] = np.fromiter((t for s in seqs for t in s), dtype=np.int64, count=int(lengths.sum()))
+    return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
 
 def batch_order(

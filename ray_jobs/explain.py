@@ -65,14 +65,22 @@ class Explainer:
     (the serving deployment bounds its queue)."""
 
     def __init__(
-        self, model_dir: str, num_threads: int | None = None, precision: str = "fp32", internal_batch_size: int = 16
+        self,
+        model_dir: str,
+        num_threads: int | None = None,
+        precision: str = "fp32",
+        internal_batch_size: int = 16,
+        device: str = "cpu",
     ):
         """`precision`: as the Predictor's; bf16 autocast (auto, on CPUs with AVX-512 BF16/AMX) explains a
         128-token review in about half the time, with the same top words and convergence delta
         (benchmarks/explain.py)."""
         from captum.attr import LayerIntegratedGradients
 
-        self.predictor = Predictor(model_dir, num_threads=num_threads, precision=precision)
+        # fp32 weights under autocast on a GPU too: the attributions are gradients, summed over steps.
+        self.predictor = Predictor(
+            model_dir, num_threads=num_threads, precision=precision, device=device, cast_weights=False
+        )
         self.model = self.predictor.model.eval()
         self.tokenizer = self.predictor.tokenizer
         self.internal_batch_size = internal_batch_size
@@ -90,11 +98,11 @@ class Explainer:
         ids, spans, word_ids, truncated = encode_with_spans(
             self.tokenizer, text, p.max_length, p.truncation, p.head_fraction
         )
-        inputs = torch.tensor([ids])
+        inputs = torch.tensor([ids], device=p.device)
         mask = torch.ones_like(inputs)
         baseline = torch.full_like(inputs, self.tokenizer.pad_token_id)
         baseline[0, 0], baseline[0, -1] = ids[0], ids[-1]
-        with autocast("cpu", p.amp_dtype):
+        with autocast(p.device.type, p.compute_amp):
             with torch.no_grad():
                 probs = torch.softmax(self.model(input_ids=inputs, attention_mask=mask).logits.float(), -1)[0]
             target = int(probs.argmax())
@@ -106,7 +114,7 @@ class Explainer:
                 internal_batch_size=self.internal_batch_size,
                 return_convergence_delta=True,
             )
-        token_scores = attributions.float().sum(dim=-1)[0].detach().tolist()
+        token_scores = attributions.float().sum(dim=-1)[0].detach().cpu().tolist()
         return {
             "label": LABELS[target],
             "score": float(probs[target]),

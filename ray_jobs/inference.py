@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ray_jobs.data import encode, encode_counted, pad_batch
+from ray_jobs.errors import ModelError
 from ray_jobs.model import LABELS, load_model
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,21 @@ def autocast_dtype(precision: str, device_type: str):
     if device_type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_supports_bf16() else None
+
+
+def require_cuda() -> None:
+    """Raise ModelError unless this process sees a CUDA device: a process configured for a GPU fails
+    when it starts, with what it saw, not at its first batch."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
+        raise ModelError(
+            f"a GPU was asked for, but this process sees no CUDA device (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')!r}; torch {torch.__version__}, {built})"
+        )
 
 
 def resolved_precision(precision: str) -> str:
@@ -92,25 +108,36 @@ def batched_outputs(
 ):
     """(logits, embeddings or None): `batched_logits`, and with `embeddings` the (n, d) float32
     [CLS] vectors that the classifier head reads, taken from the same forward pass (a hook on
-    DistilBERT's `pre_classifier`), in input order."""
+    DistilBERT's `pre_classifier`), in input order.
+
+    On a GPU nothing waits for one batch's answer before the next batch is queued: pinned host tensors,
+    asynchronous copies, and the results gathered on the device and copied back once."""
     import torch
 
-    out = torch.zeros((len(seqs), 2), dtype=torch.float32)
-    emb, seen = None, []
+    gpu = device.type == "cuda"
+    seen: list = []
     hook = None
     if embeddings:
-        hook = model.pre_classifier.register_forward_pre_hook(lambda _m, args: seen.append(args[0].float().cpu()))
-        emb = torch.zeros((len(seqs), model.pre_classifier.in_features), dtype=torch.float32)
+        hook = model.pre_classifier.register_forward_pre_hook(lambda _m, args: seen.append(args[0].float()))
+    rows, logits = [], []
     try:
         with torch.inference_mode(), autocast(device.type, amp_dtype):
             for idx, ids, mask in length_batches(seqs, pad_id, batch_size):
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-                out[idx] = logits.float().cpu()
-                if emb is not None:
-                    emb[idx] = seen.pop()
+                if gpu:
+                    ids = ids.pin_memory().to(device, non_blocking=True)
+                    mask = mask.pin_memory().to(device, non_blocking=True)
+                logits.append(model(input_ids=ids, attention_mask=mask).logits.float())
+                rows.append(torch.as_tensor(idx, dtype=torch.long))
     finally:
         if hook is not None:
             hook.remove()
+    out = torch.zeros((len(seqs), 2), dtype=torch.float32)
+    emb = torch.zeros((len(seqs), model.pre_classifier.in_features), dtype=torch.float32) if embeddings else None
+    if rows:
+        order = torch.cat(rows)
+        out[order] = torch.cat(logits).cpu()
+        if emb is not None:
+            emb[order] = torch.cat(seen).cpu()
     return out, emb
 
 
@@ -139,7 +166,12 @@ def classification_metrics(labels, preds) -> dict[str, float]:
 
 
 class Predictor:
-    """Texts in, class probabilities out, for a saved model folder (safetensors)."""
+    """Texts in, class probabilities out, for a saved model folder (safetensors).
+
+    On a CUDA device at bf16 or fp16 the weights themselves are cast to that dtype (no autocast): every
+    matrix product then reads half the bytes and skips autocast's per-call casts
+    (benchmarks/gpu_train.py measures both). On the CPU, reduced precision stays autocast, which keeps
+    LayerNorm and softmax in fp32."""
 
     def __init__(
         self,
@@ -148,17 +180,41 @@ class Predictor:
         precision: str = "fp32",
         batch_size: int = 64,
         device: str = "cpu",
+        compile: bool = False,
+        cast_weights: bool = True,
     ):
+        """`device`: cpu or cuda (the device Ray assigned: CUDA_VISIBLE_DEVICES). `compile`: torch.compile the
+        forward pass (minutes of compilation at start on a CPU; see benchmarks/gpu_train.py for what it gains on
+        a GPU). `cast_weights`: False keeps fp32 weights under autocast on a GPU too (the explainer's gradients)."""
         import torch
 
         if num_threads:
             # One replica per CPU it reserved: more threads than that only contend with other replicas.
             torch.set_num_threads(num_threads)
-        self.model, self.tokenizer, self.meta = load_model(model_dir)
         self.device = torch.device(device)
-        self.model.to(self.device)
+        if self.device.type == "cuda":
+            require_cuda()
+        self.model, self.tokenizer, self.meta = load_model(model_dir)
         self.amp_dtype = autocast_dtype(precision, self.device.type)
+        self.compute_amp = self.amp_dtype  # what forward passes autocast to (None once the weights are cast)
+        if self.device.type == "cuda" and self.amp_dtype is not None and cast_weights:
+            self.model.to(dtype=self.amp_dtype)
+            self.compute_amp = None
+        self.model.to(self.device)
+        if compile:
+            # dynamic: a replica's batches vary in size and length; one graph serves them all.
+            self.model.compile(dynamic=True)
         self._text_settings(model_dir, batch_size)
+
+    @property
+    def device_name(self) -> str:
+        """ "cpu", or "cuda:0 (NVIDIA H200)": what /model shows."""
+        import torch
+
+        if self.device.type != "cuda":
+            return self.device.type
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
 
     def _text_settings(self, model_dir: str | Path, batch_size: int) -> None:
         """How texts become token ids and batches, from the folder's meta (as training saved it)."""
@@ -189,7 +245,7 @@ class Predictor:
         """(logits (n, 2), [CLS] vectors (n, d) or None), float32 torch tensors in input order: the one
         place a runtime computes (ray_jobs.onnx_runtime.OnnxPredictor overrides it)."""
         return batched_outputs(
-            self.model, seqs, self.tokenizer.pad_token_id, self.batch_size, self.device, self.amp_dtype, embeddings
+            self.model, seqs, self.tokenizer.pad_token_id, self.batch_size, self.device, self.compute_amp, embeddings
         )
 
     def predict_features(self, texts: Sequence[str]):

@@ -61,7 +61,10 @@ class RuntimeInfo(BaseModel):
 
     runtime: Literal["torch", "onnx"]
     quantization: Quantization
-    precision: str = Field(description="bf16 or fp32 (eager autocast), fp32 or int8 (ONNX)")
+    precision: str = Field(
+        description="eager: bf16, fp16 or fp32 (autocast on a CPU, the weights' dtype on a GPU); ONNX: fp32 or int8"
+    )
+    device: str = Field("cpu", description='where it computes: "cpu", or "cuda:0 (NVIDIA H200)"')
     fallback: str | None = Field(None, description="why the configured ONNX export is not served (eager is)")
 
 
@@ -165,7 +168,9 @@ class OnnxPredictor(Predictor):
 def served_precision(predictor: Predictor) -> str:
     if isinstance(predictor, OnnxPredictor):
         return "int8" if predictor.quantization == "int8" else "fp32"
-    return "bf16" if predictor.amp_dtype is not None else "fp32"
+    import torch
+
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[predictor.amp_dtype]
 
 
 def read_guard(model_dir: str | Path, quantization: Quantization) -> GuardReport | None:
@@ -198,9 +203,11 @@ def load_predictor(
     num_threads: int | None = None,
     precision: str = "auto",
     batch_size: int = 64,
+    device: str = "cpu",
 ) -> tuple[Predictor, dict[str, Any]]:
     """(predictor, what it runs) for a model process: the ONNX export where `choice` asks for it and it
-    passed its guard, else eager PyTorch with the reason (`fallback`)."""
+    passed its guard, else eager PyTorch with the reason (`fallback`). ONNX Runtime runs on the CPU only
+    (the config refuses runtime onnx with a GPU); eager PyTorch runs on `device`."""
     reason = None
     if choice.runtime == "onnx":
         reason = unservable(model_dir, choice)
@@ -211,7 +218,7 @@ def load_predictor(
             except Exception as err:  # noqa: BLE001 - an export that cannot load: serve eager, say why
                 reason = f"{type(err).__name__}: {err}"
         log.warning("serving %s with eager PyTorch instead of ONNX Runtime: %s", model_dir, reason)
-    predictor = Predictor(model_dir, num_threads=num_threads, precision=precision, batch_size=batch_size)
+    predictor = Predictor(model_dir, num_threads=num_threads, precision=precision, batch_size=batch_size, device=device)
     return predictor, runtime_info(predictor, reason)
 
 
@@ -222,6 +229,7 @@ def runtime_info(predictor: Predictor, fallback: str | None) -> dict[str, Any]:
         runtime="onnx" if onnx else "torch",
         quantization=predictor.quantization if onnx else "none",
         precision=served_precision(predictor),
+        device="cpu" if onnx else predictor.device_name,
         fallback=fallback,
     ).model_dump()
 

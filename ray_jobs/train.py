@@ -21,17 +21,29 @@ from ray_jobs.train_worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
-# What `train.select_by` can name, and whether more is better.
-SELECTION_MODES = {"val_loss": "min", "val_f1": "max"}
+# The reported metric behind each `train.select_by`, and whether more is better ("last": the latest step).
+SELECTION_MODES = {"val_loss": "min", "val_f1": "max", "step": "max"}
 
 
-def selection_key(metrics: dict[str, Any], select_by: str) -> tuple[float, int]:
-    """Sort key for checkpoints (and trials) by `select_by`: larger is better; on a tie the later step
-    wins (it has seen more data, at a lower learning rate)."""
-    value = metrics.get(select_by)
+def checkpoint_metric(select_by: str) -> str:
+    """The reported metric that ranks a run's checkpoints under `select_by`."""
+    return "step" if select_by == "last" else select_by
+
+
+def trial_metric(select_by: str) -> str:
+    """The reported metric that ranks trials (Tune, ASHA): every trial's last step is alike, so "last"
+    compares their validation loss."""
+    return "val_loss" if select_by == "last" else select_by
+
+
+def selection_key(metrics: dict[str, Any], metric: str) -> tuple[float, int]:
+    """Sort key for checkpoints (and trials) by a metric of SELECTION_MODES (or "last"): larger is better;
+    on a tie the later step wins (it has seen more data, at a lower learning rate)."""
+    metric = checkpoint_metric(metric)
+    value = metrics.get(metric)
     if value is None:
         return (-math.inf, metrics.get("step", 0))
-    return (value if SELECTION_MODES[select_by] == "max" else -value, metrics.get("step", 0))
+    return (value if SELECTION_MODES[metric] == "max" else -value, metrics.get("step", 0))
 
 
 def hparams_of(cfg: PipelineConfig) -> dict[str, Any]:
@@ -121,8 +133,8 @@ def fit(
             storage_path=absolute_path(tc.storage_path),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=tc.num_to_keep,
-                checkpoint_score_attribute=tc.select_by,
-                checkpoint_score_order=SELECTION_MODES[tc.select_by],
+                checkpoint_score_attribute=checkpoint_metric(tc.select_by),
+                checkpoint_score_order=SELECTION_MODES[checkpoint_metric(tc.select_by)],
             ),
             failure_config=FailureConfig(max_failures=tc.max_failures),
             callbacks=callbacks,

@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray_jobs.config import ModelConfig
-from ray_jobs.data import Split, encode
+from ray_jobs.config import ModelConfig, TrainConfig
+from ray_jobs.data import Split, encode, pad_batch
 from ray_jobs.errors import SentimentError
 from ray_jobs.inference import autocast, batched_logits, binary_metrics, confusion_counts
 
@@ -137,7 +137,9 @@ def all_reduce(values: list[float], world: int, op: str = "sum") -> list[float]:
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64)
+    # NCCL (Ray Train's backend on GPUs) reduces CUDA tensors only; gloo (CPUs) CPU tensors.
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return t.tolist()
 
@@ -148,7 +150,9 @@ def validate(model, data: ShardData, pad_id: int, batch_size: int, device, amp_d
 
     was_training = model.training
     model.eval()
-    logits = batched_logits(model, data.val_seqs, pad_id, batch_size, device, amp_dtype)
+    # Eager even where training is compiled: an eval-mode graph would be compiled for a few passes.
+    with torch.compiler.set_stance("force_eager"):
+        logits = batched_logits(model, data.val_seqs, pad_id, batch_size, device, amp_dtype)
     model.train(was_training)
     loss_sum = (
         torch.nn.functional.cross_entropy(logits, torch.tensor(data.val_labels), reduction="sum").item()
@@ -177,8 +181,11 @@ def weight_average(model, decay: float):
     return average
 
 
-def make_optimizer(model, lr: float, weight_decay: float):
-    """AdamW without weight decay on biases and LayerNorm weights (the BERT recipe)."""
+def make_optimizer(model, lr: float, weight_decay: float, fused: bool | None = None):
+    """AdamW without weight decay on biases and LayerNorm weights (the BERT recipe). Fused (one kernel for
+    all parameters) where they live on a GPU: the default launches several kernels per group of tensors,
+    and at 32 x 256 tokens that alone kept the distilbert-base step at a fraction of the chip
+    (benchmarks/gpu_train.py). `fused`: None decides by device; False is the benchmarks' "before"."""
     import torch
 
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
@@ -187,21 +194,60 @@ def make_optimizer(model, lr: float, weight_decay: float):
         {"params": [p for n, p in params if not n.endswith(no_decay)], "weight_decay": weight_decay},
         {"params": [p for n, p in params if n.endswith(no_decay)], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr)
+    if fused is None:
+        fused = bool(params) and all(p.is_cuda for _, p in params)
+    return torch.optim.AdamW(groups, lr=lr, **({"fused": True} if fused else {}))
 
 
-def train_step(
-    model, ids, mask, labels: list[int], optimizer, scaler, amp_dtype, max_grad_norm: float, device, marks=None
-):
+@dataclass(frozen=True)
+class StepSettings:
+    """How a training loop runs its steps on its device (`train.compile`, `train.pad_to_multiple`)."""
+
+    compile: bool
+    pad_to_multiple: int
+    pin_memory: bool  # page-locked host batches: their copies to the GPU do not wait for the GPU's queue
+
+    @classmethod
+    def of(cls, tc: TrainConfig, device) -> StepSettings:
+        gpu = device.type == "cuda"
+        return cls(
+            compile=tc.compile,
+            pad_to_multiple=tc.pad_to_multiple or (64 if gpu else 1),
+            pin_memory=gpu,
+        )
+
+    def batch(self, seqs: list[list[int]], labels: list[int], pad_id: int, max_length: int):
+        """(ids, mask, labels) host tensors of one training batch."""
+        import torch
+
+        ids, mask = pad_batch(seqs, pad_id, self.pad_to_multiple, cap=max_length)
+        y = torch.tensor(labels)
+        if self.pin_memory:
+            ids, mask, y = ids.pin_memory(), mask.pin_memory(), y.pin_memory()
+        return ids, mask, y
+
+    def prepare(self, model) -> None:
+        """Compile `model` in place where asked (its state_dict keeps its keys, so checkpoints do not change).
+        Torch compiles for the first batch's shape, then once more with the length dynamic: two compilations
+        per run, whatever the lengths."""
+        if self.compile:
+            model.compile()
+
+
+def train_step(model, ids, mask, labels, optimizer, scaler, amp_dtype, max_grad_norm: float, device, marks=None):
     """One optimizer step on one padded batch (autocast when `amp_dtype` is set; loss scaling for fp16).
     Shared by the Ray Train loop and the benchmarks' plain PyTorch loop, so both time the same work.
-    `marks`, a list, receives time.perf_counter() after the forward pass and after the backward pass
-    (benchmarks/train_profile.py splits a step's time with them)."""
+    `labels`: a list, or a tensor (pinned by StepSettings.batch). Nothing here waits for the GPU: the copies
+    are asynchronous from pinned memory and the loss stays a device tensor, so the host queues the next step
+    while this one computes. `marks`, a list, receives time.perf_counter() after the forward pass and after
+    the backward pass (benchmarks/train_profile.py splits a step's time with them)."""
     import torch
 
-    y = torch.tensor(labels, device=device)
+    y = labels.to(device, non_blocking=True) if torch.is_tensor(labels) else torch.tensor(labels, device=device)
     with autocast(device.type, amp_dtype):
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        logits = model(
+            input_ids=ids.to(device, non_blocking=True), attention_mask=mask.to(device, non_blocking=True)
+        ).logits
     loss = torch.nn.functional.cross_entropy(logits.float(), y)
     if marks is not None:
         marks.append(time.perf_counter())

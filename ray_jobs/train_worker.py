@@ -15,13 +15,14 @@ from dataclasses import asdict
 from typing import Any
 
 from ray_jobs.config import PipelineConfig, TrainConfig
-from ray_jobs.data import batch_order, pad_batch
+from ray_jobs.data import batch_order
 from ray_jobs.inference import autocast_dtype
 from ray_jobs.runtime import configure_logging
 from ray_jobs.train_steps import (
     LinearSchedule,
     Progress,
     StepInfo,
+    StepSettings,
     all_reduce,
     load_initial_weights,
     make_optimizer,
@@ -78,6 +79,9 @@ class WorkerRun:
         self.model = ray.train.torch.prepare_model(model)
         # The average lives beside the model on each rank: DDP keeps the ranks' weights equal, so are theirs.
         self.average = weight_average(model, self.tc.ema_decay) if self.tc.ema_decay else None
+        self.step_settings = StepSettings.of(self.tc, self.device)
+        self.step_settings.prepare(model)  # after the average copied the model: the average stays eager
+        self.max_length = mc.max_length
         if self.average is not None and saved is not None and "average" in saved:
             self.average.module.load_state_dict(saved["average"], strict=False)
             self.average.n_averaged.fill_(saved.get("ema_updates", 1))
@@ -232,12 +236,17 @@ class WorkerRun:
         skip = p.step_in_epoch if epoch == p.epoch else 0
         window = _Window()
         for step_in_epoch, idx in enumerate(batches[skip:], start=skip + 1):
-            ids, mask = pad_batch([self.data.train_seqs[i] for i in idx], self.pad_id)
+            ids, mask, labels = self.step_settings.batch(
+                [self.data.train_seqs[i] for i in idx],
+                [self.data.train_labels[i] for i in idx],
+                self.pad_id,
+                self.max_length,
+            )
             loss = train_step(
                 self.model,
                 ids,
                 mask,
-                [self.data.train_labels[i] for i in idx],
+                labels,
                 self.optimizer,
                 self.scaler,
                 self.amp_dtype,
@@ -248,7 +257,7 @@ class WorkerRun:
             if self.average is not None:
                 self.average.update_parameters(getattr(self.model, "module", self.model))
             p.global_step += 1
-            window.add(loss.item(), len(idx))
+            window.add(loss.detach(), len(idx))  # a device tensor: read at log and report time only
             if self.rank == 0 and p.global_step % tc.log_every_steps == 0:
                 log.info(
                     "epoch %d step %d/%d loss %.4f lr %.2e",
@@ -296,14 +305,15 @@ class _Window:
     def __init__(self):
         self.loss_sum, self.steps, self.samples, self.t0 = 0.0, 0, 0, time.time()
 
-    def add(self, loss: float, samples: int) -> None:
-        self.loss_sum += loss
+    def add(self, loss, samples: int) -> None:
+        """`loss`: a float or a 0-d tensor (summed where it lives: on a GPU, without waiting for it)."""
+        self.loss_sum = self.loss_sum + loss
         self.steps += 1
         self.samples += samples
 
     @property
     def mean_loss(self) -> float:
-        return self.loss_sum / max(self.steps, 1)
+        return float(self.loss_sum) / max(self.steps, 1)
 
     @property
     def seconds(self) -> float:

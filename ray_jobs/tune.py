@@ -20,7 +20,15 @@ from typing import Any
 
 from ray_jobs.config import PipelineConfig, TrainConfig, absolute_path
 from ray_jobs.errors import ConfigError, SentimentError
-from ray_jobs.train import SELECTION_MODES, fit, hparams_of, selection_key, system_settings
+from ray_jobs.train import (
+    SELECTION_MODES,
+    checkpoint_metric,
+    fit,
+    hparams_of,
+    selection_key,
+    system_settings,
+    trial_metric,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +47,9 @@ class TrialRecord:
     @property
     def best(self) -> dict[str, Any] | None:
         """The best checkpointed report by `select_by` (ties: the later one)."""
-        rows = [r for r in self.history if r.get(CHECKPOINT_KEY) and r.get(self.select_by) is not None]
-        return max(rows, key=lambda r: selection_key(r, self.select_by)) if rows else None
+        metric = checkpoint_metric(self.select_by)
+        rows = [r for r in self.history if r.get(CHECKPOINT_KEY) and r.get(metric) is not None]
+        return max(rows, key=lambda r: selection_key(r, metric)) if rows else None
 
 
 @dataclass
@@ -51,7 +60,7 @@ class SearchOutcome:
     @property
     def best_trial(self) -> TrialRecord | None:
         done = [t for t in self.trials if t.best is not None]
-        return max(done, key=lambda t: selection_key(t.best, t.select_by)) if done else None
+        return max(done, key=lambda t: selection_key(t.best, trial_metric(t.select_by))) if done else None
 
 
 def param_space(cfg: PipelineConfig) -> dict[str, Any]:
@@ -120,8 +129,8 @@ def _tuner(cfg: PipelineConfig, system: dict[str, Any], name: str, restore_path:
         trainable,
         param_space=param_space(cfg),
         tune_config=tune.TuneConfig(
-            metric=cfg.train.select_by,
-            mode=SELECTION_MODES[cfg.train.select_by],
+            metric=trial_metric(cfg.train.select_by),
+            mode=SELECTION_MODES[trial_metric(cfg.train.select_by)],
             num_samples=tc.num_samples,
             scheduler=scheduler,
             search_alg=search_alg,

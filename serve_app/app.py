@@ -318,7 +318,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
                 raise ModelWorkerError(f"deploy refused: {uri} (version {v}) does not load: {err}") from None
     return SentimentService.options(
         name=f"{s.app_name}-model",
-        ray_actor_options={"num_cpus": s.num_cpus, "resources": dict(s.resources)},
+        ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus, "resources": dict(s.resources)},
         max_ongoing_requests=max_ongoing_requests(s),
         max_queued_requests=s.max_queued_requests,
         # A replica that leaves (downscale, redeploy) stops taking requests, then waits for the ones

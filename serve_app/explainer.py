@@ -43,7 +43,9 @@ class ExplainModel:
                 self._explainer = self._loaded = None  # the old model's memory goes before the new one loads
                 model_dir = Registry(self.args.registry).version_dir(model_uri, version)
                 e = self.args.serve.explain
-                self._explainer = Explainer(model_dir, max(1, int(e.num_cpus)), precision=e.precision)
+                self._explainer = Explainer(
+                    model_dir, max(1, int(e.num_cpus)), precision=e.precision, device="cuda" if e.num_gpus else "cpu"
+                )
                 self._loaded = (model_uri, version)
             assert self._explainer is not None
             return self._explainer.explain(text, n_steps)
@@ -59,7 +61,7 @@ def explain_deployment(a: AppArgs):
         return None
     return ExplainService.options(
         name=f"{s.app_name}-explainer",
-        ray_actor_options={"num_cpus": e.num_cpus, "resources": dict(s.resources)},
+        ray_actor_options={"num_cpus": e.num_cpus, "num_gpus": e.num_gpus, "resources": dict(s.resources)},
         max_queued_requests=e.max_queued_requests,
         autoscaling_config={
             "min_replicas": e.min_replicas,

@@ -8,6 +8,7 @@ import functools
 import time
 from pathlib import Path
 
+from ray_jobs.config import serving_device
 from ray_jobs.onnx_runtime import RuntimeChoice
 from ray_jobs.registry import Registry, Rollout, parse_model_uri
 from serve_app.model_worker import ModelWorker, SupervisedModel
@@ -38,17 +39,21 @@ def locate_model(args: AppArgs, model_uri: str, version: str) -> tuple[str, Mode
     return model_dir, info
 
 
-def worker_factory(args: AppArgs, model_dir: str, features: bool | None = None):
+def worker_factory(args: AppArgs, model_dir: str, features: bool | None = None, device: str | None = None):
     """What starts one model process for `model_dir` (the supervisor calls it again to replace one).
-    `features`: answers carry drift features (default: where drift monitoring is on)."""
+    `features`: answers carry drift features (default: where drift monitoring is on). `device`: default
+    cuda where the replica reserves a GPU (serve.num_gpus), else cpu."""
+    s = args.serve
     return functools.partial(
         ModelWorker,
         model_dir,
-        num_threads=max(1, int(args.serve.num_cpus)),
-        precision=args.serve.precision,
-        deadline_s=args.serve.batch_deadline_s,
-        features=args.serve.drift.enabled if features is None else features,
-        runtime=RuntimeChoice.of(args.serve),
+        num_threads=max(1, int(s.num_cpus)),
+        precision=s.precision,
+        deadline_s=s.batch_deadline_s,
+        features=s.drift.enabled if features is None else features,
+        runtime=RuntimeChoice.of(s),
+        device=device or serving_device(s),
+        batch_size=max(64, s.max_batch_size),
     )
 
 
@@ -82,7 +87,9 @@ def trial_load(args: AppArgs, model_uri: str, version: str) -> None:
     """Load the model once in a throwaway process and answer one text: a model that cannot load or
     predict is refused here, before a deployment changes (ModelWorkerError says why)."""
     model_dir, _ = locate_model(args, model_uri, version)
-    worker = worker_factory(args, model_dir, features=False)()
+    # On the CPU: the deploying process (often a head node without a GPU) proves that the files load and
+    # predict; each GPU replica's process checks its own device when it starts.
+    worker = worker_factory(args, model_dir, features=False, device="cpu")()
     try:
         worker.predict(["a trial prediction before deploying"])
     finally:

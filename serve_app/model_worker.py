@@ -86,14 +86,26 @@ class ModelWorker:
         deadline_s: float | None = None,
         features: bool = False,
         runtime: RuntimeChoice = EAGER,
+        device: str = "cpu",
+        batch_size: int = 64,
     ):
         """`deadline_s`: seconds a batch may take once the child starts it; None derives it per batch
         from the speed measured at start (see the module docstring). `features`: answers carry the
         batch's drift features (computed from the same forward pass). `runtime`: eager PyTorch or the
-        version's ONNX export (ray_jobs.onnx_runtime); `self.runtime` says what the child runs."""
+        version's ONNX export (ray_jobs.onnx_runtime); `self.runtime` says what the child runs. `device`: cpu or
+        cuda; the child inherits this process's CUDA_VISIBLE_DEVICES (inside a replica, the GPU Ray assigned
+        it), and without a CUDA device it fails to start with that said. `batch_size`: the most texts of one
+        forward pass (a larger batch is computed in length-sorted parts)."""
         parent_sock, child_sock = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the same imports as here
-        options = {"num_threads": num_threads, "precision": precision, "features": features, **runtime._asdict()}
+        options = {
+            "num_threads": num_threads,
+            "precision": precision,
+            "features": features,
+            "device": device,
+            "batch_size": batch_size,
+            **runtime._asdict(),
+        }
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "serve_app.model_worker", str(child_sock.fileno()), str(model_dir)]
@@ -369,7 +381,14 @@ def _child(fd: int, model_dir: str, options: dict[str, Any]) -> int:
         from ray_jobs.onnx_runtime import load_predictor
 
         choice = RuntimeChoice(**{k: options[k] for k in RuntimeChoice._fields})
-        predictor, runtime = load_predictor(model_dir, choice, options["num_threads"], options["precision"])
+        predictor, runtime = load_predictor(
+            model_dir,
+            choice,
+            options["num_threads"],
+            options["precision"],
+            batch_size=options["batch_size"],
+            device=options["device"],
+        )
         predictor.predict(["warm up"])  # the first forward pass allocates; do it before traffic
         # The speed that batch deadlines scale with: one text that fills the model's length.
         full = " ".join(["film"] * predictor.max_length)

@@ -116,7 +116,9 @@ def _stop_session_cluster() -> None:
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for all integration tests (4 logical CPUs on 2 cores: Serve's
-    proxy/controller and Train's controller need slots beside the workers)."""
+    proxy/controller and Train's controller need slots beside the workers). It advertises one GPU, as
+    `ray start --num-gpus 1` would on a machine without CUDA: GPU replicas are scheduled, then must fail
+    clearly (test_serve_integration); nothing else asks for it."""
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -124,7 +126,14 @@ def ray_cluster():
     # seen, and the suite runs about twenty fits. Polling every 0.5 s costs nothing on a tiny model.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     # address="local": a cluster of its own, never one that `ray start` left on this machine.
-    ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False, _metrics_export_port=free_port())
+    ray.init(
+        address="local",
+        num_cpus=4,
+        num_gpus=1,
+        include_dashboard=True,
+        log_to_driver=False,
+        _metrics_export_port=free_port(),
+    )
     yield ray
     _stop_session_cluster()
 

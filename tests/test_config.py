@@ -178,9 +178,38 @@ def test_explain_limits_are_validated_and_its_deadline_follows_the_requests():
         load_config(None, ["gate.behaviour.max_failure_rate=1.5"])
 
 
+def test_gpu_serving_settings():
+    """serve.num_gpus: fractions share a GPU, whole numbers above 1; a GPU replica batches more and waits
+    less unless told otherwise; ONNX Runtime (CPU only) is refused with a GPU; the explainer has its own."""
+    from ray_jobs.config import GPU_BATCH_WAIT_S, GPU_MAX_BATCH_SIZE, serving_device
+
+    cpu = load_config(None, []).serve
+    assert (cpu.num_gpus, cpu.max_batch_size, cpu.batch_wait_timeout_s, serving_device(cpu)) == (0, 32, 0.01, "cpu")
+    gpu = load_config(None, ["serve.num_gpus=0.25"]).serve
+    assert (gpu.max_batch_size, gpu.batch_wait_timeout_s) == (GPU_MAX_BATCH_SIZE, GPU_BATCH_WAIT_S)
+    assert serving_device(gpu) == "cuda"
+    own = load_config(None, ["serve.num_gpus=2", "serve.max_batch_size=48"]).serve
+    assert (own.max_batch_size, own.batch_wait_timeout_s) == (48, GPU_BATCH_WAIT_S)
+    # What the replica receives (a dump validated again) keeps the resolved values.
+    assert type(gpu).model_validate(gpu.model_dump()).max_batch_size == GPU_MAX_BATCH_SIZE
+    for bad, words in [
+        ("serve.num_gpus=1.5", "whole number"),
+        ("serve.num_gpus=-1", "serve.num_gpus"),
+        ("serve.explain.num_gpus=2.5", "whole number"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            load_config(None, [bad])
+    with pytest.raises(ConfigError, match="CPU only"):
+        load_config(None, ["serve.num_gpus=1", "serve.runtime=onnx"])
+    assert load_config(None, ["serve.explain.num_gpus=0.5"]).serve.explain.num_gpus == 0.5
+
+
 @pytest.mark.parametrize(
     "override, where",
     [
+        ("train.compile=auto", "train.compile"),
+        ("train.pad_to_multiple=0", "train.pad_to_multiple"),
+        ("serve.precision=int4", "serve.precision"),
         ("serve.drift.tests=[label, label]", "serve.drift.tests"),
         ("serve.drift.tests=[]", "serve.drift.tests"),
         ("serve.drift.tests=[vibes]", "serve.drift.tests"),

@@ -114,6 +114,7 @@ def test_an_export_that_disagrees_with_eager_is_refused_and_eager_is_served(expo
         "runtime": "onnx",
         "quantization": "int8",
         "precision": "int8",
+        "device": "cpu",
         "fallback": None,
     }
 
@@ -161,7 +162,13 @@ def test_an_export_that_cannot_load_is_served_eagerly(exported, tmp_path):
 def test_eager_is_what_the_default_choice_runs(untrained_tiny):
     predictor, info = load_predictor(untrained_tiny, precision="fp32")
     assert type(predictor) is Predictor
-    assert info == {"runtime": "torch", "quantization": "none", "precision": "fp32", "fallback": None}
+    assert info == {
+        "runtime": "torch",
+        "quantization": "none",
+        "precision": "fp32",
+        "device": "cpu",
+        "fallback": None,
+    }
 
 
 def test_an_empty_guard_split_is_refused(untrained_tiny):
@@ -181,7 +188,13 @@ def test_a_model_process_runs_the_export_and_reports_it(exported, untrained_tiny
     choice = RuntimeChoice("onnx", "int8", 1.0, 0.0)
     worker = ModelWorker(folder, num_threads=1, precision="fp32", features=True, runtime=choice)
     try:
-        assert worker.runtime == {"runtime": "onnx", "quantization": "int8", "precision": "int8", "fallback": None}
+        assert worker.runtime == {
+            "runtime": "onnx",
+            "quantization": "int8",
+            "precision": "int8",
+            "device": "cpu",
+            "fallback": None,
+        }
         answer = worker.submit(TEXTS).result(timeout=60)
         want = OnnxPredictor(folder, "int8").predict(TEXTS)
         assert [p["score"] for p in answer.predictions] == pytest.approx([p["score"] for p in want], abs=1e-5)

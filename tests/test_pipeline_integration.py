@@ -66,7 +66,7 @@ def pipe_app(serve_port):
 # Served by ONNX Runtime: each version is exported at registration and guarded against the gate's own
 # fp32 predictions (which the fp32 export matches to 1e-4 in its logits).
 ONNX = ("serve.runtime=onnx", "gate.precision=fp32")
-ONNX_SERVED = {"runtime": "onnx", "quantization": "none", "precision": "fp32", "fallback": None}
+ONNX_SERVED = {"runtime": "onnx", "quantization": "none", "precision": "fp32", "device": "cpu", "fallback": None}
 
 
 def test_pipeline_promotes_blocks_and_hot_swaps(pipe_app, tmp_path, capsys, caplog):

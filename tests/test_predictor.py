@@ -159,3 +159,24 @@ def test_bf16_asked_for_on_a_cpu_without_it_is_honoured_with_one_warning(monkeyp
         assert inference.autocast_dtype("auto", "cpu") == torch.bfloat16
     assert not any("emulated" in r.getMessage() for r in caplog.records)
     inference._warn_emulated_bf16.cache_clear()
+
+
+def test_a_gpu_predictor_on_a_machine_without_cuda_fails_at_once_saying_what_it_saw(untrained_tiny, monkeypatch):
+    """The model process of a GPU replica builds its Predictor when it starts: without CUDA it must fail
+    there, naming the devices Ray assigned, not at the first request (nor silently compute on the CPU)."""
+    import torch
+
+    from ray_jobs.errors import ModelError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the check is of machines without it (GPU runs: benchmarks/gpu_train.py)")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(ModelError, match=r"sees no CUDA device \(CUDA_VISIBLE_DEVICES='0'"):
+        Predictor(untrained_tiny, precision="auto", device="cuda")
+
+
+def test_the_runtime_says_where_it_computes(untrained_tiny):
+    from ray_jobs.onnx_runtime import RuntimeInfo, load_predictor
+
+    predictor, runtime = load_predictor(untrained_tiny, precision="fp32", batch_size=8)
+    assert RuntimeInfo(**runtime).device == "cpu" == predictor.device_name and predictor.batch_size == 8

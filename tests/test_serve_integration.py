@@ -65,8 +65,14 @@ def test_health_model_docs(app_url):
     info = httpx.get(f"{app_url}/model").json()
     assert info["name"] == "svc-model" and info["version"] == "1" and info["alias"] == "champion"
     assert info["test_f1"] == pytest.approx(0.95) and info["data_digest"] == "abc" and info["loaded_at"] > 0
-    # serve.runtime's default, eager PyTorch, at the app's serve.precision.
-    assert info["runtime"] == {"runtime": "torch", "quantization": "none", "precision": "fp32", "fallback": None}
+    # serve.runtime's default, eager PyTorch, at the app's serve.precision, on the CPU (serve.num_gpus 0).
+    assert info["runtime"] == {
+        "runtime": "torch",
+        "quantization": "none",
+        "precision": "fp32",
+        "device": "cpu",
+        "fallback": None,
+    }
     assert httpx.get(f"{app_url}/docs").status_code == 200
     spec = httpx.get(f"{app_url}/openapi.json").json()
     assert {"/predict", "/batch_predict", "/health", "/model"} <= set(spec["paths"])
@@ -363,6 +369,36 @@ def test_a_deploy_of_a_model_that_cannot_load_is_refused_and_the_app_keeps_servi
     assert httpx.get(f"{app_url}/health").json() == before == {"status": "ok", "model_version": "1"}
     r = httpx.post(f"{app_url}/predict", json={"text": "still the old model"})
     assert r.status_code == 200 and r.json()["model_version"] == "1"
+
+
+def test_a_gpu_replica_reserves_the_gpu_and_without_cuda_fails_at_start_saying_so(serve_port, trained_tiny):
+    """serve.num_gpus: the model replica asks Ray for a share of a GPU, is scheduled on the cluster's GPU
+    (Ray assigns it: CUDA_VISIBLE_DEVICES='0' in the replica), and its model process, finding no CUDA on
+    this machine, fails the deployment at start-up with that said, instead of serving from the CPU."""
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    args = {
+        "serve.model_uri": trained_tiny[2],
+        "serve.num_gpus": 0.5,
+        "serve.num_cpus": 0.5,
+        "serve.trial_load": False,  # the deploying process would check on the CPU; the replica is the point here
+        "serve.explain.enabled": False,
+        "serve.drift.enabled": False,
+        "serve.autoscaling.min_replicas": 1,
+        "serve.autoscaling.max_replicas": 1,
+        "serve.app_name": "gpu",
+    }
+    try:
+        with pytest.raises(RuntimeError, match="Deploying application gpu failed"):
+            serve.run(build_app(args), name="gpu", route_prefix="/gpu")
+        deployment = serve.status().applications["gpu"].deployments["gpu-model"]
+        assert deployment.status == "DEPLOY_FAILED"
+        message = deployment.message
+        assert "sees no CUDA device" in message and "CUDA_VISIBLE_DEVICES='0'" in message, message[-2000:]
+    finally:
+        serve.delete("gpu")
 
 
 def test_metrics_reach_prometheus(app_url, ray_cluster):

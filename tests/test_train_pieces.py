@@ -92,6 +92,66 @@ def test_checkpoint_selection_follows_train_select_by():
     assert SearchOutcome([by_loss, other], "exp").best_trial.trial_id == "a"  # lower loss, despite lower F1
 
 
+def test_select_by_last_takes_the_final_checkpoint_and_compares_trials_by_their_loss():
+    """`train.select_by: last`: a run's latest checkpoint whatever its metrics; trials (all at their last
+    step) are compared by validation loss, which is also what Tune and ASHA are given."""
+    from types import SimpleNamespace
+
+    from ray_jobs.train import best_checkpoint, checkpoint_metric, trial_metric
+    from ray_jobs.tune import CHECKPOINT_KEY, SearchOutcome, TrialRecord
+
+    reports = [
+        {"step": 1250, "val_loss": 0.196, "val_f1": 0.929},
+        {"step": 2750, "val_loss": 0.206, "val_f1": 0.936},
+        {"step": 2000, "val_loss": 0.203, "val_f1": 0.933},
+    ]
+    result = SimpleNamespace(best_checkpoints=[(SimpleNamespace(path=f"ckpt-{r['step']}"), r) for r in reports])
+    assert best_checkpoint(result, "last")[0] == "ckpt-2750"
+    assert best_checkpoint(result, "val_loss")[0] == "ckpt-1250"
+    assert (checkpoint_metric("last"), trial_metric("last")) == ("step", "val_loss")
+    history = [{**r, CHECKPOINT_KEY: f"ckpt-{r['step']}"} for r in reports]
+    a = TrialRecord("a", {}, "TERMINATED", history, select_by="last")
+    b = TrialRecord("b", {}, "TERMINATED", [{"step": 99, "val_loss": 0.19, CHECKPOINT_KEY: "x"}], select_by="last")
+    assert a.best["step"] == 2750
+    assert SearchOutcome([a, b], "exp").best_trial.trial_id == "b"  # its last loss is lower
+
+
+def test_step_settings_pad_to_a_multiple_and_pin_only_for_gpus():
+    """CPU runs keep the loop they had (pad to the longest text, eager, pageable tensors); a GPU run pads
+    to 64 and pins its batches; explicit settings win. Padding is masked and never past max_length."""
+    import torch
+
+    from ray_jobs.config import TrainConfig
+    from ray_jobs.train_steps import StepSettings
+
+    cpu = StepSettings.of(TrainConfig(), torch.device("cpu"))
+    gpu = StepSettings.of(TrainConfig(), torch.device("cuda"))
+    assert (cpu.compile, cpu.pad_to_multiple, cpu.pin_memory) == (False, 1, False)
+    assert (gpu.compile, gpu.pad_to_multiple, gpu.pin_memory) == (False, 64, True)
+    own = StepSettings.of(TrainConfig(compile=True, pad_to_multiple=8), torch.device("cuda"))
+    assert (own.compile, own.pad_to_multiple) == (True, 8)
+
+    seqs, labels = [[5, 6, 7], [8]], [1, 0]
+    ids, mask, y = cpu.batch(seqs, labels, 0, 512)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]] and y.tolist() == [1, 0]
+    ids, mask, _ = StepSettings(False, 8, False).batch(seqs, labels, 0, 512)
+    assert ids.shape == (2, 8) and mask.sum().item() == 4 and ids[0, :3].tolist() == [5, 6, 7]
+    ids, _, _ = StepSettings(False, 64, False).batch([[1] * 70], [1], 0, 100)
+    assert ids.shape == (1, 100)  # rounded up to 128, capped at max_length
+
+
+def test_the_training_loss_window_sums_device_tensors_without_reading_them():
+    import torch
+
+    from ray_jobs.train_worker import _Window
+
+    w = _Window()
+    for loss in (0.5, 0.3):
+        w.add(torch.tensor(loss), 16)
+    assert w.mean_loss == pytest.approx(0.4) and w.samples == 32
+    assert isinstance(w.loss_sum, torch.Tensor)  # summed where it lives: a GPU loop never waits for a step
+
+
 @pytest.mark.parametrize("score_block", [None, 1])
 def test_the_matmul_attention_matches_sdpa_with_padding(score_block, monkeypatch):
     """The CPU training attention gives SDPA's logits on a padded batch (fp32), whole or a row at a time
