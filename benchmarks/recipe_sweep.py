@@ -13,7 +13,8 @@ each, and the winner is then confirmed by `benchmarks/accuracy.py` on the CPU.
         --cpu-rate 128=25.0 --cpu-rate 256=13.2 --cpu-rate 384=9.5 --out sweep.json
 
 Variants are `key=value,...` strings over: max_length, lr, pooling (cls|mean), head_fraction,
-seed, freeze (0|1), batch_size. `--model` points at a BERT folder (default: the pip-shipped MiniLM).
+seed, freeze (0|1), batch_size (and epochs: benchmarks/gpu_train.py). `--model` points at a BERT folder
+(default: the pip-shipped MiniLM).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def parse_variant(text: str) -> dict:
         "seed": None,
         "freeze": 1,
         "batch_size": None,
+        "epochs": None,  # benchmarks/gpu_train.py: whole epochs instead of a CPU step budget
     }
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
@@ -87,10 +89,14 @@ def mean_pooled(model):
 
 
 def scores(model, seqs, labels, pad_id, device, amp_dtype, batch_size=128) -> dict:
+    import torch
+
     model.eval()
-    logits = batched_logits(model, seqs, pad_id, batch_size, device, amp_dtype)
+    with torch.compiler.set_stance("force_eager"):  # as the pipeline validates: no eval graph to compile
+        logits = batched_logits(model, seqs, pad_id, batch_size, device, amp_dtype)
     model.train()
-    return classification_metrics(labels, logits.argmax(-1).numpy())
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor(labels)).item()
+    return {**classification_metrics(labels, logits.argmax(-1).numpy()), "loss": loss}
 
 
 def build(cfg, v: dict, device):
@@ -108,13 +114,17 @@ def cut(raw: list[list[int]], max_length: int, head_fraction: float, cls: int, s
 
 
 def run_variant(cfg, v: dict, data: dict, device, steps: int, eval_every: int) -> dict:
+    """Train one variant for `steps` with the pipeline's step (ray_jobs.train_steps: the same optimizer, batches
+    and compile setting as a Ray Train worker on `device`); best validation checkpoint scored on test."""
     import torch
 
     from ray_jobs.inference import autocast_dtype
-    from ray_jobs.train_steps import LinearSchedule, make_optimizer, train_step
+    from ray_jobs.train_steps import LinearSchedule, StepSettings, make_optimizer, train_step
 
     tc = cfg.train
     model, tok = build(cfg, v, device)
+    settings = StepSettings.of(tc, device)
+    settings.prepare(model)
     amp = autocast_dtype(tc.precision, device.type)
     cls, sep, pad = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id
     tr = cut(data["train"], v["max_length"], v["head_fraction"], cls, sep)
@@ -126,25 +136,30 @@ def run_variant(cfg, v: dict, data: dict, device, steps: int, eval_every: int) -
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     lengths = [len(s) for s in tr]
     bs = v["batch_size"]
-    step, epoch, best, history = 0, 0, None, []
+    step, epoch, best, history, eval_seconds = 0, 0, None, [], 0.0
     t0 = time.time()
     model.train()
     while step < steps:
         for idx in batch_order(lengths, bs, seed=v["seed"] * 1000 + epoch, bucketing=tc.length_bucketing):
-            ids, mask = pad_batch([tr[i] for i in idx], pad)
-            train_step(
-                model, ids, mask, [data["train_labels"][i] for i in idx], opt, scaler, amp, tc.max_grad_norm, device
-            )
+            labels = [data["train_labels"][i] for i in idx]
+            ids, mask, y = settings.batch([tr[i] for i in idx], labels, pad, v["max_length"])
+            train_step(model, ids, mask, y, opt, scaler, amp, tc.max_grad_norm, device)
             sched.step()
             step += 1
             if step % eval_every == 0 or step == steps:
+                t_eval = time.time()
                 val = scores(model, va, data["val_labels"], pad, device, amp)
-                history.append({"step": step, "val_f1": round(val["f1"], 4)})
-                if best is None or val["f1"] >= best["val_f1"]:  # ties go to the later checkpoint, as in the pipeline
-                    best = {"step": step, "val_f1": val["f1"], "state": copy.deepcopy(model.state_dict())}
+                history.append({"step": step, "val_f1": round(val["f1"], 4), "val_loss": round(val["loss"], 4)})
+                # The pipeline's choice (train.select_by); ties go to the later checkpoint, as in the pipeline.
+                score = {"val_f1": val["f1"], "last": step}.get(tc.select_by, -val["loss"])
+                if best is None or score >= best["score"]:
+                    state = copy.deepcopy(model.state_dict())
+                    best = {"step": step, "score": score, "val_f1": val["f1"], "state": state}
+                eval_seconds += time.time() - t_eval
             if step == steps:
                 break
         epoch += 1
+    train_seconds = time.time() - t0 - eval_seconds
     last_test = scores(model, te, data["test_labels"], pad, device, amp)
     model.load_state_dict(best["state"])
     test = scores(model, te, data["test_labels"], pad, device, amp)
@@ -159,6 +174,7 @@ def run_variant(cfg, v: dict, data: dict, device, steps: int, eval_every: int) -
         "mean_tokens": round(sum(lengths) / len(lengths), 1),
         "history": history,
         "seconds": round(time.time() - t0, 1),
+        "train_seconds": round(train_seconds, 1),
     }
 
 
