@@ -28,7 +28,9 @@ def _pyplot():
 
 
 def kind_of(data: dict) -> str:
-    """chaos, serve_load, accuracy or drift, from the keys each benchmark writes."""
+    """chaos, serve_load, accuracy, drift or gpu_train, from the keys each benchmark writes."""
+    if "matmul_tflops" in data and "sections" in data:
+        return "gpu_train"
     if "rows" in data and "faults" in data.get("args", {}):
         return "chaos"
     if "detection" in data:
@@ -185,14 +187,52 @@ def drift(data: dict, title: str):
     return fig
 
 
-DRAW = {"chaos": chaos, "serve_load": serve_load, "accuracy": accuracy, "drift": drift}
+# Issue 29's targets, as shares of the chip's measured bf16 matmul rate.
+GPU_TARGETS = {"infer": 0.60, "train256": 0.50, "train512": 0.40}
+
+
+def gpu_train(data: dict, title: str):
+    """benchmarks/gpu_train.py: each variant's share of the matmul rate measured in the same run (the
+    target as a dashed mark), and the 512-token loss curves of the loop before and after."""
+    plt = _pyplot()
+    sections = data["sections"]
+    rows = []
+    for section in ("infer", "train256", "train512"):
+        for name, row in sections.get(section, {}).items():
+            if isinstance(row, dict) and ("share" in row or "share_real_tokens" in row):
+                rows.append((section, name, row.get("share", row.get("share_real_tokens"))))
+    curves = {k: v["loss_per_10_steps"] for k, v in sections.get("train512", {}).items() if isinstance(v, dict)}
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 0.32 * len(rows) + 1.8), width_ratios=[1.6, 1])
+    colors = {"infer": "tab:blue", "train256": "tab:orange", "train512": "tab:green"}
+    y = list(range(len(rows)))[::-1]
+    ax.barh(y, [100 * r[2] for r in rows], color=[colors[r[0]] for r in rows])
+    for yi, (section, _, value) in zip(y, rows, strict=True):
+        ax.text(100 * value + 0.5, yi, f"{100 * value:.1f}%", va="center", fontsize=7)
+        ax.plot([100 * GPU_TARGETS[section]] * 2, [yi - 0.4, yi + 0.4], color="black", ls="--", lw=1)
+    ax.set_yticks(y, [f"{s}: {n}" for s, n, _ in rows], fontsize=7)
+    ax.set_xlabel(f"% of the measured bf16 matmul rate ({data['matmul_tflops']} TFLOP/s); dashed: target", fontsize=8)
+    ax.set_title(f"{title}, torch {data.get('torch')}", fontsize=9)
+    for name, losses in curves.items():
+        ax2.plot([10 * (i + 1) for i in range(len(losses))], losses, marker=".", label=name)
+    ax2.set_xlabel("step (mean loss of each 10)", fontsize=8)
+    ax2.set_ylabel("training loss", fontsize=8)
+    ax2.set_title("512 tokens, IMDB: same batches, same initial weights", fontsize=9)
+    if curves:
+        ax2.legend(fontsize=7)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+DRAW = {"chaos": chaos, "serve_load": serve_load, "accuracy": accuracy, "drift": drift, "gpu_train": gpu_train}
 
 
 def render(json_path: str | Path, data: dict | None = None) -> Path:
     """Draw the figure of one result file; returns the PNG's path (docs/figures/<stem>.png)."""
     json_path = Path(json_path)
     data = json.loads(json_path.read_text()) if data is None else data
-    fig = DRAW[kind_of(data)](data, f"{json_path.name} ({data.get('machine', 'machine not recorded')})")
+    machine = data.get("machine") or data.get("gpu") or "machine not recorded"
+    fig = DRAW[kind_of(data)](data, f"{json_path.name} ({machine})")
     FIGURES.mkdir(parents=True, exist_ok=True)
     out = FIGURES / f"{json_path.stem}.png"
     fig.savefig(out, dpi=90)

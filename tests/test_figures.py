@@ -21,6 +21,7 @@ import figures  # noqa: E402
         ("serve_load_shadow_haproxy.json", "serve_load"),
         ("accuracy_seed42_sdpa.json", "accuracy"),
         ("drift_imdb_detection.json", "drift"),
+        ("gpu_train_h200_run2.json", "gpu_train"),
     ],
 )
 def test_each_kind_of_committed_result_is_drawn(name, kind, tmp_path, monkeypatch):
