@@ -12,6 +12,9 @@ injected per round:
     hot-swap         deploy another model (ray_jobs.deploy) while the load runs
     bad-swap         deploy a model whose weights are corrupt (the deploy must be refused)
     downscale        deploy with one replica fewer
+    poison           ten requests, one every 0.5 s, whose text makes the model raise (the model processes run
+                     with serve_app.model_worker.POISON_ENV set to a marker the load's texts never hold):
+                     each must get its own 422; the load's requests, batched with them, must not fail
 
     python benchmarks/chaos.py                                  # both ingress modes, every fault
     python benchmarks/chaos.py --modes haproxy --faults replica-kill --seconds 20
@@ -57,7 +60,9 @@ FAULTS = [
     "hot-swap",
     "bad-swap",
     "downscale",
+    "poison",
 ]
+POISON = "CHAOS-POISON-MARKER"
 
 
 def free_port() -> int:
@@ -167,6 +172,9 @@ def cluster_env(mode: str) -> dict[str, str]:
     # Token auth on, and said so: with RAY_AUTH_MODE unset, `ray start` turns it on by itself once any
     # `ray.init()` has left ~/.ray/auth_token, while the `ray status` CLI then cannot authenticate.
     env["RAY_AUTH_MODE"] = "token"
+    from serve_app.model_worker import POISON_ENV
+
+    env[POISON_ENV] = POISON  # the model processes raise on texts holding it (the poison fault only sends them)
     return env
 
 
@@ -369,6 +377,10 @@ def inject(fault: str, cluster: Cluster, models: dict[str, str], state: dict) ->
             raise RuntimeError(f"no process matching {needle}")
         os.kill(pids[0], signal.SIGKILL)
         return f"pid {pids[0]}"
+    if fault == "poison":
+        state["poison"] = threading.Thread(target=lambda: state.update(poison_statuses=send_poison(cluster.port)))
+        state["poison"].start()
+        return f"10 requests holding {POISON}"
     if fault in ("hot-swap", "bad-swap", "downscale"):
         target = {
             "hot-swap": models["other"] if state["model"] == models["main"] else models["main"],
@@ -384,6 +396,18 @@ def inject(fault: str, cluster: Cluster, models: dict[str, str], state: dict) ->
             state["replicas"] = wanted
         return f"deploy {Path(target).name} x{wanted}"
     raise ValueError(fault)
+
+
+def send_poison(port: int, n: int = 10) -> list[int]:
+    """The poison fault's requests: their HTTP statuses (each should be 422), one every 0.5 s."""
+    import httpx
+
+    statuses = []
+    for i in range(n):
+        r = httpx.post(f"http://127.0.0.1:{port}/predict", json={"text": f"{POISON} number {i}"}, timeout=30)
+        statuses.append(r.status_code)
+        time.sleep(0.5)
+    return statuses
 
 
 def _p99(latencies: list[float]) -> float:
@@ -434,6 +458,10 @@ def run_fault(fault: str, cluster: Cluster, models: dict[str, str], texts: list[
                 what += f" -> exit {done.returncode} ({refused[:200]})"
             else:
                 what += " -> exit 0"
+        if "poison" in state:
+            state.pop("poison").join()
+            statuses = state.pop("poison_statuses")
+            what += f" -> {sum(st == 422 for st in statuses)} of {len(statuses)} answered 422 ({statuses})"
         strength = None
         while True:
             now = time.monotonic()

@@ -121,6 +121,7 @@ class SentimentModel(ModelSlots):
             update={
                 "failed_swap": self.failed_swap,
                 "model_restarts": restarts,
+                "poison_texts": self.predictor.poisoned if self.predictor is not None else 0,
                 # model_copy does not validate: the process's plain dict becomes the schema's model here.
                 "runtime": RuntimeInfo(**runtime) if (runtime := self.predictor and self.predictor.runtime) else None,
                 "challenger": self.challenger_info,

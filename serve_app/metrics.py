@@ -31,6 +31,7 @@ class ServeMetrics:
             "sentiment_model_swap_failures_total", "hot swaps a replica could not make (it kept its model)"
         )
         self.restarts = Gauge("sentiment_model_restarts", "model processes replaced in this replica since it started")
+        self.poisoned = Gauge("sentiment_poison_texts", "texts the model raised on in this replica since it started")
         # Per served version (slot: champion | challenger), for shadow and canary.
         self.version_texts = Counter(
             "sentiment_version_texts_total",
@@ -65,8 +66,9 @@ class ServeMetrics:
     def count_failed_swap(self) -> None:
         self.failed_swaps.inc(1)
 
-    def set_restarts(self, n: int) -> None:
+    def set_restarts(self, n: int, poisoned: int = 0) -> None:
         self.restarts.set(float(n))
+        self.poisoned.set(float(poisoned))
 
     def observe_version_batch(self, slot: str, version: str, size: int, seconds: float) -> None:
         tags = {"slot": slot, "version": version}

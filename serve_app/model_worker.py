@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import json
+import logging
 import os
 import queue
 import socket
@@ -49,12 +51,15 @@ from typing import Any, NamedTuple
 
 from ray_jobs.onnx_runtime import EAGER, RuntimeChoice
 
+log = logging.getLogger(__name__)
+
 _START_TIMEOUT_S = 600.0
 # A batch must be answered within FLOOR + FACTOR x (its texts) x (seconds of one full-length text alone).
 # The factor covers a machine whose other core is busy and slower batch shapes; the floor covers
 # scheduling hiccups. A false alarm costs a restart and a re-run (latency), never a failed request.
 DEADLINE_FLOOR_S = 5.0
 DEADLINE_FACTOR = 4.0
+POISON_MEMORY = 1024  # digests of texts the model raised on, answered without the model
 
 
 class ModelWorkerError(RuntimeError):
@@ -63,6 +68,23 @@ class ModelWorkerError(RuntimeError):
 
 class ModelBatchError(ModelWorkerError):
     """The model raised on this batch (the process is fine): re-running the same batch would fail again."""
+
+
+class TextFailed(NamedTuple):
+    """In a batch's predictions: the model raised on this text (found by splitting the batch); its request
+    gets this reason, the texts batched with it their predictions."""
+
+    reason: str
+    digest: str  # sha256 of the text, first 16 hex digits: what logs name (never the text)
+
+
+# A fault for tests and the chaos benchmark, like ray_jobs.train_steps.FaultInjection: a model process
+# started with this variable set raises on every batch holding a text that contains its value.
+POISON_ENV = "SENTIMENT_TEST_POISON"
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 class BatchAnswer(NamedTuple):
@@ -281,6 +303,11 @@ class SupervisedModel:
     process is re-run on the replacement (predictions are idempotent), so clients see latency, not
     errors. Async: every method runs on the replica's event loop, and loading happens in a thread.
 
+    Poison texts: a batch on which the model raises (the process is fine) is split in halves until the
+    failing texts are found (at most 2 log2(n) more calls for one such text); those get a TextFailed, the
+    rest their predictions. No process is replaced and nothing counts against `max_restarts`. Failed
+    texts are remembered by digest (the last POISON_MEMORY), so a repeated one is answered at once.
+
     States: "ok"; "degraded" while a replacement loads (the reason is kept for /health); "failed" once
     `max_restarts` replacements were needed within `restart_window_s`, or a replacement cannot load:
     then the replica's health check fails and Serve replaces the whole replica."""
@@ -297,6 +324,8 @@ class SupervisedModel:
         self.worker: ModelWorker | None = None
         self.state, self.reason = "starting", ""
         self.restarts = 0  # replacements since start (a metric)
+        self.poisoned = 0  # texts the model raised on (a metric)
+        self._poison: collections.OrderedDict[str, str] = collections.OrderedDict()  # digest -> reason
         self._recent: collections.deque[float] = collections.deque()
         self._restarting: asyncio.Future | None = None
 
@@ -309,7 +338,46 @@ class SupervisedModel:
         return model
 
     async def run(self, texts: Sequence[str]) -> BatchAnswer:
-        """One batch's answer, re-run on a new process if its process is lost."""
+        """One batch's answer, re-run on a new process if its process is lost. Texts the model raises on
+        are TextFailed items among the predictions (see the class's docstring)."""
+        digests = [text_digest(t) for t in texts]
+        known = [self._poison.get(d) for d in digests]
+        if not any(known):
+            try:
+                return await self._run_whole(texts)
+            except ModelBatchError as err:
+                predictions, seconds = await self._isolate(list(texts), digests, str(err))
+                return BatchAnswer(predictions, seconds, None)  # drift features skip a split batch
+        rest = [i for i, reason in enumerate(known) if reason is None]
+        answer = await self.run([texts[i] for i in rest]) if rest else BatchAnswer([], 0.0, None)
+        predictions: list = [TextFailed(r, d) if r is not None else None for r, d in zip(known, digests, strict=True)]
+        for i, prediction in zip(rest, answer.predictions, strict=True):
+            predictions[i] = prediction
+        return BatchAnswer(predictions, answer.seconds, None)
+
+    async def _isolate(self, texts: list[str], digests: list[str], reason: str) -> tuple[list, float]:
+        """(predictions with TextFailed items, seconds) of a batch the model raised on, by halves."""
+        if len(texts) == 1:
+            self.poisoned += 1
+            self._poison[digests[0]] = reason
+            while len(self._poison) > POISON_MEMORY:
+                self._poison.popitem(last=False)
+            log.warning("the model raised on one text (sha256 %s...), answered with an error: %s", digests[0], reason)
+            return [TextFailed(reason, digests[0])], 0.0
+        mid = len(texts) // 2
+        predictions, seconds = [], 0.0
+        for part, part_digests in ((texts[:mid], digests[:mid]), (texts[mid:], digests[mid:])):
+            try:
+                answer = await self._run_whole(part)
+                predictions += answer.predictions
+                seconds += answer.seconds
+            except ModelBatchError as err:
+                found, spent = await self._isolate(part, part_digests, str(err))
+                predictions += found
+                seconds += spent
+        return predictions, seconds
+
+    async def _run_whole(self, texts: Sequence[str]) -> BatchAnswer:
         for attempt in range(1, self.max_attempts + 1):
             worker = self.worker
             try:
@@ -374,6 +442,19 @@ class SupervisedModel:
             self.worker.close()
 
 
+def _poison_predictor(predictor, marker: str) -> None:
+    """POISON_ENV's fault: the predictor raises on any batch that holds a text containing `marker`."""
+    for name in ("predict", "predict_features"):
+        method = getattr(predictor, name)
+
+        def checked(texts, _method=method):
+            if any(marker in t for t in texts):
+                raise ValueError("poison marker in the batch (the SENTIMENT_TEST_POISON fault)")
+            return _method(texts)
+
+        setattr(predictor, name, checked)
+
+
 def _child(fd: int, model_dir: str, options: dict[str, Any]) -> int:
     conn = Connection(fd)
     features = bool(options.pop("features"))
@@ -389,6 +470,9 @@ def _child(fd: int, model_dir: str, options: dict[str, Any]) -> int:
             batch_size=options["batch_size"],
             device=options["device"],
         )
+        poison = os.environ.get(POISON_ENV)
+        if poison:
+            _poison_predictor(predictor, poison)
         predictor.predict(["warm up"])  # the first forward pass allocates; do it before traffic
         # The speed that batch deadlines scale with: one text that fills the model's length.
         full = " ".join(["film"] * predictor.max_length)

@@ -98,6 +98,7 @@ class ModelInfo(BaseModel):
     loaded_at: float
     failed_swap: FailedSwap | None = None
     model_restarts: int = Field(0, description="model processes replaced in this replica (died or wedged)")
+    poison_texts: int = Field(0, description="texts this replica's model raised on, answered 422 (digests: the log)")
     runtime: RuntimeInfo | None = None
     challenger: ChallengerInfo | None = None
     challenger_error: str | None = Field(None, description="why the configured challenger is not served")

@@ -22,7 +22,7 @@ from serve_app.drift_monitor import DriftFeed
 from serve_app.http import ApiError
 from serve_app.loading import load_served_model, resolve_version
 from serve_app.metrics import ServeMetrics
-from serve_app.model_worker import ModelWorkerError, SupervisedModel
+from serve_app.model_worker import ModelWorkerError, SupervisedModel, TextFailed
 from serve_app.rollout import CHALLENGER, CHAMPION, Entry, EvidenceFeed, is_mirrored, routes_to_challenger
 from serve_app.schemas import AppArgs, ChallengerInfo, FailedSwap, ModelInfo
 
@@ -33,6 +33,13 @@ def max_ongoing_requests(a: ServeConfig) -> int:
     # retries; measured (serve_load.py, default proxy, 128 clients) 2x the batch collapsed to
     # 13 req/s with batches of 5, 4x the batch gave 168 req/s with batches of 25.
     return a.max_ongoing_requests or 4 * a.max_batch_size
+
+
+def _tagged(result, version: str, slot: str, seconds: float):
+    """A prediction with the version and slot that made it; a TextFailed passes as it is."""
+    if isinstance(result, TextFailed):
+        return result
+    return {**result, "model_version": version, "_slot": slot, "_s": seconds}
 
 
 def _entry(request_id: str, answer: dict, answered: bool) -> Entry:
@@ -188,7 +195,7 @@ class ModelSlots:
         back (restarts keep failing). A process that died is replaced inside the replica."""
         if self.predictor is not None:
             await self.predictor.check()
-            self.metrics.set_restarts(self.predictor.restarts)
+            self.metrics.set_restarts(self.predictor.restarts, self.predictor.poisoned)
         if self.challenger is not None:
             await self.challenger.check()  # a challenger that cannot come back is skipped, never fatal
         if self.drift_feed is not None:
@@ -230,8 +237,8 @@ class ModelSlots:
                 self._set_wait(self._wait_s)
         self._forward_total_s += seconds
         self._forward_s = seconds if not self._forward_s else 0.8 * self._forward_s + 0.2 * seconds
-        results = [{**r, "model_version": info.version, "_slot": CHAMPION, "_s": seconds} for r in results]
-        self.metrics.count_labels(r["label"] for r in results)
+        results = [_tagged(r, info.version, CHAMPION, seconds) for r in results]
+        self.metrics.count_labels(r["label"] for r in results if isinstance(r, dict))
         if self.challenger_info is not None:
             self.metrics.observe_version_batch(CHAMPION, info.version, len(texts), seconds)
         if self.drift_feed is not None and features is not None:
@@ -246,7 +253,7 @@ class ModelSlots:
             raise ModelWorkerError("no challenger is served")
         results, seconds, _ = await predictor.run(texts)
         self.metrics.observe_version_batch(CHALLENGER, info.version, len(texts), seconds)
-        return [{**r, "model_version": info.version, "_slot": CHALLENGER, "_s": seconds} for r in results]
+        return [_tagged(r, info.version, CHALLENGER, seconds) for r in results]
 
     def _live_challenger(self) -> ChallengerInfo | None:
         """The challenger to route and mirror to now: None where there is none or it cannot come back."""
@@ -257,10 +264,16 @@ class ModelSlots:
     async def _answer(self, text: str, by_challenger: bool) -> dict:
         if by_challenger:
             try:
-                return await self._challenger_batch(text)
+                answer = await self._challenger_batch(text)
+                if isinstance(answer, dict):
+                    return answer
             except ModelWorkerError:
-                self.canary_fallbacks += 1  # a failing challenger costs its canary share latency, not errors
-        return await self._predict_batch(text)
+                pass
+            self.canary_fallbacks += 1  # a failing challenger costs its canary share latency, not errors
+        answer = await self._predict_batch(text)
+        if isinstance(answer, TextFailed):
+            raise ApiError(422, f"the model failed on this text (sha256 {answer.digest}...): {answer.reason}")
+        return answer
 
     def _mirror(self, items: list[tuple[str, str, str]]) -> None:
         """Have the other version score (request_id, text, slot) items after their answers have left,

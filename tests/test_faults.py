@@ -74,6 +74,54 @@ def test_a_request_past_its_deadline_gets_504_not_a_hang(replica, untrained_tiny
     assert len(got) == 1 and restarts == 1
 
 
+def test_a_poison_text_gets_its_own_error_and_takes_nothing_down(replica, untrained_tiny, monkeypatch):
+    """A model that raises on any batch holding a marker text (model_worker.POISON_ENV). Under concurrent
+    requests batched together, the marker request gets its own 422 naming the text's digest and every
+    other request its prediction; ten more marker texts within the minute leave the model process, the
+    restart budget and the replica's health untouched; a repeated marker text never reaches the model."""
+    from serve_app.model_worker import POISON_ENV
+
+    monkeypatch.setenv(POISON_ENV, "POISON-MARKER")  # the replica's model process inherits it
+    svc = replica(untrained_tiny, max_batch_size=16, batch_wait_timeout_s=0.2, max_model_restarts=1)
+
+    async def one(text: str):
+        try:
+            return (await _predict(svc, [text]))[0]
+        except ApiError as err:
+            return err
+
+    async def run():
+        await svc.reconfigure({"model_uri": untrained_tiny, "model_version": "local"})
+        pid = svc.predictor.worker.pid
+        first = [f"a fine film, number {i}" for i in range(7)] + ["POISON-MARKER in a review"]
+        first += [f"a dull film, number {i}" for i in range(8)]
+        batches = svc._batches
+        answers = await asyncio.gather(*(one(t) for t in first))
+        shared = svc._batches - batches < len(first)  # the marker shared a batch with other requests
+        more = [t for i in range(10) for t in (f"POISON-MARKER number {i}", f"a good text, number {i}")]
+        answers += await asyncio.gather(*(one(t) for t in more))
+        calls = []
+        submit = svc.predictor.worker.submit
+        svc.predictor.worker.submit = lambda texts: (calls.append(list(texts)), submit(texts))[1]
+        again = await one("POISON-MARKER in a review")
+        good = await one("still answered")
+        await svc.check_health()
+        return first + more, answers, shared, again, good, calls, pid
+
+    texts, answers, shared, again, good, calls, pid = asyncio.run(run())
+    assert shared
+    for text, answer in zip(texts, answers, strict=True):
+        if "POISON-MARKER" in text:
+            assert isinstance(answer, ApiError) and answer.status == 422, answer
+            assert "the model failed on this text (sha256 " in answer.message and "poison marker" in answer.message
+        else:
+            assert isinstance(answer, dict) and answer["label"] in ("positive", "negative"), answer
+    assert isinstance(again, ApiError) and again.status == 422 and calls == [["still answered"]]
+    assert isinstance(good, dict)
+    assert svc.predictor.worker.pid == pid and svc.predictor.restarts == 0 and svc.predictor.poisoned == 11
+    assert svc.status()[0] == "ok"
+
+
 def test_texts_count_against_the_replica_bound_and_the_overflow_gets_503_with_retry_after(replica, untrained_tiny):
     svc = replica(untrained_tiny, max_texts_in_flight=8, max_batch_items=8, batch_deadline_s=30)
 
