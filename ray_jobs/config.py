@@ -525,6 +525,12 @@ class ServeConfig(_Strict):
     min_label_agreement: float = Field(
         0.99, ge=0, le=1, description="ONNX guard: labels agree with eager's on at least this share of the texts"
     )
+    min_guard_texts: int = Field(
+        200,
+        ge=1,
+        description="ONNX guard: the fewest labelled texts it must have scored (a guard on a handful proves "
+        "nothing); it must also have scored the version's own test split where the registry records its digest",
+    )
     max_batch_size: int = Field(
         32, ge=1, description=f"texts per dynamic batch (changeable at run time); {GPU_MAX_BATCH_SIZE} with num_gpus"
     )

@@ -16,9 +16,12 @@ or a local folder); replicas only load the result (ray_jobs.onnx_runtime).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import os
 import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +43,13 @@ from ray_jobs.onnx_runtime import (
 )
 
 log = logging.getLogger(__name__)
+
+EXPORT_LOCK = ".onnx-export.lock"
+
+
+def _partial(path: Path) -> Path:
+    """A name of this writer's own beside `path`: two exports at once never write the same file."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
 
 
 # ---------------------------------------------------------------------------- export
@@ -116,7 +126,7 @@ def _export(model_dir: str | Path, out: Path, quantization: Quantization) -> Non
         else:
             log.info("exported %s; ORT's optimizer fused %s", model_dir, stats)
         out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.with_name(out.name + ".partial")  # never a half-written model under the real name
+        partial = _partial(out)  # never a half-written model under the real name
         if quantization == "int8":
             opt = Path(tmp) / "fused.onnx"
             fused.save_model_to_file(str(opt))
@@ -183,10 +193,16 @@ def store(reg, model_ref: str, model_dir: str, files: dict[str, bytes]) -> str:
     from ray_jobs.registry import parse_model_uri
 
     if Path(model_ref).is_dir():
+        partials = {}
         for name, content in files.items():
-            partial = Path(model_dir) / (name + ".partial")
-            partial.write_bytes(content)
-            partial.replace(Path(model_dir) / name)
+            partials[name] = _partial(Path(model_dir) / name)
+            partials[name].write_bytes(content)
+        # The export and its guard are renamed into place as a pair: another export of the same folder
+        # renames its own pair before or after, never in between (the guard names its file by sha256).
+        with open(Path(model_dir) / EXPORT_LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for name, partial in partials.items():
+                partial.replace(Path(model_dir) / name)
         return model_dir
     bare = model_ref.isdigit()
     target = reg if bare else reg.for_model(parse_model_uri(model_ref)[0])

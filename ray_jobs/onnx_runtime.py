@@ -47,10 +47,19 @@ class RuntimeChoice(NamedTuple):
     quantization: Quantization
     max_f1_drop: float
     min_label_agreement: float
+    min_guard_texts: int = 1
+    test_digest: str | None = None  # the served version's test split, where the registry records it
 
     @classmethod
-    def of(cls, serve: ServeConfig) -> RuntimeChoice:
-        return cls(serve.runtime, serve.quantization, serve.max_f1_drop, serve.min_label_agreement)
+    def of(cls, serve: ServeConfig, test_digest: str | None = None) -> RuntimeChoice:
+        return cls(
+            serve.runtime,
+            serve.quantization,
+            serve.max_f1_drop,
+            serve.min_label_agreement,
+            serve.min_guard_texts,
+            test_digest,
+        )
 
 
 EAGER = RuntimeChoice("torch", "none", 0.0, 1.0)  # the thresholds only apply to an ONNX export
@@ -85,9 +94,22 @@ class GuardReport(BaseModel):
     def f1_drop(self) -> float:
         return self.f1_eager - self.f1_onnx
 
-    def refusal(self, max_f1_drop: float, min_label_agreement: float) -> str | None:
-        """Why the export may not be served under these thresholds, or None when it may."""
+    def refusal(
+        self,
+        max_f1_drop: float,
+        min_label_agreement: float,
+        min_texts: int = 1,
+        test_digest: str | None = None,
+    ) -> str | None:
+        """Why the export may not be served under these thresholds, or None when it may. `test_digest`:
+        the version's own test split, which the guard must have scored (None: not recorded)."""
         reasons = []
+        if self.n < min_texts:
+            reasons.append(f"it scored {self.n} texts, fewer than the {min_texts} required (serve.min_guard_texts)")
+        if test_digest is not None and self.data_digest != test_digest:
+            reasons.append(
+                f"it scored another split (digest {self.data_digest}) than the version's test split ({test_digest})"
+            )
         if self.f1_drop > max_f1_drop + 1e-12:
             reasons.append(f"F1 {self.f1_onnx:.4f} is {self.f1_drop:.4f} below eager's {self.f1_eager:.4f}")
         if self.agreement < min_label_agreement:
@@ -97,7 +119,8 @@ class GuardReport(BaseModel):
         return (
             f"the {self.quantization} export failed its accuracy guard on {self.n} test texts: "
             + "; ".join(reasons)
-            + f" (allowed: F1 drop <= {max_f1_drop:g}, agreement >= {min_label_agreement:.0%})"
+            + f" (allowed: F1 drop <= {max_f1_drop:g}, agreement >= {min_label_agreement:.0%}, "
+            f"at least {min_texts} texts of the version's test split)"
         )
 
     def summary(self) -> str:
@@ -194,7 +217,7 @@ def unservable(model_dir: str | Path, choice: RuntimeChoice) -> str | None:
         return f"no accuracy guard ({GUARD_FILES[choice.quantization]}) beside {path.name}"
     if guard.onnx_sha256 != sha256(path):
         return f"{path.name} is not the file its accuracy guard scored (sha256 differs)"
-    return guard.refusal(choice.max_f1_drop, choice.min_label_agreement)
+    return guard.refusal(choice.max_f1_drop, choice.min_label_agreement, choice.min_guard_texts, choice.test_digest)
 
 
 def load_predictor(

@@ -153,7 +153,7 @@ def onnx_export(cfg: PipelineConfig, ckpt: str, test: Split, challenger: Evaluat
             "ONNX %s export of the challenger failed (it will be served eagerly): %s: %s", q, type(err).__name__, err
         )
         return {}, {f"onnx.{q}.guard": f"export failed: {type(err).__name__}: {err}"[:4000]}
-    refusal = guard.refusal(cfg.serve.max_f1_drop, cfg.serve.min_label_agreement)
+    refusal = guard.refusal(cfg.serve.max_f1_drop, cfg.serve.min_label_agreement, cfg.serve.min_guard_texts)
     log.info("ONNX %s export: %s; guard %s", q, guard.summary(), refusal or "passed")
     tags = {
         f"onnx.{q}.f1": f"{guard.f1_onnx:.6f}",

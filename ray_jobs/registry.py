@@ -211,6 +211,18 @@ class Registry(Tracking):
             return ref
         return self.for_model(name).model_dir(self.resolve_version(ref))
 
+    def test_digest(self, ref: str) -> str | None:
+        """The test split's digest recorded for the version `ref` names (see resolve_model_dir); None for a
+        local folder or a version without one."""
+        if not ref.isdigit() or Path(ref).is_dir():
+            name, _, _ = parse_model_uri(ref)
+            if name is None:
+                return None
+            target, version = self.for_model(name), self.resolve_version(ref)
+        else:
+            target, version = self, ref
+        return (target.get_version(version).tags or {}).get("data_digest.test")
+
     def set_version_tags(self, version: str, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
             self._call(

@@ -39,10 +39,17 @@ def locate_model(args: AppArgs, model_uri: str, version: str) -> tuple[str, Mode
     return model_dir, info
 
 
-def worker_factory(args: AppArgs, model_dir: str, features: bool | None = None, device: str | None = None):
+def worker_factory(
+    args: AppArgs,
+    model_dir: str,
+    features: bool | None = None,
+    device: str | None = None,
+    test_digest: str | None = None,
+):
     """What starts one model process for `model_dir` (the supervisor calls it again to replace one).
     `features`: answers carry drift features (default: where drift monitoring is on). `device`: default
-    cuda where the replica reserves a GPU (serve.num_gpus), else cpu."""
+    cuda where the replica reserves a GPU (serve.num_gpus), else cpu. `test_digest`: the version's test
+    split as the registry records it (an ONNX export's guard must have scored it)."""
     s = args.serve
     return functools.partial(
         ModelWorker,
@@ -51,7 +58,7 @@ def worker_factory(args: AppArgs, model_dir: str, features: bool | None = None, 
         precision=s.precision,
         deadline_s=s.batch_deadline_s,
         features=s.drift.enabled if features is None else features,
-        runtime=RuntimeChoice.of(s),
+        runtime=RuntimeChoice.of(s, test_digest),
         device=device or serving_device(s),
         batch_size=max(64, s.max_batch_size),
     )
@@ -64,7 +71,8 @@ async def load_served_model(
     (see serve_app.model_worker for why), replaced if it dies or wedges."""
     model_dir, info = await asyncio.to_thread(locate_model, args, model_uri, version)
     model = await SupervisedModel.create(
-        worker_factory(args, model_dir, features), max_restarts=args.serve.max_model_restarts
+        worker_factory(args, model_dir, features, test_digest=info.data_digest),
+        max_restarts=args.serve.max_model_restarts,
     )
     return model, info
 
@@ -86,10 +94,10 @@ def challenger_config(model_uri: str, rollout: Rollout | None) -> dict | None:
 def trial_load(args: AppArgs, model_uri: str, version: str) -> None:
     """Load the model once in a throwaway process and answer one text: a model that cannot load or
     predict is refused here, before a deployment changes (ModelWorkerError says why)."""
-    model_dir, _ = locate_model(args, model_uri, version)
+    model_dir, info = locate_model(args, model_uri, version)
     # On the CPU: the deploying process (often a head node without a GPU) proves that the files load and
     # predict; each GPU replica's process checks its own device when it starts.
-    worker = worker_factory(args, model_dir, features=False, device="cpu")()
+    worker = worker_factory(args, model_dir, features=False, device="cpu", test_digest=info.data_digest)()
     try:
         worker.predict(["a trial prediction before deploying"])
     finally:

@@ -4,6 +4,7 @@ serves eager with the reason whenever the export is missing, refused, replaced o
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 
@@ -240,7 +241,12 @@ def test_the_command_exports_a_folder_and_exits_3_when_the_guard_refuses(untrain
     split = generate_reviews(60, seed=8)
     rows = zip(split.texts, split.labels, strict=True)
     data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
+    # 60 texts: under serve.min_guard_texts' default (200) the guard is refused as proving nothing.
+    code = onnx.main(["--model", str(model), "--data", str(data), "--quantization", "int8", "--json"])
+    refused = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["refusal"]
+    assert code == 3 and "scored 60 texts, fewer than the 200 required" in refused
     args = ["--model", str(model), "--data", str(data), "--quantization", "int8", "--json"]
+    args += ["--set", "serve.min_guard_texts=50"]
     code = onnx.main([*args, "--set", "serve.runtime=onnx", "--set", "serve.min_label_agreement=0"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and report["refusal"] is None and report["n"] == 60 and report["stored_in"] == str(model)
@@ -298,3 +304,84 @@ def test_a_deploy_whose_export_is_refused_serves_eagerly_and_says_why(exported, 
         )
     finally:
         serve.delete("onnx-refused")
+
+
+def test_a_guard_on_too_few_texts_or_on_another_split_is_refused():
+    """serve.min_guard_texts, and the version's recorded test split: a guard that scored a handful of
+    texts, or a split other than the version's test split, proves nothing about the version."""
+    guard = GuardReport(
+        quantization="none",
+        onnx_sha256="x",
+        n=1,
+        data_digest="abc",
+        eager_precision="fp32",
+        f1_eager=1.0,
+        f1_onnx=1.0,
+        agreement=1.0,
+        created_at=0.0,
+    )
+    assert guard.refusal(0.003, 0.99) is None  # the old rule: thresholds only
+    assert "scored 1 texts, fewer than the 200 required" in guard.refusal(0.003, 0.99, 200)
+    assert "another split (digest abc) than the version's test split (def)" in guard.refusal(0.003, 0.99, 1, "def")
+    assert guard.refusal(0.003, 0.99, 1, "abc") is None
+
+
+def test_the_served_guard_must_cover_the_versions_test_split(exported, tmp_path):
+    folder, reports = exported
+    model = shutil.copytree(folder, tmp_path / "model")
+    choice = RuntimeChoice.of(ServeConfig(runtime="onnx", max_f1_drop=1.0, min_label_agreement=0.0))
+    assert choice.min_guard_texts == 200 and unservable(model, choice) is None  # 200 texts scored
+    assert "fewer than the 201 required" in unservable(model, choice._replace(min_guard_texts=201))
+    other = choice._replace(test_digest="not-the-split-it-scored")
+    predictor, info = load_predictor(model, other, precision="fp32")
+    assert type(predictor) is Predictor and "another split" in info["fallback"]
+    assert unservable(model, choice._replace(test_digest=reports["none"].data_digest)) is None
+
+
+def test_concurrent_exports_into_one_folder_leave_a_consistent_pair(tmp_path):
+    """Two writers storing their own export and guard into one folder at once: whenever the pair is read
+    between two stores (under the stores' lock), the guard names the model file's sha256; no partial file
+    is left behind."""
+    import fcntl
+    import hashlib
+    import threading
+
+    from ray_jobs.onnx_export import EXPORT_LOCK, store
+
+    def files(tag: str) -> dict[str, bytes]:
+        content = (tag * 200_000).encode()
+        guard = {"onnx_sha256": hashlib.sha256(content).hexdigest(), "writer": tag}
+        return {"model.onnx": content, "onnx_guard.json": json.dumps(guard).encode()}
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    store(None, str(folder), str(folder), files("a"))
+    stop, seen, bad = threading.Event(), [], []
+
+    def reader() -> None:
+        while not stop.is_set():
+            with open(folder / EXPORT_LOCK, "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                model, guard = (
+                    (folder / "model.onnx").read_bytes(),
+                    json.loads((folder / "onnx_guard.json").read_text()),
+                )
+            seen.append(guard["writer"])
+            if hashlib.sha256(model).hexdigest() != guard["onnx_sha256"]:
+                bad.append(guard["writer"])
+
+    def writer(tag: str) -> None:
+        for _ in range(30):
+            store(None, str(folder), str(folder), files(tag))
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in "ab"]
+    check = threading.Thread(target=reader)
+    check.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    check.join()
+    assert not bad and {"a", "b"} <= set(seen)
+    assert not list(folder.glob("*.partial"))

@@ -40,7 +40,10 @@ def main(argv: list[str] | None = None) -> int:
             model_dir, split, quantization, precision=cfg.gate.precision, batch_size=cfg.gate.eval_batch_size
         )
         where = store(reg, args.model, model_dir, files)
-        refusal = report.refusal(cfg.serve.max_f1_drop, cfg.serve.min_label_agreement)
+        # A replica checks the guard against the version's recorded test split: say now what it will say.
+        refusal = report.refusal(
+            cfg.serve.max_f1_drop, cfg.serve.min_label_agreement, cfg.serve.min_guard_texts, reg.test_digest(args.model)
+        )
         if args.json:
             print(json.dumps({**report.model_dump(), "stored_in": where, "refusal": refusal}))
         else:
