@@ -328,6 +328,7 @@ class SupervisedModel:
         self._poison: collections.OrderedDict[str, str] = collections.OrderedDict()  # digest -> reason
         self._recent: collections.deque[float] = collections.deque()
         self._restarting: asyncio.Future | None = None
+        self._closed = False  # a process that finishes starting after close() is closed, not kept
 
     @classmethod
     async def create(cls, start: Callable[[], ModelWorker], **kwargs) -> SupervisedModel:
@@ -422,10 +423,15 @@ class SupervisedModel:
             if worker is not None:
                 await asyncio.to_thread(worker.kill, reason)
             try:
-                self.worker = await asyncio.to_thread(self._start)
+                worker = await asyncio.to_thread(self._start)
             except Exception as err:  # noqa: BLE001 - the reason goes to /health; Serve replaces the replica
                 self.state, self.reason = "failed", f"{reason}; the replacement could not start: {err}"
                 return
+            if self._closed:  # closed (hot swap, replica stopping) while the replacement started
+                await asyncio.to_thread(worker.close)
+                self.state, self.reason = "failed", "closed"
+                return
+            self.worker = worker
             self.restarts += 1
             self.state, self.reason = "ok", ""
         finally:
@@ -437,7 +443,9 @@ class SupervisedModel:
         return self.worker.runtime if self.worker is not None else None
 
     def close(self) -> None:
-        """Blocking (call it from a thread): batches already submitted finish, then the process leaves."""
+        """Blocking (call it from a thread): batches already submitted finish, then the process leaves;
+        a replacement still starting is closed as soon as it is up."""
+        self._closed = True
         if self.worker is not None:
             self.worker.close()
 

@@ -151,6 +151,44 @@ def test_a_killed_model_process_is_replaced_and_its_batches_rerun(untrained_tiny
         assert [g["score"] for g in got] == pytest.approx([e["score"] for e in expected], abs=1e-5)
 
 
+def test_closing_while_a_replacement_starts_leaves_no_model_process(untrained_tiny, tmp_path):
+    """A hot swap or a stopping replica closes the model while its dead process is being replaced: the
+    replacement, once up, is closed too, instead of living on unowned beside the replica."""
+    import asyncio
+    import functools
+    import shutil
+
+    from conftest import model_process
+
+    from serve_app.model_worker import SupervisedModel
+
+    folder = str(shutil.copytree(untrained_tiny, tmp_path / "own"))  # its processes are this test's alone
+
+    async def run():
+        model = await SupervisedModel.create(functools.partial(ModelWorker, folder, num_threads=1, precision="fp32"))
+        first = model.worker.pid
+        os.kill(first, signal.SIGKILL)
+        while model.worker.alive():
+            await asyncio.sleep(0.05)
+        await model.check()  # the health check starts the replacement (a new process takes seconds)
+        await asyncio.sleep(0.2)
+        assert model.state == "degraded"
+        await asyncio.to_thread(model.close)
+        for _ in range(300):
+            if model.state != "degraded":
+                break
+            await asyncio.sleep(0.1)
+        return first, model.state
+
+    first, state = asyncio.run(run())
+    assert state == "failed" and _gone(first, 5)
+    for _ in range(100):
+        if model_process(folder) is None:
+            break
+        time.sleep(0.1)
+    assert model_process(folder) is None
+
+
 def test_a_wedged_model_process_misses_its_deadline_and_is_replaced(untrained_tiny):
     """SIGSTOP (alive, never answering): the batch misses the deadline derived from the model's measured
     speed, the process is killed and replaced, and the batch is answered by the replacement."""
