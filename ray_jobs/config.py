@@ -405,6 +405,12 @@ class ExplainConfig(_Strict):
     downscale_delay_s: float = Field(300, ge=0, description="seconds without requests before a replica leaves")
     max_queued_requests: int = Field(4, ge=0, description="explanations waiting for a replica; more get 503")
     timeout_s: float | None = Field(None, gt=0, description="deadline of one /explain (default: request_timeout_s)")
+    start_wait_s: float = Field(
+        2.0,
+        gt=0,
+        description="where no explainer replica runs and the cluster lacks the resources to start one, how long "
+        "/explain waits for one before answering 503 (instead of a 504 at its deadline)",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> ExplainConfig:

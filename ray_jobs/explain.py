@@ -19,10 +19,12 @@ Plain Python and PyTorch: no Ray, no Serve (serve_app.explainer serves it).
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 from ray_jobs.data import HTML_BREAK, truncate_ids
+from ray_jobs.errors import SentimentError
 from ray_jobs.inference import Predictor, autocast
 from ray_jobs.model import LABELS
 
@@ -60,6 +62,10 @@ def merge_words(text: str, spans, word_ids, token_scores) -> list[dict[str, Any]
     ]
 
 
+class ExplanationCancelled(SentimentError):
+    """The caller gave up on the explanation (Explainer.explain's `cancel` was set)."""
+
+
 class Explainer:
     """A model folder's predictions with word attributions. Not thread-safe: one explanation at a time
     (the serving deployment bounds its queue)."""
@@ -84,13 +90,25 @@ class Explainer:
         self.model = self.predictor.model.eval()
         self.tokenizer = self.predictor.tokenizer
         self.internal_batch_size = internal_batch_size
+        self._cancel: threading.Event | None = None
         self._ig = LayerIntegratedGradients(self._margin, self.model.get_input_embeddings())
 
     def _margin(self, input_ids, attention_mask, target: int):
+        if self._cancel is not None and self._cancel.is_set():
+            raise ExplanationCancelled("explanation cancelled (its request's deadline passed)")
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
         return logits[:, target] - logits[:, 1 - target]
 
-    def explain(self, text: str, n_steps: int = 20) -> dict[str, Any]:
+    def explain(self, text: str, n_steps: int = 20, cancel: threading.Event | None = None) -> dict[str, Any]:
+        """`cancel`: once set, the explanation stops before its next forward pass (one internal batch of
+        integration steps) with ExplanationCancelled, so that the next one starts at once."""
+        self._cancel = cancel
+        try:
+            return self._explain(text, n_steps)
+        finally:
+            self._cancel = None
+
+    def _explain(self, text: str, n_steps: int) -> dict[str, Any]:
         import torch
 
         start = time.perf_counter()

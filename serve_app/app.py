@@ -35,7 +35,7 @@ from ray_jobs.model import LABELS
 from ray_jobs.onnx_runtime import RuntimeInfo
 from ray_jobs.registry import Registry, Rollout
 from serve_app.drift_monitor import drift_deployment
-from serve_app.explainer import explain_deployment
+from serve_app.explainer import explain_deployment, explainer_room
 from serve_app.http import (
     ERRORS,
     RETRY_AFTER_S,
@@ -177,9 +177,19 @@ class SentimentModel(ModelSlots):
             info = self.info
             if info is None:
                 raise ApiError(503, self.load_error or "no model loaded")
+            room = await asyncio.to_thread(explainer_room, self.args)
             response = self.explainer.explain.remote(info.model_uri, info.version, req.text, n_steps)
             try:
-                result = await response
+                if room is None:
+                    result = await response
+                else:
+                    # No replica and no room for one: the request waits briefly (Serve and a cluster
+                    # autoscaler see the demand meanwhile), then gets 503 instead of a 504 at the deadline.
+                    try:
+                        result = await asyncio.wait_for(asyncio.ensure_future(response), e.start_wait_s)
+                    except TimeoutError:
+                        response.cancel()
+                        raise ApiError(503, f"{room} (waited {e.start_wait_s:g}s)") from None
             except BackPressureError:
                 raise ApiError(503, f"explainer busy: {e.max_queued_requests} explanations already wait") from None
             except asyncio.CancelledError:

@@ -4,6 +4,7 @@ outside Serve. Over HTTP: tests/test_serve_integration.py."""
 from __future__ import annotations
 
 import asyncio
+import time
 import unicodedata
 
 import pytest
@@ -91,6 +92,61 @@ def test_the_deployment_explains_the_version_it_is_asked_for(model_dir, tmp_path
     first, second, again = asyncio.run(calls())
     assert first["probabilities"] != second["probabilities"] and first["probabilities"] == again["probabilities"]
     assert first["words"] == again["words"]
+
+
+def test_a_cancelled_explanation_stops_at_its_next_forward_pass_and_frees_the_explainer(model_dir, tmp_path):
+    """The ingress cancels an explanation at its deadline: the deployment's thread stops before its next
+    forward pass (it does not compute on), so the next explanation does not wait behind it."""
+    import threading
+
+    from serve_app.explainer import ExplainModel
+
+    deployment = ExplainModel({"registry": {"root": str(tmp_path / "mlflow")}})
+    passes, outcome = [], []
+
+    async def calls():
+        await deployment.explain(model_dir, "local", TEXTS[0], 2)  # loads the model
+        explainer = deployment._explainer
+        margin = explainer._margin
+
+        def counted(*args):
+            passes.append((time.monotonic(), threading.get_ident()))
+            time.sleep(0.05)  # a slower model: the long explanation takes ~6 s
+            return margin(*args)
+
+        explainer._margin = counted
+        explainer._ig.forward_func = counted
+        long = asyncio.ensure_future(deployment.explain(model_dir, "local", LONG, 2048))
+        await asyncio.sleep(0.5)
+        long.cancel()
+        cancelled_at = time.monotonic()
+        try:
+            await long
+        except asyncio.CancelledError:
+            outcome.append("cancelled")
+        short = await deployment.explain(model_dir, "local", TEXTS[0], 4)
+        return cancelled_at, short, time.monotonic()
+
+    cancelled_at, short, _ = asyncio.run(calls())
+    assert outcome == ["cancelled"] and short["n_steps"] == 4
+    long_thread = passes[0][1]
+    before = [t for t, thread in passes if thread == long_thread and t < cancelled_at]
+    after = [t for t, thread in passes if thread == long_thread and t >= cancelled_at]
+    # The long explanation (~130 forward passes) had run a few when cancelled; it then finished at most
+    # the pass in flight, and the short one ran on its own.
+    assert 0 < len(before) < 30 and len(after) <= 1
+    assert any(thread != long_thread for _, thread in passes)
+
+
+def test_an_explanation_with_its_cancel_flag_set_raises_before_computing(model_dir):
+    import threading
+
+    from ray_jobs.explain import ExplanationCancelled
+
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(ExplanationCancelled):
+        Explainer(model_dir).explain(TEXTS[0], 8, cancel)
 
 
 @pytest.mark.integration

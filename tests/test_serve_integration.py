@@ -401,6 +401,53 @@ def test_a_gpu_replica_reserves_the_gpu_and_without_cuda_fails_at_start_saying_s
         serve.delete("gpu")
 
 
+def test_explain_without_room_for_an_explainer_answers_503_instead_of_waiting_out_its_deadline(
+    serve_port, trained_tiny
+):
+    """Every free CPU held (here by a placement group; in the field by model replicas the autoscaler
+    added): /explain finds no explainer replica and no room to start one, and answers 503 with
+    Retry-After after serve.explain.start_wait_s instead of a 504 at its 60 s deadline. Once CPUs are
+    free again, the same request starts an explainer and is answered."""
+    import ray
+    from ray import serve
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from serve_app.app import build_app
+
+    args = {
+        "serve.model_uri": trained_tiny[2],
+        "serve.num_cpus": 0.25,
+        "serve.trial_load": False,
+        "serve.drift.enabled": False,
+        "serve.feedback.enabled": False,
+        "serve.autoscaling.min_replicas": 1,
+        "serve.autoscaling.max_replicas": 1,
+        "serve.request_timeout_s": 60,
+        "serve.explain.num_cpus": 0.5,
+        "serve.explain.timeout_s": 60,
+        "serve.app_name": "roomless",
+    }
+    serve.run(build_app(args), name="roomless", route_prefix="/roomless")
+    url = f"http://127.0.0.1:{serve_port}/roomless/explain"
+    body = {"text": "A moving, beautifully acted film.", "n_steps": 8}
+    try:
+        pg = placement_group([{"CPU": ray.available_resources().get("CPU", 0.0)}])
+        ray.get(pg.ready(), timeout=30)
+        try:
+            start = time.monotonic()
+            refused = httpx.post(url, json=body, timeout=90)
+            took = time.monotonic() - start
+        finally:
+            remove_placement_group(pg)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+        assert "no explainer replica runs and the cluster has no room" in refused.json()["error"]
+        assert took < 30, took  # the 2 s wait and two calls to Ray, not the 60 s deadline
+        answered = httpx.post(url, json=body, timeout=90)
+        assert answered.status_code == 200 and answered.json()["n_steps"] == 8, answered.text
+    finally:
+        serve.delete("roomless")
+
+
 def test_metrics_reach_prometheus(app_url, ray_cluster):
     """Application metrics are exported on Ray's Prometheus endpoint of this node."""
     for _ in range(5):
