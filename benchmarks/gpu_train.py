@@ -243,7 +243,10 @@ def infer(run: Run, backbone: str) -> None:
         if kw.get("compile") and not run.fits(f"infer {name}", 60):
             continue
         torch._dynamo.reset()
+        compiled = kw.pop("compile", False)
         p = Predictor(folder, precision="bf16" if not run.smoke else "fp32", batch_size=size, device=run.dev.type, **kw)
+        if compiled:  # measured only: the serving predictor stays eager (docs/gpu.md)
+            p.model.compile(dynamic=True)  # dynamic: a replica's batches vary in size and length
         p.forward(seqs[: size * 2], embeddings=False)  # warm-up (and compilation)
         p.forward(seqs[: size * 2], embeddings=False)
         run.sync()

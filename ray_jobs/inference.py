@@ -180,12 +180,10 @@ class Predictor:
         precision: str = "fp32",
         batch_size: int = 64,
         device: str = "cpu",
-        compile: bool = False,
         cast_weights: bool = True,
     ):
-        """`device`: cpu or cuda (the device Ray assigned: CUDA_VISIBLE_DEVICES). `compile`: torch.compile the
-        forward pass (minutes of compilation at start on a CPU; see benchmarks/gpu_train.py for what it gains on
-        a GPU). `cast_weights`: False keeps fp32 weights under autocast on a GPU too (the explainer's gradients)."""
+        """`device`: cpu or cuda (the device Ray assigned: CUDA_VISIBLE_DEVICES). `cast_weights`: False keeps
+        fp32 weights under autocast on a GPU too (the explainer's gradients)."""
         import torch
 
         if num_threads:
@@ -201,9 +199,6 @@ class Predictor:
             self.model.to(dtype=self.amp_dtype)
             self.compute_amp = None
         self.model.to(self.device)
-        if compile:
-            # dynamic: a replica's batches vary in size and length; one graph serves them all.
-            self.model.compile(dynamic=True)
         self._text_settings(model_dir, batch_size)
 
     @property

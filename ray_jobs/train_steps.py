@@ -228,8 +228,8 @@ class StepSettings:
 
     def prepare(self, model) -> None:
         """Compile `model` in place where asked (its state_dict keeps its keys, so checkpoints do not change).
-        Torch compiles for the first batch's shape, then once more with the length dynamic: two compilations
-        per run, whatever the lengths."""
+        Torch compiles for the first batch's shape, then again with the length dynamic. It paid on
+        fixed-length batches only: on IMDB's variable lengths it did not (docs/gpu.md)."""
         if self.compile:
             model.compile()
 

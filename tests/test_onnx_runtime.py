@@ -76,18 +76,24 @@ def test_the_int8_export_stays_close_to_eager_and_its_guard_records_the_comparis
     assert unservable(folder, ONNX_INT8) == report.refusal(*ONNX_INT8[2:])  # the replica reads the same verdict
 
 
+def _guard(**fields) -> GuardReport:
+    """A guard report as an int8 export's, with `fields` changed."""
+    base = {
+        "quantization": "int8",
+        "onnx_sha256": "x",
+        "n": 1000,
+        "data_digest": "d",
+        "eager_precision": "bf16",
+        "f1_eager": 0.920,
+        "f1_onnx": 0.918,
+        "agreement": 0.992,
+        "created_at": 0,
+    }
+    return GuardReport(**{**base, **fields})
+
+
 def test_guard_thresholds():
-    report = GuardReport(
-        quantization="int8",
-        onnx_sha256="x",
-        n=1000,
-        data_digest="d",
-        eager_precision="bf16",
-        f1_eager=0.920,
-        f1_onnx=0.918,
-        agreement=0.992,
-        created_at=0,
-    )
+    report = _guard()
     assert report.refusal(0.003, 0.99) is None
     assert "0.0020 below" in report.refusal(0.001, 0.99)
     assert "agree with eager on 99.20%" in report.refusal(0.003, 0.995)
@@ -309,17 +315,7 @@ def test_a_deploy_whose_export_is_refused_serves_eagerly_and_says_why(exported, 
 def test_a_guard_on_too_few_texts_or_on_another_split_is_refused():
     """serve.min_guard_texts, and the version's recorded test split: a guard that scored a handful of
     texts, or a split other than the version's test split, proves nothing about the version."""
-    guard = GuardReport(
-        quantization="none",
-        onnx_sha256="x",
-        n=1,
-        data_digest="abc",
-        eager_precision="fp32",
-        f1_eager=1.0,
-        f1_onnx=1.0,
-        agreement=1.0,
-        created_at=0.0,
-    )
+    guard = _guard(quantization="none", n=1, data_digest="abc", f1_eager=1.0, f1_onnx=1.0, agreement=1.0)
     assert guard.refusal(0.003, 0.99) is None  # the old rule: thresholds only
     assert "scored 1 texts, fewer than the 200 required" in guard.refusal(0.003, 0.99, 200)
     assert "another split (digest abc) than the version's test split (def)" in guard.refusal(0.003, 0.99, 1, "def")
