@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -294,6 +295,13 @@ class RegistryConfig(_Strict):
         description="an MLflow server (http://host:5000) or database URI; None: the embedded store "
         "sqlite:///<root>/mlflow.db with artifacts under <root>/artifacts. {head_ip} stands for the Ray "
         "head's address",
+    )
+    lock_db_uri: str | None = Field(
+        None,
+        description="the database behind an http:// MLflow server (postgresql://...), for the gate's lock: "
+        "with it the lock is an exact compare-and-set with fenced alias writes, without it a best-effort lease "
+        "through MLflow's API. Not needed when tracking_uri is a database. Pass it from the environment "
+        "(--set registry.lock_db_uri=$VAR): it holds a password, which runs record as ***",
     )
     root: str = Field("runs/mlflow", description="the embedded store's folder")
     experiment: str = Field("sentiment", description="the MLflow experiment of pipeline runs")
@@ -664,6 +672,14 @@ class PipelineConfig(_Strict):
         """A stable hash of the whole config, recorded with every run."""
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+    def for_the_record(self) -> dict[str, Any]:
+        """The config as runs record it (parameters, config.yaml): passwords in URIs masked."""
+        raw = self.model_dump(mode="json")
+        for key in ("tracking_uri", "lock_db_uri"):
+            if raw["registry"][key]:
+                raw["registry"][key] = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", raw["registry"][key])
+        return raw
 
     def with_absolute_paths(self) -> PipelineConfig:
         """A copy whose local paths are absolute: Tune runs trials in their own working directories,

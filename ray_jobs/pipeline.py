@@ -106,18 +106,21 @@ def run_gate(
         if shadows(cfg, decision, champ):
             # gate.on_pass: shadow. The champion stays; the new version is mirrored on live traffic
             # until `python -m ray_jobs registry promote` decides on the live evidence (ray_jobs.rollout).
-            lease.check()
-            reg.set_rollout(Rollout(mode="shadow", version=version, champion=champ, started_at=time.time()))
+            with lease.fenced() as w:
+                reg.set_rollout(Rollout(mode="shadow", version=version, champion=champ, started_at=time.time()), w)
             reg.record_history({"event": "shadow", "version": version, "champion": champ, "by": "gate.on_pass"})
         elif decision.promote:
-            lease.check()  # still ours: no other driver can have moved the alias since we read it
-            if reg.champion() != champ:
-                raise GateError("the champion changed while the gate was deciding; no alias written")
-            reg.set_aliases(version, champ)
+            # Fenced: written only while the lock is still ours, so no other driver can have moved the
+            # alias since we read it (and on a database store, all of it or nothing).
+            with lease.fenced() as w:
+                if reg.champion() != champ:
+                    raise GateError("the champion changed while the gate was deciding; no alias written")
+                stale_rollout = reg.rollout() is not None  # a shadow/canary against the old champion means nothing now
+                reg.set_aliases(version, champ, w)
+                if stale_rollout:
+                    reg.clear_rollout(w)
             if reg.champion() != version:
                 raise GateError("the champion alias did not take the new version")
-            if reg.rollout() is not None:  # a shadow/canary against the old champion means nothing now
-                reg.clear_rollout()
         # From here on a promotion has happened: a failure says so (exit code 4), never "nothing promoted".
         promoted = version if decision.promote and not shadows(cfg, decision, champ) else None
         with promoted_steps(promoted, "recording the gate decision"):

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ray_jobs.errors import RegistryError
-from ray_jobs.registry_lock import GateLease, does_not_exist
+from ray_jobs.registry_lock import GateLease, Writes, does_not_exist
 from ray_jobs.tracking import Tracking
 
 log = logging.getLogger(__name__)
@@ -75,18 +75,26 @@ class Registry(Tracking):
     @contextlib.contextmanager
     def lock(self, timeout_s: float = 3600, lease_s: float = 60) -> Iterator[GateLease]:
         """An exclusive lease on this model's aliases, held in the registry itself so that it holds for
-        every driver that shares the registry: on other nodes, in other clusters. The lock is a registered
-        model `<name>.gate-lock` that exists while held; creating one is atomic in every MLflow backend
-        (a unique name in sqlite, PostgreSQL, MySQL). A heartbeat renews it every lease_s/4; a holder
-        that died (SIGKILL, a lost node) stops renewing, and a waiter that sees no renewal for lease_s of
-        its own clock takes the lock over, so host clocks need not agree. Yields a GateLease whose
-        `check()` raises if the lease was taken over (a holder stalled for longer than lease_s)."""
+        every driver that shares the registry: on other nodes, in other clusters. A heartbeat renews it
+        every lease_s/4; a holder that died (SIGKILL, a lost node) stops renewing, and a waiter that sees
+        no renewal for lease_s of its own clock takes it over. Yields a GateLease: write aliases and the
+        rollout through `lease.fenced()` (or pass it to set_aliases & co.), which refuses the writes of a
+        holder that lost its lease. Exact on a database store; ray_jobs.registry_lock says what holds where."""
         lease = GateLease(self, lease_s)
         lease.acquire(timeout_s)
         try:
             yield lease
         finally:
             lease.release()
+
+    @contextlib.contextmanager
+    def _writes(self, w: Writes | None) -> Iterator[Writes]:
+        """`w` itself, or (None) writes under a lock taken for them alone."""
+        if w is not None:
+            yield w
+            return
+        with self.lock() as lease, lease.fenced() as own:
+            yield own
 
     # ------------------------------------------------------------------ registry
     def register(
@@ -240,11 +248,15 @@ class Registry(Tracking):
             json.dumps(event, default=str)[:5000],
         )
 
-    def set_aliases(self, champion: str, previous: str | None) -> None:
-        # `previous` first: if the second write fails, the champion is unchanged (fail closed).
-        if previous is not None and previous != champion:
-            self._call("set alias", self.client.set_registered_model_alias, self.name, PREVIOUS, str(previous))
-        self._call("set alias", self.client.set_registered_model_alias, self.name, CHAMPION, str(champion))
+    def set_aliases(self, champion: str, previous: str | None, w: Writes | None = None) -> None:
+        """Point `champion` (and `previous`) at versions: through `w` (GateLease.fenced()), else under a
+        lock taken for this write."""
+        with self._writes(w) as w:
+            # `previous` first: where writes are not one transaction (an MLflow server) and the second
+            # fails, the champion is unchanged (fail closed).
+            if previous is not None and previous != champion:
+                self._call("set alias", w.set_alias, PREVIOUS, str(previous))
+            self._call("set alias", w.set_alias, CHAMPION, str(champion))
 
     def rollout(self) -> Rollout | None:
         """The challenger on live traffic, or None."""
@@ -269,24 +281,17 @@ class Registry(Tracking):
             return None
         return rollout
 
-    def set_rollout(self, rollout: Rollout) -> None:
-        # The alias first: `models:/<name>@challenger` then names the version the tag is about.
-        self._call("set alias", self.client.set_registered_model_alias, self.name, CHALLENGER, rollout.version)
-        self._call(
-            "set_registered_model_tag",
-            self.client.set_registered_model_tag,
-            self.name,
-            ROLLOUT_TAG,
-            rollout.model_dump_json(),
-        )
+    def set_rollout(self, rollout: Rollout, w: Writes | None = None) -> None:
+        with self._writes(w) as w:
+            # The alias first: `models:/<name>@challenger` then names the version the tag is about.
+            self._call("set alias", w.set_alias, CHALLENGER, rollout.version)
+            self._call("set_registered_model_tag", w.set_tag, ROLLOUT_TAG, rollout.model_dump_json())
 
-    def clear_rollout(self) -> None:
-        # The tag first: without it the app serves the champion alone, whatever the alias says.
-        rm = self._call("get_registered_model", self.client.get_registered_model, self.name)
-        if ROLLOUT_TAG in (rm.tags or {}):
-            self._call("delete tag", self.client.delete_registered_model_tag, self.name, ROLLOUT_TAG)
-        if CHALLENGER in self.aliases():
-            self._call("delete alias", self.client.delete_registered_model_alias, self.name, CHALLENGER)
+    def clear_rollout(self, w: Writes | None = None) -> None:
+        with self._writes(w) as w:
+            # The tag first: without it the app serves the champion alone, whatever the alias says.
+            self._call("delete tag", w.delete_tag, ROLLOUT_TAG)
+            self._call("delete alias", w.delete_alias, CHALLENGER)
 
     def versions(self) -> list:
         return sorted(
@@ -318,8 +323,8 @@ class Registry(Tracking):
         with self.lock() as lease:
             old = self.champion()
             self.get_version(version)  # must exist
-            lease.check()
-            self.set_aliases(version, old)
+            with lease.fenced() as w:
+                self.set_aliases(version, old, w)
             now = time.time()
             self.set_version_tags(version, {"gate.decision": kind, "gate.reason": reason, "gate.timestamp": now})
             self.record_history(

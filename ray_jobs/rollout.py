@@ -59,8 +59,8 @@ def start(
         rollout = Rollout(
             mode=mode, version=version, champion=champ, share=share if mode == "canary" else 0.0, mirror=mirror
         ).model_copy(update={"started_at": time.time()})
-        lease.check()
-        reg.set_rollout(rollout)
+        with lease.fenced() as w:
+            reg.set_rollout(rollout, w)
         reg.record_history(_event(mode, **rollout.model_dump()))
     log.info("%s: version %s beside champion %s (share %.3g, mirror %.3g)", mode, version, champ, share, mirror)
     if deploy_app:
@@ -76,11 +76,13 @@ def start(
 def abort(cfg: PipelineConfig, deploy_app: bool = True, reason: str = "aborted by hand") -> Rollout:
     """Back to the champion alone."""
     reg = Registry(cfg.registry)
-    rollout = reg.rollout()
-    if rollout is None:
-        raise RegistryError("no shadow or canary is running")
-    reg.clear_rollout()
-    reg.record_history(_event("abort", version=rollout.version, mode=rollout.mode, reason=reason))
+    with reg.lock(timeout_s=cfg.gate.lock_timeout_s) as lease:  # not in the middle of a promote
+        rollout = reg.rollout()
+        if rollout is None:
+            raise RegistryError("no shadow or canary is running")
+        with lease.fenced() as w:
+            reg.clear_rollout(w)
+        reg.record_history(_event("abort", version=rollout.version, mode=rollout.mode, reason=reason))
     log.info("abort: version %s is off live traffic", rollout.version)
     if deploy_app:
         _redeploy(cfg)
@@ -156,9 +158,9 @@ def promote(cfg: PipelineConfig, version: str, deploy_app: bool = True) -> Decis
             },
         )
         if decision.promote:
-            lease.check()
-            reg.set_aliases(version, champ)
-            reg.clear_rollout()
+            with lease.fenced() as w:  # one transaction on a database store
+                reg.set_aliases(version, champ, w)
+                reg.clear_rollout(w)
         event = _event("live_gate", version=version, champion_before=champ, mode=rollout.mode, **decision.to_dict())
         reg.record_history(event)
     if decision.promote and deploy_app:

@@ -163,9 +163,10 @@ class Tracking:
         if commit:
             tags["git_commit"] = commit
         run_id = self.start_run(run_name, tags)
-        flat = _flatten(cfg.model_dump(mode="json"))
+        record = cfg.for_the_record()
+        flat = _flatten(record)
         self.log_params(run_id, {k: v for k, v in flat.items() if not k.startswith("tune.search_space")})
-        self.log_text(run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+        self.log_text(run_id, yaml.safe_dump(record, sort_keys=False), "config.yaml")
         self.log_metrics(run_id, {f"n_{k}": v for k, v in counts.items()})
         return run_id
 

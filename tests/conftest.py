@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -150,6 +154,64 @@ def no_session_cluster() -> None:
 def pytest_collection_modifyitems(items) -> None:
     # Stable sort: collection order otherwise, tests that stop the shared cluster after all that use it.
     items.sort(key=lambda item: "no_session_cluster" in getattr(item, "fixturenames", ()))
+
+
+def _pg_bindir() -> str | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    initdb = found[-1] if found else shutil.which("initdb")
+    return os.path.dirname(os.path.realpath(initdb)) if initdb else None
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A private PostgreSQL server on 127.0.0.1 (one per test module): yields (URI of its database
+    `mlflow`, None), or (None, why not) where this machine has no PostgreSQL or no driver for it.
+    `.ci/run` installs PostgreSQL where it can."""
+    bindir = _pg_bindir()
+    if bindir is None:
+        yield None, "PostgreSQL (initdb, pg_ctl) is not installed"
+        return
+    try:
+        import psycopg2  # noqa: F401 - MLflow's server needs it for postgresql:// URIs
+    except ImportError:
+        yield None, "psycopg2 is not installed (pip install -e '.[test]')"
+        return
+    as_postgres: list[str] = []
+    data = tempfile.mkdtemp(prefix="pg-", dir="/tmp")
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        try:
+            user = pwd.getpwnam("postgres")
+        except KeyError:
+            yield None, "running as root and there is no postgres user to run PostgreSQL as"
+            return
+        os.chown(data, user.pw_uid, user.pw_gid)
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    run = [*as_postgres, f"{bindir}/pg_ctl", "-D", data]
+    try:
+        try:
+            subprocess.run(
+                [*as_postgres, f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync"],
+                capture_output=True,
+                check=True,
+            )
+            opts = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off"
+            subprocess.run(
+                [*run, "-l", f"{data}/server.log", "-w", "-o", opts, "start"], capture_output=True, check=True
+            )
+            subprocess.run(
+                [*as_postgres, f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow"],
+                capture_output=True,
+                check=True,
+            )
+        except (OSError, subprocess.CalledProcessError) as err:
+            why = getattr(err, "stderr", b"") or b""
+            yield None, f"PostgreSQL did not start: {err} {why.decode(errors='replace')[-300:]}"
+            return
+        yield f"postgresql://postgres@127.0.0.1:{port}/mlflow", None
+    finally:
+        subprocess.run([*run, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -228,3 +228,18 @@ def test_bad_settings_are_refused_by_name(override, where):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert where in str(e.value)
+
+
+def test_runs_record_the_config_without_database_passwords():
+    cfg = load_config(
+        None,
+        [
+            "registry.tracking_uri=http://mlflow:5000",
+            "registry.lock_db_uri=postgresql+psycopg2://mlflow:s3cr%40t@db:5432/mlflow",
+        ],
+    )
+    record = cfg.for_the_record()["registry"]
+    assert record["lock_db_uri"] == "postgresql+psycopg2://mlflow:***@db:5432/mlflow"
+    assert record["tracking_uri"] == "http://mlflow:5000"
+    assert "s3cr" not in str(cfg.for_the_record())
+    assert cfg.registry.lock_db_uri.endswith("s3cr%40t@db:5432/mlflow")  # the lock itself gets the real one

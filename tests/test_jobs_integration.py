@@ -9,15 +9,11 @@ stopped; two pipelines gating at once from different nodes end with the better m
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import pwd
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -181,63 +177,6 @@ def job_cluster(tmp_path_factory):
     finally:
         for proc, temp_dir in reversed(nodes):
             stop_head(proc, temp_dir, graceful=False)  # done with it: no need to wait for a clean shutdown
-
-
-def _pg_bindir() -> str | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    initdb = found[-1] if found else shutil.which("initdb")
-    return os.path.dirname(os.path.realpath(initdb)) if initdb else None
-
-
-@pytest.fixture(scope="module")
-def postgres():
-    """A private PostgreSQL server on 127.0.0.1 for the tracking server's registry: yields (URI, None),
-    or (None, why not) where this machine has no PostgreSQL or no driver for it."""
-    bindir = _pg_bindir()
-    if bindir is None:
-        yield None, "PostgreSQL (initdb, pg_ctl) is not installed"
-        return
-    try:
-        import psycopg2  # noqa: F401 - MLflow's server needs it for postgresql:// URIs
-    except ImportError:
-        yield None, "psycopg2 is not installed (pip install -e '.[test]')"
-        return
-    as_postgres: list[str] = []
-    data = tempfile.mkdtemp(prefix="pg-", dir="/tmp")
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        try:
-            user = pwd.getpwnam("postgres")
-        except KeyError:
-            yield None, "running as root and there is no postgres user to run PostgreSQL as"
-            return
-        os.chown(data, user.pw_uid, user.pw_gid)
-        as_postgres = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    run = [*as_postgres, f"{bindir}/pg_ctl", "-D", data]
-    try:
-        try:
-            subprocess.run(
-                [*as_postgres, f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "postgres", "--no-sync"],
-                capture_output=True,
-                check=True,
-            )
-            opts = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off"
-            subprocess.run(
-                [*run, "-l", f"{data}/server.log", "-w", "-o", opts, "start"], capture_output=True, check=True
-            )
-            subprocess.run(
-                [*as_postgres, f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow"],
-                capture_output=True,
-                check=True,
-            )
-        except (OSError, subprocess.CalledProcessError) as err:
-            why = getattr(err, "stderr", b"") or b""
-            yield None, f"PostgreSQL did not start: {err} {why.decode(errors='replace')[-300:]}"
-            return
-        yield f"postgresql://postgres@127.0.0.1:{port}/mlflow", None
-    finally:
-        subprocess.run([*run, "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -444,8 +383,9 @@ def test_two_pipelines_gating_at_once_from_different_nodes_end_with_the_better_m
     job_cluster, mlflow_server, tmp_path
 ):
     """Drivers on the head and on the serving node share one tracking server (and its registry): the gate
-    lock lives in that registry, so the decisions are taken one after the other whatever the order, the
-    better model ends as champion and the history records both decisions."""
+    lock lives in that registry (in its database, which the drivers reach through registry.lock_db_uri),
+    so the decisions are taken one after the other whatever the order, the better model ends as champion
+    and the history records both decisions."""
     from ray_jobs.config import RegistryConfig
     from ray_jobs.registry import Registry
 
@@ -456,6 +396,8 @@ def test_two_pipelines_gating_at_once_from_different_nodes_end_with_the_better_m
         "tune.num_samples=1",
         "gate.floor=0.0",  # whichever decides first may become champion: the second must then win or lose on F1
         f"registry.tracking_uri={tracking_uri}",
+        # The server's own database, which these drivers reach: the gate lock is then exact (fenced writes).
+        f"registry.lock_db_uri={mlflow_server[2]}",
         "registry.model_name=raced",
     ]
     runs = {"good": ("driver_a", "train.lr=1e-3"), "bad": ("driver_b", "train.lr=0")}
@@ -478,8 +420,9 @@ def test_two_pipelines_gating_at_once_from_different_nodes_end_with_the_better_m
     tags = reg.client.get_registered_model("raced").tags
     history = [json.loads(v) for k, v in tags.items() if k.startswith("history.")]
     assert sorted(e["version"] for e in history if e["event"] == "gate") == sorted(v.version for v in versions.values())
-    # The lock was released: nothing of it is left in the registry.
-    assert [m.name for m in reg.client.search_registered_models(filter_string="name LIKE 'raced%'")] == ["raced"]
+    # The lock was released: its lease is free.
+    lock = reg.client.get_registered_model("raced.gate-lock")
+    assert lock.tags == {"lease": ""} and not lock.latest_versions
 
 
 def test_the_tracking_server_keeps_its_registry_in_postgresql(postgres, mlflow_server):

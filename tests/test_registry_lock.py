@@ -1,6 +1,7 @@
 """The gate lock is held in the registry, so it excludes drivers in other processes (other nodes and
-clusters behave alike: all they share is the registry). Real processes, a real sqlite MLflow store; the
-tracking-server and multi-node cases are in tests/test_cluster_integration.py."""
+clusters behave alike: all they share is the registry). Real processes, real stores: each test runs on a
+sqlite file and on a PostgreSQL server of its own (skipped where this machine has none); the
+tracking-server and multi-node case is in tests/test_jobs_integration.py."""
 
 from __future__ import annotations
 
@@ -9,13 +10,20 @@ import multiprocessing
 import os
 import signal
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from ray_jobs.config import RegistryConfig
 from ray_jobs.errors import RegistryError
-from ray_jobs.registry import Registry
+from ray_jobs.registry import CHAMPION, Registry
+from ray_jobs.registry_lock import LEASE_TAG, GateLease, _SqlLease
+
+# Real processes and a database server: not the quick lane.
+pytestmark = pytest.mark.integration
+
+LOCK = "sentiment-distilbert.gate-lock"
 
 
 def _hold(uri: str, out: str, rounds: int, hold_s: float) -> None:
@@ -44,9 +52,59 @@ def _hold_until_told(uri: str, ready: str, go: str, out: str, lease_s: float) ->
             Path(out).write_text(f"lost: {err}")
 
 
-@pytest.fixture
-def uri(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def _write_after_go(uri: str, ready: str, go: str, out: str, version: str, inside: bool) -> None:
+    """Take the lock and check it; say so from before the write (inside=False) or from inside the
+    fenced writes (inside=True); wait for `go`; then set the champion alias to `version`."""
+    reg = Registry(RegistryConfig(tracking_uri=uri))
+    with reg.lock(timeout_s=60, lease_s=1) as lease:
+        lease.check()
+        try:
+            if inside:
+                with lease.fenced() as w:
+                    Path(ready).touch()
+                    while not Path(go).exists():
+                        time.sleep(0.05)
+                    reg.set_aliases(version, None, w)
+            else:
+                Path(ready).touch()
+                while not Path(go).exists():
+                    time.sleep(0.05)
+                with lease.fenced() as w:
+                    reg.set_aliases(version, None, w)
+            Path(out).write_text("written")
+        except RegistryError as err:
+            Path(out).write_text(f"lost: {err}")
+
+
+def _race(uri: str, lease_s: float, rounds: int, folder: str, me: int) -> None:
+    """Each round: wait for the round's start, then try to take over the dead holder `dead|<round>`."""
+    reg = Registry(RegistryConfig(tracking_uri=uri))
+    lease = GateLease(reg, lease_s)
+    lease.store.ensure()
+    for r in range(rounds):
+        while not (Path(folder) / f"go{r}").exists():
+            time.sleep(0.002)
+        won = lease.store.swap(f"dead|{r}", lease._value("0"))
+        (Path(folder) / f"r{r}.{me}").write_text("won" if won else "lost")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def uri(request, tmp_path):
+    if request.param == "sqlite":
+        uri = f"sqlite:///{tmp_path}/mlflow.db"
+    else:
+        server, why = request.getfixturevalue("postgres")
+        if server is None:
+            pytest.skip(why)
+        import psycopg2
+
+        db = f"lock_{uuid.uuid4().hex[:12]}"
+        conn = psycopg2.connect(server)
+        conn.autocommit = True
+        conn.cursor().execute(f"CREATE DATABASE {db}")
+        conn.close()
+        # SQLAlchemy 2.1 reads plain postgresql:// as psycopg 3; name the driver installed here.
+        uri = server.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://") + f"/{db}"
     Registry(RegistryConfig(tracking_uri=uri)).ping()  # create the schema once, not in two processes at once
     return uri
 
@@ -56,6 +114,10 @@ def _wait_for(path: Path, proc, timeout: float = 60) -> None:
     while not path.exists():
         assert proc.is_alive() and time.time() < deadline, f"{path.name} never appeared"
         time.sleep(0.05)
+
+
+def _lease_value(uri: str) -> str:
+    return _SqlLease(uri, LOCK).read()
 
 
 def test_two_processes_never_hold_the_gate_lock_at_once(uri, tmp_path):
@@ -71,8 +133,37 @@ def test_two_processes_never_hold_the_gate_lock_at_once(uri, tmp_path):
     assert len(holds) == 6
     for (_, end), (start, _) in zip(holds, holds[1:], strict=False):
         assert start >= end, f"two holders at once: {holds}"
-    # Released each time: nothing of the lock is left in the registry.
-    assert Registry(RegistryConfig(tracking_uri=uri)).client.search_registered_models() == []
+    # Released each time: the lock's registered model stays, its lease is free.
+    lock = Registry(RegistryConfig(tracking_uri=uri)).client.get_registered_model(LOCK)
+    assert lock.tags == {LEASE_TAG: ""} and not lock.latest_versions
+
+
+def test_waiters_taking_over_one_dead_lease_exactly_one_wins(uri, tmp_path):
+    """The takeover is a compare-and-set: four processes that saw the same dead holder try at the same
+    moment, twelve times over; each time exactly one of them holds the lease."""
+    ctx = multiprocessing.get_context("spawn")
+    waiters, rounds = 4, 12
+    store = _SqlLease(uri, LOCK)
+    store.ensure()
+    procs = [ctx.Process(target=_race, args=(uri, 1, rounds, str(tmp_path), i)) for i in range(waiters)]
+    for p in procs:
+        p.start()
+    try:
+        for r in range(rounds):
+            store._update(store._row()[0].c.value.isnot(None), f"dead|{r}")  # a holder that died holding it
+            (tmp_path / f"go{r}").touch()
+            deadline = time.time() + 120
+            while len(list(tmp_path.glob(f"r{r}.*"))) < waiters:
+                assert time.time() < deadline and all(p.is_alive() for p in procs), f"round {r} never finished"
+                time.sleep(0.01)
+            results = [f.read_text() for f in tmp_path.glob(f"r{r}.*")]
+            assert results.count("won") == 1, f"round {r}: {results}"
+            assert _lease_value(uri).endswith("|0") and not _lease_value(uri).startswith("dead|")
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
 
 
 def test_a_killed_holders_lock_is_taken_over_after_its_lease(uri, tmp_path):
@@ -92,24 +183,22 @@ def test_a_killed_holders_lock_is_taken_over_after_its_lease(uri, tmp_path):
 
 
 def _stop_between_writes(pid: int, uri: str) -> None:
-    """SIGSTOP `pid` at a moment when it holds no write transaction on the sqlite file: one frozen in
-    the middle of its heartbeat's write would keep every other process out of the database (the
-    embedded store's limit, not the lock's), and no takeover could happen until it resumed."""
-    import sqlite3
+    """SIGSTOP `pid` at a moment when its heartbeat is not in the middle of a write: a process frozen
+    inside a write transaction keeps the lease row locked (PostgreSQL) or the whole file (SQLite), and
+    no takeover can happen until it resumes (by design: see test_a_takeover_waits_for_...)."""
+    import sqlalchemy
 
-    path = uri.removeprefix("sqlite:///")
+    store = _SqlLease(uri, LOCK)
+    t, where = store._row()
     for _ in range(50):
         os.kill(pid, signal.SIGSTOP)
-        conn = sqlite3.connect(path, timeout=0.5)
         try:
-            conn.execute("BEGIN IMMEDIATE")  # fails while another connection holds the write lock
-            conn.rollback()
+            with store._session(0.2) as session:  # rewrites the row unchanged, then rolls back: needs its lock
+                session.execute(sqlalchemy.update(t).where(where).values(value=t.c.value))
             return
-        except sqlite3.OperationalError:
+        except sqlalchemy.exc.OperationalError:
             os.kill(pid, signal.SIGCONT)
             time.sleep(0.05)
-        finally:
-            conn.close()
     pytest.fail("the holder never paused between two writes")
 
 
@@ -136,3 +225,63 @@ def test_a_live_holder_keeps_its_lock_and_a_stalled_one_learns_it_lost_it(uri, t
             os.kill(holder.pid, signal.SIGCONT)
     # The old holder, resumed, must not write aliases: its check() says the lock is gone.
     assert out.read_text().startswith("lost:"), out.read_text()
+
+
+def _two_versions(uri: str, folder: Path) -> Registry:
+    reg = Registry(RegistryConfig(tracking_uri=uri))
+    reg.client.create_registered_model(reg.name)
+    for _ in range(2):
+        reg.client.create_model_version(reg.name, source=str(folder))
+    return reg
+
+
+def test_a_holder_paused_after_its_check_cannot_move_an_alias(uri, tmp_path):
+    """Fencing: a holder that checked its lease, then froze past it, is refused at the write itself
+    (a check and a write are not atomic; the fenced write is)."""
+    reg = _two_versions(uri, tmp_path)
+    ctx = multiprocessing.get_context("spawn")
+    ready, go, out = tmp_path / "ready", tmp_path / "go", tmp_path / "out"
+    holder = ctx.Process(target=_write_after_go, args=(uri, str(ready), str(go), str(out), "1", False))
+    holder.start()
+    _wait_for(ready, holder)  # checked, about to write
+    _stop_between_writes(holder.pid, uri)
+    try:
+        with reg.lock(timeout_s=60, lease_s=1) as lease:  # taken over after a lease of silence
+            with lease.fenced() as w:
+                reg.set_aliases("2", None, w)
+            os.kill(holder.pid, signal.SIGCONT)  # resumes while the new holder still holds the lock
+            go.touch()
+            holder.join(timeout=30)
+    finally:
+        if holder.is_alive():
+            os.kill(holder.pid, signal.SIGCONT)
+    assert out.read_text().startswith("lost: lost the gate lock"), out.read_text()
+    assert reg.alias_version(CHAMPION) == "2", "the stalled holder moved the alias after losing the lease"
+
+
+def test_a_takeover_waits_for_a_holder_inside_its_writes(uri, tmp_path):
+    """The other half: a holder frozen inside its fenced writes keeps the lease row locked, so no waiter
+    takes over between its check and its write; the writes land, then the waiter gets the lock."""
+    reg = _two_versions(uri, tmp_path)
+    ctx = multiprocessing.get_context("spawn")
+    ready, go, out = tmp_path / "ready", tmp_path / "go", tmp_path / "out"
+    holder = ctx.Process(target=_write_after_go, args=(uri, str(ready), str(go), str(out), "1", True))
+    holder.start()
+    _wait_for(ready, holder)  # inside its write transaction
+    os.kill(holder.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(RegistryError, match="timed out .* gate lock"):
+            with reg.lock(timeout_s=5, lease_s=1):  # five leases of silence, and still no takeover
+                pass
+        os.kill(holder.pid, signal.SIGCONT)
+        go.touch()
+        holder.join(timeout=30)
+    finally:
+        if holder.is_alive():
+            os.kill(holder.pid, signal.SIGCONT)
+    assert out.read_text() == "written"
+    assert reg.alias_version(CHAMPION) == "1"
+    with reg.lock(timeout_s=10, lease_s=1) as lease:  # released by the holder: free at once
+        with lease.fenced() as w:
+            reg.set_aliases("2", "1", w)
+    assert reg.aliases() == {"champion": "2", "previous": "1"}
