@@ -15,6 +15,9 @@ injected per round:
     poison           ten requests, one every 0.5 s, whose text makes the model raise (the model processes run
                      with serve_app.model_worker.POISON_ENV set to a marker the load's texts never hold):
                      each must get its own 422; the load's requests, batched with them, must not fail
+    deadly           three requests, one every 5 s, whose text kills the model process (SIGKILL, as a native
+                     crash would: model_worker.POISON_KILL_ENV): each must get its own 422 once its batch has
+                     been run one text at a time, the load's requests must not fail, no replica may fail
 
     python benchmarks/chaos.py                                  # both ingress modes, every fault
     python benchmarks/chaos.py --modes haproxy --faults replica-kill --seconds 20
@@ -61,8 +64,10 @@ FAULTS = [
     "bad-swap",
     "downscale",
     "poison",
+    "deadly",
 ]
 POISON = "CHAOS-POISON-MARKER"
+DEADLY = "CHAOS-DEADLY-MARKER"
 
 
 def free_port() -> int:
@@ -172,9 +177,10 @@ def cluster_env(mode: str) -> dict[str, str]:
     # Token auth on, and said so: with RAY_AUTH_MODE unset, `ray start` turns it on by itself once any
     # `ray.init()` has left ~/.ray/auth_token, while the `ray status` CLI then cannot authenticate.
     env["RAY_AUTH_MODE"] = "token"
-    from serve_app.model_worker import POISON_ENV
+    from serve_app.model_worker import POISON_ENV, POISON_KILL_ENV
 
     env[POISON_ENV] = POISON  # the model processes raise on texts holding it (the poison fault only sends them)
+    env[POISON_KILL_ENV] = DEADLY  # and die on texts holding this one (the deadly fault)
     return env
 
 
@@ -377,10 +383,13 @@ def inject(fault: str, cluster: Cluster, models: dict[str, str], state: dict) ->
             raise RuntimeError(f"no process matching {needle}")
         os.kill(pids[0], signal.SIGKILL)
         return f"pid {pids[0]}"
-    if fault == "poison":
-        state["poison"] = threading.Thread(target=lambda: state.update(poison_statuses=send_poison(cluster.port)))
+    if fault in ("poison", "deadly"):
+        marker, n, every_s = (POISON, 10, 0.5) if fault == "poison" else (DEADLY, 3, 5.0)
+        state["poison"] = threading.Thread(
+            target=lambda: state.update(poison_statuses=send_poison(cluster.port, marker, n, every_s))
+        )
         state["poison"].start()
-        return f"10 requests holding {POISON}"
+        return f"{n} requests holding {marker}"
     if fault in ("hot-swap", "bad-swap", "downscale"):
         target = {
             "hot-swap": models["other"] if state["model"] == models["main"] else models["main"],
@@ -398,15 +407,15 @@ def inject(fault: str, cluster: Cluster, models: dict[str, str], state: dict) ->
     raise ValueError(fault)
 
 
-def send_poison(port: int, n: int = 10) -> list[int]:
-    """The poison fault's requests: their HTTP statuses (each should be 422), one every 0.5 s."""
+def send_poison(port: int, marker: str, n: int, every_s: float) -> list[int]:
+    """The poison and deadly faults' requests: their HTTP statuses (each should be 422), one every every_s."""
     import httpx
 
     statuses = []
     for i in range(n):
-        r = httpx.post(f"http://127.0.0.1:{port}/predict", json={"text": f"{POISON} number {i}"}, timeout=30)
+        r = httpx.post(f"http://127.0.0.1:{port}/predict", json={"text": f"{marker} number {i}"}, timeout=120)
         statuses.append(r.status_code)
-        time.sleep(0.5)
+        time.sleep(every_s)
     return statuses
 
 

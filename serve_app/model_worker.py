@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -60,6 +61,9 @@ _START_TIMEOUT_S = 600.0
 DEADLINE_FLOOR_S = 5.0
 DEADLINE_FACTOR = 4.0
 POISON_MEMORY = 1024  # digests of texts the model raised on, answered without the model
+# A batch whose process was lost this many times is run one text at a time: one loss is usually the
+# process's own (killed, out of memory), two on the same batch point at a text.
+LOSSES_TO_SUSPECT = 2
 
 
 class ModelWorkerError(RuntimeError):
@@ -70,6 +74,16 @@ class ModelBatchError(ModelWorkerError):
     """The model raised on this batch (the process is fine): re-running the same batch would fail again."""
 
 
+class ProcessLost(ModelWorkerError):
+    """The process died (or was killed as wedged) while computing this batch: the head of its queue. The
+    batches queued behind it fail with a plain ModelWorkerError: they were not what it was doing."""
+
+
+class BatchDeadly(ModelWorkerError):
+    """The model process was lost LOSSES_TO_SUSPECT times while answering this batch: one of its texts
+    may be what kills it (a native crash, a hang past the batch deadline)."""
+
+
 class TextFailed(NamedTuple):
     """In a batch's predictions: the model raised on this text (found by splitting the batch); its request
     gets this reason, the texts batched with it their predictions."""
@@ -78,9 +92,11 @@ class TextFailed(NamedTuple):
     digest: str  # sha256 of the text, first 16 hex digits: what logs name (never the text)
 
 
-# A fault for tests and the chaos benchmark, like ray_jobs.train_steps.FaultInjection: a model process
-# started with this variable set raises on every batch holding a text that contains its value.
+# Faults for tests and the chaos benchmark, like ray_jobs.train_steps.FaultInjection: a model process
+# started with POISON_ENV set raises on every batch holding a text that contains its value; with
+# POISON_KILL_ENV set it dies of SIGKILL on such a batch (as a native crash would).
 POISON_ENV = "SENTIMENT_TEST_POISON"
+POISON_KILL_ENV = "SENTIMENT_TEST_POISON_KILL"
 
 
 def text_digest(text: str) -> str:
@@ -251,7 +267,7 @@ class ModelWorker:
                     reason = "model worker was closed"
                 else:
                     reason = f"model worker exited (code {code})"
-                self._fail_pending(reason)
+                self._fail_pending(reason, head_lost=not (self._stopping and code == 0))
                 self._outbox.put(("stop", None))  # lets the sender leave too
                 return
             with self._lock:
@@ -284,14 +300,17 @@ class ModelWorker:
                 )
                 return
 
-    def _fail_pending(self, reason: str) -> None:
+    def _fail_pending(self, reason: str, head_lost: bool = False) -> None:
+        """Fail every pending batch with `reason`; `head_lost`: the process died computing the first one,
+        which gets ProcessLost (the batches behind it were only queued)."""
         with self._lock:
             if not self._stopping:
                 self._error = reason
             pending, self._pending = list(self._pending), collections.deque()
-        for future, _ in pending:
+        for i, (future, _) in enumerate(pending):
             if not future.done():
-                future.set_exception(ModelWorkerError(reason))
+                lost = head_lost and i == 0
+                future.set_exception(ProcessLost(reason) if lost else ModelWorkerError(f"{reason} (queued)"))
 
     def _kill(self) -> None:
         self._proc.kill()
@@ -308,6 +327,13 @@ class SupervisedModel:
     rest their predictions. No process is replaced and nothing counts against `max_restarts`. Failed
     texts are remembered by digest (the last POISON_MEMORY), so a repeated one is answered at once.
 
+    Deadly texts: a batch whose process died twice while computing it (LOSSES_TO_SUSPECT; batches merely
+    queued behind it are not blamed) is run one text at a time on replacements; a text whose process died
+    twice on it alone is remembered the same way. When that explains the losses (deadly texts found, the
+    other texts answered), the batch's restarts are taken off the restart budget: a deadly text costs four
+    process starts of latency, never the replica. Restarts while isolating are bounded (2 x max_restarts),
+    so a model that dies on everything still fails.
+
     States: "ok"; "degraded" while a replacement loads (the reason is kept for /health); "failed" once
     `max_restarts` replacements were needed within `restart_window_s`, or a replacement cannot load:
     then the replica's health check fails and Serve replaces the whole replica."""
@@ -317,8 +343,10 @@ class SupervisedModel:
         start: Callable[[], ModelWorker],
         max_restarts: int = 3,
         restart_window_s: float = 60.0,
-        max_attempts: int = 3,
+        max_attempts: int = 8,
     ):
+        # max_attempts: tries of one batch. A batch queued behind another's deadly text loses its process
+        # with it each time (four times per deadly text) without being to blame; restarts bound the rest.
         self._start = start
         self.max_restarts, self.restart_window_s, self.max_attempts = max_restarts, restart_window_s, max_attempts
         self.worker: ModelWorker | None = None
@@ -326,7 +354,11 @@ class SupervisedModel:
         self.restarts = 0  # replacements since start (a metric)
         self.poisoned = 0  # texts the model raised on (a metric)
         self._poison: collections.OrderedDict[str, str] = collections.OrderedDict()  # digest -> reason
-        self._recent: collections.deque[float] = collections.deque()
+        self._recent: collections.deque[float] = collections.deque()  # restarts on the budget
+        self._isolating = 0  # batches being run one text at a time (see _isolate_deadly)
+        self._provisional: list[float] = []  # restarts meanwhile
+        self._explained_since: float | None = None  # deadly texts found: restarts since then are theirs
+        self._isolation = asyncio.Lock()  # one batch at a time is isolated: its restarts are settled alone
         self._restarting: asyncio.Future | None = None
         self._closed = False  # a process that finishes starting after close() is closed, not kept
 
@@ -340,15 +372,21 @@ class SupervisedModel:
 
     async def run(self, texts: Sequence[str]) -> BatchAnswer:
         """One batch's answer, re-run on a new process if its process is lost. Texts the model raises on
-        are TextFailed items among the predictions (see the class's docstring)."""
+        or dies on are TextFailed items among the predictions (see the class's docstring)."""
         digests = [text_digest(t) for t in texts]
         known = [self._poison.get(d) for d in digests]
         if not any(known):
+            since = time.monotonic()
             try:
                 return await self._run_whole(texts)
             except ModelBatchError as err:
                 predictions, seconds = await self._isolate(list(texts), digests, str(err))
                 return BatchAnswer(predictions, seconds, None)  # drift features skip a split batch
+            except BatchDeadly as err:
+                if len(texts) == 1:  # nothing else to answer: its restarts stay on the budget
+                    return BatchAnswer([self._remember(digests[0], _deadly(err))], 0.0, None)
+                predictions, seconds = await self._isolate_deadly(list(texts), digests, since)
+                return BatchAnswer(predictions, seconds, None)
         rest = [i for i, reason in enumerate(known) if reason is None]
         answer = await self.run([texts[i] for i in rest]) if rest else BatchAnswer([], 0.0, None)
         predictions: list = [TextFailed(r, d) if r is not None else None for r, d in zip(known, digests, strict=True)]
@@ -356,15 +394,18 @@ class SupervisedModel:
             predictions[i] = prediction
         return BatchAnswer(predictions, answer.seconds, None)
 
+    def _remember(self, digest: str, reason: str) -> TextFailed:
+        self.poisoned += 1
+        self._poison[digest] = reason
+        while len(self._poison) > POISON_MEMORY:
+            self._poison.popitem(last=False)
+        log.warning("the model failed on one text (sha256 %s...), answered with an error: %s", digest, reason)
+        return TextFailed(reason, digest)
+
     async def _isolate(self, texts: list[str], digests: list[str], reason: str) -> tuple[list, float]:
         """(predictions with TextFailed items, seconds) of a batch the model raised on, by halves."""
         if len(texts) == 1:
-            self.poisoned += 1
-            self._poison[digests[0]] = reason
-            while len(self._poison) > POISON_MEMORY:
-                self._poison.popitem(last=False)
-            log.warning("the model raised on one text (sha256 %s...), answered with an error: %s", digests[0], reason)
-            return [TextFailed(reason, digests[0])], 0.0
+            return [self._remember(digests[0], reason)], 0.0
         mid = len(texts) // 2
         predictions, seconds = [], 0.0
         for part, part_digests in ((texts[:mid], digests[:mid]), (texts[mid:], digests[mid:])):
@@ -378,7 +419,47 @@ class SupervisedModel:
                 seconds += spent
         return predictions, seconds
 
+    async def _isolate_deadly(self, texts: list[str], digests: list[str], since: float) -> tuple[list, float]:
+        """(predictions with TextFailed items, seconds) of a batch whose process was lost twice, one text
+        at a time (halves would cost a process per level). Restarts meanwhile are provisional: taken off
+        the budget with the batch's own if deadly texts explain them, added to it if not."""
+        predictions, seconds, deadly, answered = [], 0.0, 0, 0
+        await self._isolation.acquire()
+        self._isolating += 1
+        try:
+            for text, digest in zip(texts, digests, strict=True):
+                if digest in self._poison:  # the same text twice in one batch (or found by another isolation)
+                    predictions.append(TextFailed(self._poison[digest], digest))
+                    continue
+                try:
+                    answer = await self._run_whole([text])
+                except ModelBatchError as err:
+                    predictions.append(self._remember(digest, str(err)))
+                    continue
+                except BatchDeadly as err:
+                    predictions.append(self._remember(digest, _deadly(err)))
+                    deadly += 1
+                    continue
+                predictions += answer.predictions
+                seconds += answer.seconds
+                answered += 1
+        finally:
+            if deadly and answered:
+                log.warning("%d deadly text(s) explain the batch's lost processes: restarts not counted", deadly)
+                self._explained_since = min(since, self._explained_since or since)
+            self._isolating -= 1
+            if self._isolating == 0:  # batches lost together are settled together
+                provisional, self._provisional = self._provisional, []
+                if self._explained_since is not None:
+                    self._recent = collections.deque(t for t in self._recent if t < self._explained_since)
+                else:
+                    self._recent.extend(provisional)
+                self._explained_since = None
+            self._isolation.release()
+        return predictions, seconds
+
     async def _run_whole(self, texts: Sequence[str]) -> BatchAnswer:
+        losses = 0  # times the process died computing this batch (not merely with it queued)
         for attempt in range(1, self.max_attempts + 1):
             worker = self.worker
             try:
@@ -388,8 +469,12 @@ class SupervisedModel:
             except ModelBatchError:
                 raise  # the model itself raised: the same batch would fail again
             except ModelWorkerError as err:
+                losses += isinstance(err, ProcessLost)
                 if attempt == self.max_attempts or self.state == "failed":
                     raise ModelWorkerError(f"{err} (after {attempt} attempts)") from None
+                if losses >= LOSSES_TO_SUSPECT:
+                    await self.replace(worker, str(err))  # the next batch finds a process
+                    raise BatchDeadly(str(err)) from None
                 await self.replace(worker, str(err))
         raise AssertionError("unreachable")
 
@@ -414,11 +499,18 @@ class SupervisedModel:
             now = time.monotonic()
             while self._recent and now - self._recent[0] > self.restart_window_s:
                 self._recent.popleft()
-            if len(self._recent) >= self.max_restarts:
+            if self._isolating:
+                if len(self._provisional) >= 2 * self.max_restarts:
+                    self.state = "failed"
+                    self.reason = f"{reason}; {len(self._provisional)} restarts while isolating texts, giving up"
+                    return
+                self._provisional.append(now)
+            elif len(self._recent) >= self.max_restarts:
                 self.state = "failed"
                 self.reason = f"{reason}; {len(self._recent)} restarts within {self.restart_window_s:.0f}s, giving up"
                 return
-            self._recent.append(now)
+            else:
+                self._recent.append(now)
             self.state, self.reason = "degraded", f"restarting the model process: {reason}"
             if worker is not None:
                 await asyncio.to_thread(worker.kill, reason)
@@ -450,13 +542,20 @@ class SupervisedModel:
             self.worker.close()
 
 
-def _poison_predictor(predictor, marker: str) -> None:
-    """POISON_ENV's fault: the predictor raises on any batch that holds a text containing `marker`."""
+def _deadly(err: Exception) -> str:
+    return f"the model process was lost twice on this text alone ({err})"
+
+
+def _poison_predictor(predictor, marker: str, kill: bool) -> None:
+    """POISON_ENV's fault: the predictor raises on any batch that holds a text containing `marker`
+    (kill: POISON_KILL_ENV's, the process dies of SIGKILL)."""
     for name in ("predict", "predict_features"):
         method = getattr(predictor, name)
 
         def checked(texts, _method=method):
             if any(marker in t for t in texts):
+                if kill:
+                    os.kill(os.getpid(), signal.SIGKILL)
                 raise ValueError("poison marker in the batch (the SENTIMENT_TEST_POISON fault)")
             return _method(texts)
 
@@ -478,9 +577,9 @@ def _child(fd: int, model_dir: str, options: dict[str, Any]) -> int:
             batch_size=options["batch_size"],
             device=options["device"],
         )
-        poison = os.environ.get(POISON_ENV)
-        if poison:
-            _poison_predictor(predictor, poison)
+        for env, kill in ((POISON_ENV, False), (POISON_KILL_ENV, True)):
+            if os.environ.get(env):
+                _poison_predictor(predictor, os.environ[env], kill)
         predictor.predict(["warm up"])  # the first forward pass allocates; do it before traffic
         # The speed that batch deadlines scale with: one text that fills the model's length.
         full = " ".join(["film"] * predictor.max_length)

@@ -122,6 +122,58 @@ def test_a_poison_text_gets_its_own_error_and_takes_nothing_down(replica, untrai
     assert svc.status()[0] == "ok"
 
 
+def test_a_text_that_kills_the_model_process_costs_its_own_request_only(replica, untrained_tiny, monkeypatch):
+    """A model process that dies of SIGKILL on any batch holding a marker text (model_worker.POISON_KILL_ENV,
+    as a native crash would). The marker's batch loses its process twice, is run one text at a time, and
+    the marker is found: its request gets 422, the seven batched with it their predictions. The four
+    restarts are explained by it and leave the budget (3 a minute) untouched: an ordinary crash right after
+    is still replaced. A repeated deadly text never reaches the model."""
+    from serve_app.model_worker import POISON_KILL_ENV
+
+    monkeypatch.setenv(POISON_KILL_ENV, "DEADLY-MARKER")  # the replica's model process inherits it
+    svc = replica(untrained_tiny, max_batch_size=8, batch_wait_timeout_s=0.5, max_model_restarts=3)
+
+    async def one(text: str):
+        try:
+            return (await _predict(svc, [text]))[0]
+        except ApiError as err:
+            return err
+
+    async def run():
+        await svc.reconfigure({"model_uri": untrained_tiny, "model_version": "local"})
+        rounds = []
+        for marker in ("DEADLY-MARKER one",):
+            texts = [f"a fine film, number {i}" for i in range(3)] + [marker] + [f"a dull one {i}" for i in range(4)]
+            batches = svc._batches
+            rounds.append((texts, await asyncio.gather(*(one(t) for t in texts)), svc._batches - batches))
+        restarts = svc.predictor.restarts
+        calls = []
+        submit = svc.predictor.worker.submit
+        svc.predictor.worker.submit = lambda texts: (calls.append(list(texts)), submit(texts))[1]
+        again = await one("DEADLY-MARKER one")
+        # The budget is whole: an ordinary crash now is replaced as usual, not the end of the replica.
+        os.kill(svc.predictor.worker.pid, signal.SIGKILL)
+        for _ in range(300):
+            await svc.check_health()
+            if svc.predictor.restarts == restarts + 1 and svc.status()[0] == "ok":
+                break
+            await asyncio.sleep(0.1)
+        return rounds, restarts, again, calls
+
+    rounds, restarts, again, calls = asyncio.run(run())
+    for texts, answers, batches in rounds:
+        assert batches < len(texts)  # the marker shared a batch with other requests
+        for text, answer in zip(texts, answers, strict=True):
+            if "DEADLY-MARKER" in text:
+                assert isinstance(answer, ApiError) and answer.status == 422, answer
+                assert "the model process was lost twice on this text alone" in answer.message
+            else:
+                assert isinstance(answer, dict) and answer["label"] in ("positive", "negative"), answer
+    assert restarts == 4  # two losses of the batch, two of the marker alone
+    assert isinstance(again, ApiError) and again.status == 422 and calls == []
+    assert svc.status()[0] == "ok" and svc.predictor.restarts == restarts + 1, svc.status()
+
+
 def test_texts_count_against_the_replica_bound_and_the_overflow_gets_503_with_retry_after(replica, untrained_tiny):
     svc = replica(untrained_tiny, max_texts_in_flight=8, max_batch_items=8, batch_deadline_s=30)
 

@@ -92,6 +92,29 @@ def test_a_killed_model_process_fails_its_batches_and_reports_not_alive(untraine
     worker.close()
 
 
+def test_only_the_batch_being_computed_is_blamed_for_a_dead_process(untrained_tiny, monkeypatch):
+    """A process that dies on a batch (POISON_KILL_ENV: SIGKILL on a marker text) fails every pending
+    batch, but only the one it was computing with ProcessLost: the batches queued behind it were not what
+    killed it, and the replica must not count them towards a deadly text."""
+    from serve_app.model_worker import POISON_KILL_ENV, ProcessLost
+
+    monkeypatch.setenv(POISON_KILL_ENV, "DEADLY-MARKER")
+    worker = ModelWorker(untrained_tiny, precision="fp32")
+    try:
+        first = worker.submit(TEXTS[:2])
+        deadly = worker.submit(["DEADLY-MARKER here", *TEXTS[2:4]])
+        queued = [worker.submit(TEXTS[4:]) for _ in range(3)]
+        assert len(first.result(timeout=60).predictions) == 2  # answered before the fatal batch
+        with pytest.raises(ProcessLost, match="exited"):
+            deadly.result(timeout=60)
+        for future in queued:
+            err = future.exception(timeout=60)
+            assert isinstance(err, ModelWorkerError) and not isinstance(err, ProcessLost), err
+        assert not worker.alive()
+    finally:
+        worker.close()
+
+
 def test_the_model_process_leaves_when_its_parent_is_killed(untrained_tiny):
     """No orphans: a replica killed with SIGKILL (no chance to clean up) takes its model process along."""
     code = (
