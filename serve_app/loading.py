@@ -11,8 +11,9 @@ from pathlib import Path
 from ray_jobs.config import serving_device
 from ray_jobs.onnx_runtime import RuntimeChoice
 from ray_jobs.registry import Registry, Rollout, parse_model_uri
-from serve_app.model_worker import ModelWorker, SupervisedModel
+from serve_app.model_worker import ModelWorker
 from serve_app.schemas import AppArgs, ModelInfo
+from serve_app.supervised_model import SupervisedModel
 
 
 def resolve_version(args: AppArgs, model_uri: str) -> str:

@@ -22,9 +22,10 @@ from serve_app.drift_monitor import DriftFeed
 from serve_app.http import ApiError
 from serve_app.loading import load_served_model, resolve_version
 from serve_app.metrics import ServeMetrics
-from serve_app.model_worker import ModelWorkerError, SupervisedModel, TextFailed
+from serve_app.model_worker import ModelWorkerError
 from serve_app.rollout import CHALLENGER, CHAMPION, Entry, EvidenceFeed, is_mirrored, routes_to_challenger
 from serve_app.schemas import AppArgs, ChallengerInfo, FailedSwap, ModelInfo
+from serve_app.supervised_model import SupervisedModel, TextFailed
 
 
 def max_ongoing_requests(a: ServeConfig) -> int:

@@ -147,7 +147,7 @@ def test_a_killed_model_process_is_replaced_and_its_batches_rerun(untrained_tiny
     import asyncio
     import functools
 
-    from serve_app.model_worker import SupervisedModel
+    from serve_app.supervised_model import SupervisedModel
 
     expected = Predictor(untrained_tiny, precision="fp32").predict(TEXTS)
 
@@ -183,7 +183,7 @@ def test_closing_while_a_replacement_starts_leaves_no_model_process(untrained_ti
 
     from conftest import model_process
 
-    from serve_app.model_worker import SupervisedModel
+    from serve_app.supervised_model import SupervisedModel
 
     folder = str(shutil.copytree(untrained_tiny, tmp_path / "own"))  # its processes are this test's alone
 
@@ -218,7 +218,8 @@ def test_a_wedged_model_process_misses_its_deadline_and_is_replaced(untrained_ti
     import asyncio
     import functools
 
-    from serve_app.model_worker import DEADLINE_FLOOR_S, SupervisedModel
+    from serve_app.model_worker import DEADLINE_FLOOR_S
+    from serve_app.supervised_model import SupervisedModel
 
     async def run():
         model = await SupervisedModel.create(
