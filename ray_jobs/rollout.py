@@ -142,9 +142,16 @@ def promote(cfg: PipelineConfig, version: str, deploy_app: bool = True) -> Decis
     decision = live_decision(evidence, policy_from_config(cfg.gate), cfg.gate.live_min_labelled)
     log.info("live %s", decision.summary())
     with reg.lock(timeout_s=cfg.gate.lock_timeout_s) as lease:
-        champ = reg.champion()
+        # Read again under the lock: an abort, a new shadow or canary, or another promote may have landed
+        # since the evidence was fetched, and the decision is only about the rollout it was fetched for.
+        champ, now_running = reg.champion(), reg.rollout()
         if champ != rollout.champion:
             raise GateError(f"the champion moved to {champ} during the rollout; no alias written")
+        if now_running != rollout:
+            raise GateError(
+                f"the rollout changed while its evidence was read (now: {now_running}); nothing written, "
+                "run promote again"
+            )
         reg.set_version_tags(
             version,
             {

@@ -134,3 +134,38 @@ def test_live_promotion_needs_enough_labelled_requests_and_a_challenger_at_least
     tie[np.flatnonzero(tie != truth)[:1]] = truth[np.flatnonzero(tie != truth)[:1]]  # one more right
     mcnemar = live_decision(_evidence(truth, champ, tie), Policy(significance="mcnemar"), min_labelled=200)
     assert not mcnemar.promote and mcnemar.p_value is not None and mcnemar.p_value >= 0.05
+
+
+def test_a_promotion_decides_only_for_the_rollout_it_read_under_the_lock(tmp_path, monkeypatch):
+    """The live evidence is fetched before the gate lock is taken: if another driver aborts the shadow and
+    starts a canary meanwhile, promote refuses and writes nothing; left alone, the same evidence promotes.
+    A real sqlite MLflow registry; the evidence (GET /challenger/evidence) is stubbed: no app runs here."""
+    from ray_jobs import rollout
+    from ray_jobs.config import load_config
+    from ray_jobs.errors import GateError
+    from ray_jobs.registry import Registry
+
+    cfg = load_config(None, [f"registry.root={tmp_path}/mlflow", "gate.live_min_labelled=100"])
+    reg = Registry(cfg.registry)
+    reg.client.create_registered_model(reg.name)
+    for _ in range(2):
+        reg.client.create_model_version(reg.name, source=str(tmp_path))
+    reg.set_aliases("1", None)
+    rng = np.random.default_rng(2)
+    truth = rng.integers(0, 2, 400)
+    evidence = _evidence(truth, np.where(rng.random(400) < 0.8, truth, 1 - truth), truth)  # v2 always right
+
+    def meanwhile_another_driver(cfg_):
+        rollout.abort(cfg_, deploy_app=False)
+        rollout.start(cfg_, "canary", "2", share=0.5, deploy_app=False)
+        return evidence
+
+    rollout.start(cfg, "shadow", "2", deploy_app=False)
+    monkeypatch.setattr(rollout, "fetch_evidence", meanwhile_another_driver)
+    with pytest.raises(GateError, match="the rollout changed"):
+        rollout.promote(cfg, "2", deploy_app=False)
+    assert reg.champion() == "1" and reg.rollout().mode == "canary"
+
+    monkeypatch.setattr(rollout, "fetch_evidence", lambda cfg_: evidence)
+    assert rollout.promote(cfg, "2", deploy_app=False).promote
+    assert reg.aliases() == {"champion": "2", "previous": "1"} and reg.rollout() is None
