@@ -1,7 +1,7 @@
 """The gate lock is held in the registry, so it excludes drivers in other processes (other nodes and
-clusters behave alike: all they share is the registry). Real processes, real stores: each test runs on a
-sqlite file and on a PostgreSQL server of its own (skipped where this machine has none); the
-tracking-server and multi-node case is in tests/test_jobs_integration.py."""
+clusters behave alike: all they share is the registry). Real processes, real stores: a sqlite file, and
+for what rests on the database's own atomicity a PostgreSQL server of its own too (skipped where this
+machine has none); the tracking-server and multi-node case is in tests/test_jobs_integration.py."""
 
 from __future__ import annotations
 
@@ -88,9 +88,8 @@ def _race(uri: str, lease_s: float, rounds: int, folder: str, me: int) -> None:
         (Path(folder) / f"r{r}.{me}").write_text("won" if won else "lost")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def uri(request, tmp_path):
-    if request.param == "sqlite":
+def _store_uri(request, tmp_path, kind: str) -> str:
+    if kind == "sqlite":
         uri = f"sqlite:///{tmp_path}/mlflow.db"
     else:
         server, why = request.getfixturevalue("postgres")
@@ -107,6 +106,18 @@ def uri(request, tmp_path):
         uri = server.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://") + f"/{db}"
     Registry(RegistryConfig(tracking_uri=uri)).ping()  # create the schema once, not in two processes at once
     return uri
+
+
+@pytest.fixture
+def uri(request, tmp_path):
+    """The lease's behaviour over time (waiting, renewing, expiring): the same code on every backend."""
+    return _store_uri(request, tmp_path, "sqlite")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_uri(request, tmp_path):
+    """What rests on the database's own atomicity (the compare-and-set, fenced writes): on each backend."""
+    return _store_uri(request, tmp_path, request.param)
 
 
 def _wait_for(path: Path, proc, timeout: float = 60) -> None:
@@ -138,14 +149,14 @@ def test_two_processes_never_hold_the_gate_lock_at_once(uri, tmp_path):
     assert lock.tags == {LEASE_TAG: ""} and not lock.latest_versions
 
 
-def test_waiters_taking_over_one_dead_lease_exactly_one_wins(uri, tmp_path):
+def test_waiters_taking_over_one_dead_lease_exactly_one_wins(db_uri, tmp_path):
     """The takeover is a compare-and-set: four processes that saw the same dead holder try at the same
     moment, twelve times over; each time exactly one of them holds the lease."""
     ctx = multiprocessing.get_context("spawn")
     waiters, rounds = 4, 12
-    store = _SqlLease(uri, LOCK)
+    store = _SqlLease(db_uri, LOCK)
     store.ensure()
-    procs = [ctx.Process(target=_race, args=(uri, 1, rounds, str(tmp_path), i)) for i in range(waiters)]
+    procs = [ctx.Process(target=_race, args=(db_uri, 1, rounds, str(tmp_path), i)) for i in range(waiters)]
     for p in procs:
         p.start()
     try:
@@ -158,7 +169,7 @@ def test_waiters_taking_over_one_dead_lease_exactly_one_wins(uri, tmp_path):
                 time.sleep(0.01)
             results = [f.read_text() for f in tmp_path.glob(f"r{r}.*")]
             assert results.count("won") == 1, f"round {r}: {results}"
-            assert _lease_value(uri).endswith("|0") and not _lease_value(uri).startswith("dead|")
+            assert _lease_value(db_uri).endswith("|0") and not _lease_value(db_uri).startswith("dead|")
     finally:
         for p in procs:
             p.join(timeout=30)
@@ -235,16 +246,16 @@ def _two_versions(uri: str, folder: Path) -> Registry:
     return reg
 
 
-def test_a_holder_paused_after_its_check_cannot_move_an_alias(uri, tmp_path):
+def test_a_holder_paused_after_its_check_cannot_move_an_alias(db_uri, tmp_path):
     """Fencing: a holder that checked its lease, then froze past it, is refused at the write itself
     (a check and a write are not atomic; the fenced write is)."""
-    reg = _two_versions(uri, tmp_path)
+    reg = _two_versions(db_uri, tmp_path)
     ctx = multiprocessing.get_context("spawn")
     ready, go, out = tmp_path / "ready", tmp_path / "go", tmp_path / "out"
-    holder = ctx.Process(target=_write_after_go, args=(uri, str(ready), str(go), str(out), "1", False))
+    holder = ctx.Process(target=_write_after_go, args=(db_uri, str(ready), str(go), str(out), "1", False))
     holder.start()
     _wait_for(ready, holder)  # checked, about to write
-    _stop_between_writes(holder.pid, uri)
+    _stop_between_writes(holder.pid, db_uri)
     try:
         with reg.lock(timeout_s=60, lease_s=1) as lease:  # taken over after a lease of silence
             with lease.fenced() as w:
@@ -259,13 +270,13 @@ def test_a_holder_paused_after_its_check_cannot_move_an_alias(uri, tmp_path):
     assert reg.alias_version(CHAMPION) == "2", "the stalled holder moved the alias after losing the lease"
 
 
-def test_a_takeover_waits_for_a_holder_inside_its_writes(uri, tmp_path):
+def test_a_takeover_waits_for_a_holder_inside_its_writes(db_uri, tmp_path):
     """The other half: a holder frozen inside its fenced writes keeps the lease row locked, so no waiter
     takes over between its check and its write; the writes land, then the waiter gets the lock."""
-    reg = _two_versions(uri, tmp_path)
+    reg = _two_versions(db_uri, tmp_path)
     ctx = multiprocessing.get_context("spawn")
     ready, go, out = tmp_path / "ready", tmp_path / "go", tmp_path / "out"
-    holder = ctx.Process(target=_write_after_go, args=(uri, str(ready), str(go), str(out), "1", True))
+    holder = ctx.Process(target=_write_after_go, args=(db_uri, str(ready), str(go), str(out), "1", True))
     holder.start()
     _wait_for(ready, holder)  # inside its write transaction
     os.kill(holder.pid, signal.SIGSTOP)
