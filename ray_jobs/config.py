@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -488,6 +489,28 @@ class FeedbackConfig(_Strict):
         "skipped and counted, so a slow challenger never backs up the replica",
     )
     num_cpus: float = Field(0, ge=0, description="the store's CPU reservation: bookkeeping only (see drift.num_cpus)")
+    token_env: str = Field(
+        "SENTIMENT_FEEDBACK_TOKEN",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="the environment variable holding the bearer token that POST /feedback and GET "
+        "/challenger/evidence require (set where the replicas run, and where `registry promote` runs); with "
+        "neither it nor token_file set, those two endpoints answer 403",
+    )
+    token_file: str | None = Field(
+        None, description="a file holding that token instead (a mounted secret), read when a replica starts"
+    )
+
+    def token(self) -> str | None:
+        """The feedback token from token_file, else from the token_env variable; None if neither is set."""
+        if self.token_file:
+            try:
+                text = Path(self.token_file).read_text().strip()
+            except OSError as err:
+                raise ConfigError(f"serve.feedback.token_file {self.token_file}: {err.strerror}") from None
+            if not text:
+                raise ConfigError(f"serve.feedback.token_file {self.token_file} is empty")
+            return text
+        return os.environ.get(self.token_env) or None
 
 
 class ServeConfig(_Strict):

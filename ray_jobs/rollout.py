@@ -96,8 +96,10 @@ def fetch_evidence(cfg: PipelineConfig, timeout_s: float = 60) -> dict:
     from ray_jobs.deploy import endpoint_url
 
     url = f"{endpoint_url(cfg)}/challenger/evidence"
+    token = cfg.serve.feedback.token()  # the same token the replicas hold (serve.feedback.token_env/_file)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        r = httpx.get(url, timeout=timeout_s)
+        r = httpx.get(url, timeout=timeout_s, headers=headers)
     except httpx.HTTPError as err:
         raise SentimentError(f"the app's live evidence is unreachable at {url}: {err}") from None
     if r.status_code != 200:

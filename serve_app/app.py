@@ -44,6 +44,7 @@ from serve_app.http import (
     body_schema,
     check_text,
     read_json_body,
+    require_bearer,
     routing_key,
     validated,
 )
@@ -75,6 +76,9 @@ class SentimentModel(ModelSlots):
         `drift`, `evidence`: see ModelSlots."""
         super().__init__(args, drift, evidence)
         self.explainer = explainer
+        # /feedback and /challenger/evidence change or reveal other clients' data: a bearer token guards
+        # them, read once here (a bad token file fails the replica's start, saying why).
+        self.feedback_token = self.args.serve.feedback.token()
 
     async def _timed(self, endpoint: str, handler, timeout_s: float | None = None):
         start = time.perf_counter()
@@ -220,13 +224,14 @@ class SentimentModel(ModelSlots):
 
     @api.post(
         "/feedback",
-        responses={code: {"model": ErrorBody} for code in (400, 404, 413, 415, 422, 503, 504)},
+        responses={code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 415, 422, 503, 504)},
         openapi_extra=body_schema(FeedbackRequest),
     )
     async def feedback(self, request: Request):
         """The true label of an answered request (by its request_id): live accuracy and F1 per version."""
 
         async def handle():
+            require_bearer(request, self.feedback_token, "/feedback")
             store = self._evidence_store()
             req = validated(FeedbackRequest, await read_json_body(request, self.args.serve.max_body_bytes))
             label = next(i for i, name in LABELS.items() if name == req.label)
@@ -240,6 +245,12 @@ class SentimentModel(ModelSlots):
                     404,
                     f"unknown request_id '{req.request_id[:64]}': never answered, or no longer kept "
                     f"(the last {f.max_records} predictions, for {f.retention_s:g}s)",
+                )
+            if "conflict" in found:
+                raise ApiError(
+                    409,
+                    f"request_id '{req.request_id[:64]}' is labelled '{LABELS[found['conflict']]}' already: "
+                    "a label is not replaced",
                 )
             return JSONResponse({"request_id": req.request_id, "label": req.label, **found})
 
@@ -270,12 +281,13 @@ class SentimentModel(ModelSlots):
 
         return await self._timed("challenger", handle)
 
-    @api.get("/challenger/evidence", responses={404: {"model": ErrorBody}, 503: {"model": ErrorBody}})
-    async def challenger_evidence(self):
+    @api.get("/challenger/evidence", responses={code: {"model": ErrorBody} for code in (401, 403, 404, 503, 504)})
+    async def challenger_evidence(self, request: Request):
         """The labelled requests both versions scored (ids, true labels, each version's labels): what
-        `python -m ray_jobs registry promote <version>` decides on."""
+        `python -m ray_jobs registry promote <version>` decides on. Needs the feedback token."""
 
         async def handle():
+            require_bearer(request, self.feedback_token, "/challenger/evidence")
             store = self._evidence_store()
             if self.challenger_info is None:
                 raise ApiError(404, f"no challenger is served ({self.challenger_error or 'no shadow or canary runs'})")

@@ -6,6 +6,7 @@ Every error answers `{"error": ...}` with its status; a 503 carries Retry-After.
 
 from __future__ import annotations
 
+import hmac
 import json
 from typing import Any
 
@@ -30,8 +31,25 @@ class ApiError(Exception):
         self.status, self.message = status, message
 
     def response(self) -> JSONResponse:
-        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status == 503 else None
+        headers = {503: {"Retry-After": str(RETRY_AFTER_S)}, 401: {"WWW-Authenticate": "Bearer"}}.get(self.status)
         return JSONResponse({"error": self.message}, status_code=self.status, headers=headers)
+
+
+def require_bearer(request: Request, token: str | None, endpoint: str) -> None:
+    """Let the request through only with `Authorization: Bearer <token>`: 401 without one, 403 with a
+    wrong one, 403 where no token is configured (the endpoint is closed, not open). Checked before the
+    body is read, so a refused request changes nothing."""
+    if token is None:
+        raise ApiError(
+            403,
+            f"{endpoint} is closed: no token is configured (serve.feedback.token_env, by default the variable "
+            "SENTIMENT_FEEDBACK_TOKEN, or serve.feedback.token_file, where the replicas run)",
+        )
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise ApiError(401, f"{endpoint} needs 'Authorization: Bearer <token>'")
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise ApiError(403, f"{endpoint}: wrong token")
 
 
 async def read_json_body(request: Request, max_bytes: int) -> Any:

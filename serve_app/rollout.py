@@ -166,8 +166,9 @@ class LiveEvidence:
         self._evict(now)
 
     async def feedback(self, request_id: str, label: int) -> dict | None:
-        """Record the true label of an answered request: the versions that scored it, or None if the id
-        is unknown (never answered, or evicted). Looked up again for `grace_s` first: the replica's
+        """Record the true label of an answered request: the versions that scored it, None if the id is
+        unknown (never answered, or evicted), or {"conflict": label} if it has another label already (the
+        same label again is a no-op, so a client may retry). Looked up again for `grace_s` first: the replica's
         record of a request may still be on its way when its client already sends feedback."""
         self._evict(time.time())
         deadline = time.monotonic() + self.cfg.grace_s
@@ -175,8 +176,11 @@ class LiveEvidence:
             await asyncio.sleep(0.05)
         if rec is None or time.time() - rec.t > self.cfg.retention_s:
             return None
+        if rec.label is not None and rec.label != int(label):  # the first label stands: no silent rewrite
+            return {"conflict": rec.label}
+        if rec.label is None:
+            self.feedback_total += 1
         rec.label = int(label)
-        self.feedback_total += 1
         return {"answered_by": rec.answered_by, "versions": sorted(rec.by)}
 
     async def report(self, champion: str | None, challenger: str | None) -> dict[str, Any]:

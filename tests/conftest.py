@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+FEEDBACK_TOKEN = "test-feedback-token"  # not a secret: the token of the tests' own local apps
+FEEDBACK_AUTH = {"Authorization": f"Bearer {FEEDBACK_TOKEN}"}
 
 # Tiny DistilBERT with a tokenizer trained on the synthetic corpus: seconds per epoch on 2 cores.
 TINY = [
@@ -129,6 +131,9 @@ def ray_cluster():
     # Ray Train's controller polls its workers every 2 s: a finished fit waits up to that long to be
     # seen, and the suite runs about twenty fits. Polling every 0.5 s costs nothing on a tiny model.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # The feedback token (serve.feedback.token_env): the replicas inherit it from here, and so does
+    # `registry promote` in this process. The tests send it as FEEDBACK_AUTH.
+    os.environ.setdefault("SENTIMENT_FEEDBACK_TOKEN", FEEDBACK_TOKEN)
     # address="local": a cluster of its own, never one that `ray start` left on this machine.
     ray.init(
         address="local",

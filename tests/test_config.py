@@ -243,3 +243,18 @@ def test_runs_record_the_config_without_database_passwords():
     assert record["tracking_uri"] == "http://mlflow:5000"
     assert "s3cr" not in str(cfg.for_the_record())
     assert cfg.registry.lock_db_uri.endswith("s3cr%40t@db:5432/mlflow")  # the lock itself gets the real one
+
+
+def test_the_feedback_token_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("SENTIMENT_FEEDBACK_TOKEN", raising=False)
+    assert load_config(None).serve.feedback.token() is None
+    monkeypatch.setenv("SENTIMENT_FEEDBACK_TOKEN", "from-env")
+    assert load_config(None).serve.feedback.token() == "from-env"
+    secret = tmp_path / "token"
+    secret.write_text("from-file\n")
+    assert load_config(None, [f"serve.feedback.token_file={secret}"]).serve.feedback.token() == "from-file"
+    secret.write_text("  \n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_config(None, [f"serve.feedback.token_file={secret}"]).serve.feedback.token()
+    with pytest.raises(ConfigError, match="token_file"):
+        load_config(None, [f"serve.feedback.token_file={tmp_path}/missing"]).serve.feedback.token()

@@ -169,3 +169,24 @@ def test_a_promotion_decides_only_for_the_rollout_it_read_under_the_lock(tmp_pat
     monkeypatch.setattr(rollout, "fetch_evidence", lambda cfg_: evidence)
     assert rollout.promote(cfg, "2", deploy_app=False).promote
     assert reg.aliases() == {"champion": "2", "previous": "1"} and reg.rollout() is None
+
+
+def test_feedback_and_evidence_need_the_bearer_token_and_are_closed_without_one():
+    from starlette.requests import Request
+
+    from serve_app.http import ApiError, require_bearer
+
+    def status(token, header):
+        headers = [(b"authorization", header.encode())] if header is not None else []
+        try:
+            require_bearer(Request({"type": "http", "headers": headers}), token, "/feedback")
+        except ApiError as err:
+            return err.status, err.response().headers.get("www-authenticate")
+        return 200, None
+
+    assert status("s3cret", "Bearer s3cret") == (200, None)
+    assert status("s3cret", "bearer  s3cret ") == (200, None)
+    assert status("s3cret", None) == (401, "Bearer")
+    assert status("s3cret", "Basic czNjcmV0") == (401, "Bearer")
+    assert status("s3cret", "Bearer s3cre") == (403, None)
+    assert status(None, "Bearer anything") == (403, None)  # no token configured: closed, not open

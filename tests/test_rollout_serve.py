@@ -13,12 +13,18 @@ import time
 import httpx
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, model_process, request_stream
+from conftest import FEEDBACK_AUTH, ROOT, TINY, model_process, request_stream
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PREFIX = "/ro"
 MIN_LABELLED = 30
+
+
+def _feedback(url: str, request_id: str, label: str, headers: dict | None = None) -> httpx.Response:
+    """POST /feedback, with the tests' feedback token unless other headers are given."""
+    payload = {"request_id": request_id, "label": label}
+    return httpx.post(f"{url}/feedback", json=payload, headers=FEEDBACK_AUTH if headers is None else headers)
 
 
 @pytest.fixture(scope="module")
@@ -165,12 +171,23 @@ def test_feedback_gives_live_f1_per_version_and_the_live_gate_blocks_the_worse_o
     texts, truth = list(test.texts[100:160]), np.asarray(test.labels[100:160])
     answers = _batch(url, texts)
     names = {0: "negative", 1: "positive"}
+    # Without the token, or with a wrong one, a label is refused before anything is stored (the right
+    # label then goes through below as the first one), and the evidence is not handed out.
+    wrong_label = {"request_id": answers[0]["request_id"], "label": names[1 - int(truth[0])]}
+    for headers, status in (({}, 401), ({"Authorization": "Bearer not-the-token"}, 403), ({"Authorization": "x"}, 401)):
+        assert _feedback(url, wrong_label["request_id"], wrong_label["label"], headers).status_code == status
+        assert httpx.get(f"{url}/challenger/evidence", headers=headers).status_code == status
     for a, y in zip(answers, truth, strict=True):
-        r = httpx.post(f"{url}/feedback", json={"request_id": a["request_id"], "label": names[int(y)]})
+        r = _feedback(url, a["request_id"], names[int(y)])
         assert r.status_code == 200, r.text
-    assert httpx.post(f"{url}/feedback", json={"request_id": "not-an-id", "label": "positive"}).status_code == 404
-    bad = httpx.post(f"{url}/feedback", json={"request_id": answers[0]["request_id"], "label": "great"})
+    assert _feedback(url, "not-an-id", "positive").status_code == 404
+    bad = _feedback(url, answers[0]["request_id"], "great")
     assert bad.status_code == 422
+    # A second, different label for one request is refused, never a silent rewrite; the same one again is fine.
+    again = _feedback(url, wrong_label["request_id"], wrong_label["label"])
+    assert again.status_code == 409 and "is labelled" in again.json()["error"], again.text
+    same = {"request_id": answers[0]["request_id"], "label": names[int(truth[0])]}
+    assert _feedback(url, same["request_id"], same["label"]).status_code == 200
 
     champ = np.asarray([int(a["label"] == "positive") for a in answers])
     chal = np.asarray(_in_process(reg, "2", texts))
@@ -215,7 +232,7 @@ def test_canary_answers_a_sticky_share_per_routing_key(ro):
     before = (_challenger(url)["paired"] or {}).get("labelled", 0)
     for a in _batch(url, ["labelled before the switch to canary"] * 4):
         feedback = {"request_id": a["request_id"], "label": "positive"}
-        assert httpx.post(f"{url}/feedback", json=feedback).status_code == 200
+        assert _feedback(url, feedback["request_id"], feedback["label"]).status_code == 200
     labelled = _challenger(url, lambda b: b["paired"]["labelled"] >= before + 4)["paired"]["labelled"]
     assert _cli(ro, "canary", "2", "--share", "0.3") == 0
     assert reg.rollout().mode == "canary" and reg.rollout().share == 0.3
@@ -247,13 +264,13 @@ def test_promotion_from_shadow_needs_enough_labelled_requests_then_hot_swaps(ro)
     url, reg, test = ro["url"], ro["reg"], ro["test"]
     assert _cli(ro, "abort") == 0
     assert reg.rollout() is None and httpx.get(f"{url}/model").json()["challenger"] is None
-    assert httpx.get(f"{url}/challenger/evidence").status_code == 404
+    assert httpx.get(f"{url}/challenger/evidence", headers=FEEDBACK_AUTH).status_code == 404
     assert _cli(ro, "shadow", "3") == 0
 
     def label(texts, labels):
         for a, y in zip(_batch(url, texts), labels, strict=True):
             lab = "positive" if y else "negative"
-            assert httpx.post(f"{url}/feedback", json={"request_id": a["request_id"], "label": lab}).status_code == 200
+            assert _feedback(url, a["request_id"], lab).status_code == 200
 
     def both_scored(n):
         return _challenger(url, lambda b: (b["paired"] or {}).get("labelled", 0) >= n)["paired"]["labelled"]
@@ -304,4 +321,4 @@ def test_a_killed_evidence_store_costs_no_request_and_comes_back_empty(ro):
     assert set(statuses) <= {200, 503}, statuses
     # Feedback reaches the new store for requests answered since.
     a = _batch(url, ["labelled after the restart"])[0]
-    assert httpx.post(f"{url}/feedback", json={"request_id": a["request_id"], "label": "positive"}).status_code == 200
+    assert _feedback(url, a["request_id"], "positive").status_code == 200
