@@ -45,6 +45,14 @@ def _predict(svc: SentimentModel, texts: list[str]):
     return svc._timed("batch_predict", lambda: svc._predict(texts))
 
 
+async def _one(svc: SentimentModel, text: str):
+    """One text's prediction, or the ApiError it got."""
+    try:
+        return (await _predict(svc, [text]))[0]
+    except ApiError as err:
+        return err
+
+
 def test_a_request_past_its_deadline_gets_504_not_a_hang(replica, untrained_tiny):
     """The model process wedged (SIGSTOP) with a batch deadline longer than the request's: the request
     is answered 504 at its deadline, and the replica then replaces the wedged process as usual."""
@@ -84,27 +92,21 @@ def test_a_poison_text_gets_its_own_error_and_takes_nothing_down(replica, untrai
     monkeypatch.setenv(POISON_ENV, "POISON-MARKER")  # the replica's model process inherits it
     svc = replica(untrained_tiny, max_batch_size=16, batch_wait_timeout_s=0.2, max_model_restarts=1)
 
-    async def one(text: str):
-        try:
-            return (await _predict(svc, [text]))[0]
-        except ApiError as err:
-            return err
-
     async def run():
         await svc.reconfigure({"model_uri": untrained_tiny, "model_version": "local"})
         pid = svc.predictor.worker.pid
         first = [f"a fine film, number {i}" for i in range(7)] + ["POISON-MARKER in a review"]
         first += [f"a dull film, number {i}" for i in range(8)]
         batches = svc._batches
-        answers = await asyncio.gather(*(one(t) for t in first))
+        answers = await asyncio.gather(*(_one(svc, t) for t in first))
         shared = svc._batches - batches < len(first)  # the marker shared a batch with other requests
         more = [t for i in range(10) for t in (f"POISON-MARKER number {i}", f"a good text, number {i}")]
-        answers += await asyncio.gather(*(one(t) for t in more))
+        answers += await asyncio.gather(*(_one(svc, t) for t in more))
         calls = []
         submit = svc.predictor.worker.submit
         svc.predictor.worker.submit = lambda texts: (calls.append(list(texts)), submit(texts))[1]
-        again = await one("POISON-MARKER in a review")
-        good = await one("still answered")
+        again = await _one(svc, "POISON-MARKER in a review")
+        good = await _one(svc, "still answered")
         await svc.check_health()
         return first + more, answers, shared, again, good, calls, pid
 
@@ -133,24 +135,18 @@ def test_a_text_that_kills_the_model_process_costs_its_own_request_only(replica,
     monkeypatch.setenv(POISON_KILL_ENV, "DEADLY-MARKER")  # the replica's model process inherits it
     svc = replica(untrained_tiny, max_batch_size=8, batch_wait_timeout_s=0.5, max_model_restarts=3)
 
-    async def one(text: str):
-        try:
-            return (await _predict(svc, [text]))[0]
-        except ApiError as err:
-            return err
-
     async def run():
         await svc.reconfigure({"model_uri": untrained_tiny, "model_version": "local"})
         rounds = []
         for marker in ("DEADLY-MARKER one",):
             texts = [f"a fine film, number {i}" for i in range(3)] + [marker] + [f"a dull one {i}" for i in range(4)]
             batches = svc._batches
-            rounds.append((texts, await asyncio.gather(*(one(t) for t in texts)), svc._batches - batches))
+            rounds.append((texts, await asyncio.gather(*(_one(svc, t) for t in texts)), svc._batches - batches))
         restarts = svc.predictor.restarts
         calls = []
         submit = svc.predictor.worker.submit
         svc.predictor.worker.submit = lambda texts: (calls.append(list(texts)), submit(texts))[1]
-        again = await one("DEADLY-MARKER one")
+        again = await _one(svc, "DEADLY-MARKER one")
         # The budget is whole: an ordinary crash now is replaced as usual, not the end of the replica.
         os.kill(svc.predictor.worker.pid, signal.SIGKILL)
         for _ in range(300):

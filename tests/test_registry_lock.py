@@ -5,6 +5,7 @@ machine has none); the tracking-server and multi-node case is in tests/test_jobs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -127,6 +128,36 @@ def _wait_for(path: Path, proc, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
+def _spawn_holder(target, uri: str, tmp_path: Path, *extra):
+    """A holder process running target(uri, ready, go, out, *extra), once it has said `ready`."""
+    ready, go, out = tmp_path / "ready", tmp_path / "go", tmp_path / "out"
+    args = (uri, str(ready), str(go), str(out), *extra)
+    holder = multiprocessing.get_context("spawn").Process(target=target, args=args)
+    holder.start()
+    _wait_for(ready, holder)
+    return holder, go, out
+
+
+@contextlib.contextmanager
+def _frozen(holder, uri: str | None = None):
+    """The holder SIGSTOPped (between two of its writes where `uri` names the store), never left so."""
+    if uri is None:
+        os.kill(holder.pid, signal.SIGSTOP)
+    else:
+        _stop_between_writes(holder.pid, uri)
+    try:
+        yield
+    finally:
+        if holder.is_alive():
+            os.kill(holder.pid, signal.SIGCONT)
+
+
+def _resume(holder, go: Path) -> None:
+    os.kill(holder.pid, signal.SIGCONT)
+    go.touch()
+    holder.join(timeout=30)
+
+
 def _lease_value(uri: str) -> str:
     return _SqlLease(uri, LOCK).read()
 
@@ -214,26 +245,15 @@ def _stop_between_writes(pid: int, uri: str) -> None:
 
 
 def test_a_live_holder_keeps_its_lock_and_a_stalled_one_learns_it_lost_it(uri, tmp_path):
-    ctx = multiprocessing.get_context("spawn")
-    ready, go, out = tmp_path / "ready", tmp_path / "go", tmp_path / "out"
-    holder = ctx.Process(target=_hold_until_told, args=(uri, str(ready), str(go), str(out), 1))
-    holder.start()
-    _wait_for(ready, holder)
+    holder, go, out = _spawn_holder(_hold_until_told, uri, tmp_path, 1)
     reg = Registry(RegistryConfig(tracking_uri=uri))
     # Alive and renewing (every 0.25 s): a waiter gives up rather than take it (four leases long).
     with pytest.raises(RegistryError, match="timed out .* gate lock"):
         with reg.lock(timeout_s=4, lease_s=1):
             pass
     # Stalled (SIGSTOP: a frozen VM, a long GC pause): its lease runs out and a waiter takes over.
-    _stop_between_writes(holder.pid, uri)
-    try:
-        with reg.lock(timeout_s=60, lease_s=1):
-            os.kill(holder.pid, signal.SIGCONT)
-            go.touch()
-            holder.join(timeout=30)
-    finally:
-        if holder.is_alive():
-            os.kill(holder.pid, signal.SIGCONT)
+    with _frozen(holder, uri), reg.lock(timeout_s=60, lease_s=1):
+        _resume(holder, go)
     # The old holder, resumed, must not write aliases: its check() says the lock is gone.
     assert out.read_text().startswith("lost:"), out.read_text()
 
@@ -250,22 +270,12 @@ def test_a_holder_paused_after_its_check_cannot_move_an_alias(db_uri, tmp_path):
     """Fencing: a holder that checked its lease, then froze past it, is refused at the write itself
     (a check and a write are not atomic; the fenced write is)."""
     reg = _two_versions(db_uri, tmp_path)
-    ctx = multiprocessing.get_context("spawn")
-    ready, go, out = tmp_path / "ready", tmp_path / "go", tmp_path / "out"
-    holder = ctx.Process(target=_write_after_go, args=(db_uri, str(ready), str(go), str(out), "1", False))
-    holder.start()
-    _wait_for(ready, holder)  # checked, about to write
-    _stop_between_writes(holder.pid, db_uri)
-    try:
+    holder, go, out = _spawn_holder(_write_after_go, db_uri, tmp_path, "1", False)  # checked, about to write
+    with _frozen(holder, db_uri):
         with reg.lock(timeout_s=60, lease_s=1) as lease:  # taken over after a lease of silence
             with lease.fenced() as w:
                 reg.set_aliases("2", None, w)
-            os.kill(holder.pid, signal.SIGCONT)  # resumes while the new holder still holds the lock
-            go.touch()
-            holder.join(timeout=30)
-    finally:
-        if holder.is_alive():
-            os.kill(holder.pid, signal.SIGCONT)
+            _resume(holder, go)  # while the new holder still holds the lock
     assert out.read_text().startswith("lost: lost the gate lock"), out.read_text()
     assert reg.alias_version(CHAMPION) == "2", "the stalled holder moved the alias after losing the lease"
 
@@ -274,22 +284,12 @@ def test_a_takeover_waits_for_a_holder_inside_its_writes(db_uri, tmp_path):
     """The other half: a holder frozen inside its fenced writes keeps the lease row locked, so no waiter
     takes over between its check and its write; the writes land, then the waiter gets the lock."""
     reg = _two_versions(db_uri, tmp_path)
-    ctx = multiprocessing.get_context("spawn")
-    ready, go, out = tmp_path / "ready", tmp_path / "go", tmp_path / "out"
-    holder = ctx.Process(target=_write_after_go, args=(db_uri, str(ready), str(go), str(out), "1", True))
-    holder.start()
-    _wait_for(ready, holder)  # inside its write transaction
-    os.kill(holder.pid, signal.SIGSTOP)
-    try:
+    holder, go, out = _spawn_holder(_write_after_go, db_uri, tmp_path, "1", True)  # inside its writes
+    with _frozen(holder):
         with pytest.raises(RegistryError, match="timed out .* gate lock"):
             with reg.lock(timeout_s=5, lease_s=1):  # five leases of silence, and still no takeover
                 pass
-        os.kill(holder.pid, signal.SIGCONT)
-        go.touch()
-        holder.join(timeout=30)
-    finally:
-        if holder.is_alive():
-            os.kill(holder.pid, signal.SIGCONT)
+        _resume(holder, go)
     assert out.read_text() == "written"
     assert reg.alias_version(CHAMPION) == "1"
     with reg.lock(timeout_s=10, lease_s=1) as lease:  # released by the holder: free at once
