@@ -288,7 +288,11 @@ class LiveEvidence:
                 self.metrics.set_version(slot, stats)
 
 
-LiveEvidenceService = serve.deployment(num_replicas=1)(LiveEvidence)
+# Every call is a few dictionary operations on the actor's event loop, except a label that waits (up to
+# grace_s) for its record: with Serve's default of 5 calls at a time, five early labels held every slot and
+# the records they waited for queued behind them (tests/test_rollout_serve.py). Calls wait in the loop.
+STORE_MAX_ONGOING = 1000
+LiveEvidenceService = serve.deployment(num_replicas=1, max_ongoing_requests=STORE_MAX_ONGOING)(LiveEvidence)
 
 
 def evidence_deployment(a: AppArgs):

@@ -297,6 +297,46 @@ def test_promotion_from_shadow_needs_enough_labelled_requests_then_hot_swaps(ro)
     assert _cli(ro, "promote", "2") == 1
 
 
+def test_labels_that_arrive_before_their_records_are_all_counted_under_load(ro):
+    """A label may reach the evidence store before the replica's record of its prediction does; it then
+    waits there (serve.feedback.grace_s). Fifty such labels, sent to the store before the records they
+    wait for, under a 64-client load: the records must not queue behind them (a store taking Serve's
+    default of 5 calls at a time made all fifty wait out their grace and answer unknown)."""
+    import threading
+    import uuid
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    from serve_app.rollout import Entry
+
+    url = ro["url"]
+    store = serve.get_deployment_handle("ro-evidence", app_name="ro")
+    stop = threading.Event()
+
+    def load() -> int:
+        sent = 0
+        with httpx.Client(timeout=60) as client:
+            while not stop.is_set():
+                client.post(f"{url}/predict", json={"text": f"background load {sent}"})
+                sent += 1
+        return sent
+
+    ids = [f"early-{uuid.uuid4().hex}" for _ in range(50)]
+    with ThreadPoolExecutor(64) as pool:
+        loads = [pool.submit(load) for _ in range(64)]
+        try:
+            time.sleep(1.0)
+            labels = [store.feedback.remote(i, 1) for i in ids]  # before any record of them
+            time.sleep(0.2)
+            store.record.remote([Entry(i, "champion", "1", True, 1, 0.9, 0.01) for i in ids]).result(timeout_s=30)
+            found = [r.result(timeout_s=60) for r in labels]
+        finally:
+            stop.set()
+        assert sum(f.result() for f in loads) > 64
+    assert all(f is not None and f["versions"] == ["1"] for f in found), found
+
+
 def test_a_killed_evidence_store_costs_no_request_and_comes_back_empty(ro):
     """SIGKILL of the live evidence store while predictions flow: every prediction is answered,
     /challenger says 503 at worst while Serve replaces the store, then answers from an empty one."""
