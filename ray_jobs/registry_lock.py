@@ -77,11 +77,6 @@ class GateLease:
         self._lost: str | None = None
         self._beat: threading.Thread | None = None
 
-    @property
-    def exact(self) -> bool:
-        """True where the lock is a database compare-and-set with fenced writes (see the module docstring)."""
-        return isinstance(self.store, _SqlLease)
-
     def _value(self, nonce: str) -> str:
         return f"{self.owner}|{nonce}"
 
@@ -288,9 +283,12 @@ class _SqlLease:
             log.info("gate lock busy (%s): not taken this time", err)
             return False
 
-    def swap_owned(self, owner: str, new: str) -> bool:
+    def _owned_by(self, owner: str):
         t, _ = self._row()
-        return self._update(t.c.value.startswith(f"{owner}|", autoescape=True), new)
+        return t.c.value.startswith(f"{owner}|", autoescape=True)
+
+    def swap_owned(self, owner: str, new: str) -> bool:
+        return self._update(self._owned_by(owner), new)
 
     @contextlib.contextmanager
     def fenced(self, owner: str, new: str, model: str) -> Iterator[Writes]:
@@ -301,7 +299,7 @@ class _SqlLease:
         # must not fail a decision.
         with self._session(20) as session:
             # A new nonce (not value = value): MySQL counts only rows whose value changed.
-            mine = t.c.value.startswith(f"{owner}|", autoescape=True)
+            mine = self._owned_by(owner)
             if session.execute(sqlalchemy.update(t).where(where & mine).values(value=new)).rowcount != 1:
                 session.rollback()
                 raise LeaseLost(_owner(self.read()))

@@ -77,9 +77,7 @@ class SupervisedModel:
         self.poisoned = 0  # texts the model raised on (a metric)
         self._poison: collections.OrderedDict[str, str] = collections.OrderedDict()  # digest -> reason
         self._recent: collections.deque[float] = collections.deque()  # restarts on the budget
-        self._isolating = 0  # batches being run one text at a time (see _isolate_deadly)
-        self._provisional: list[float] = []  # restarts meanwhile
-        self._explained_since: float | None = None  # deadly texts found: restarts since then are theirs
+        self._provisional: list[float] = []  # restarts while a batch is isolated (see _isolate_deadly)
         self._isolation = asyncio.Lock()  # one batch at a time is isolated: its restarts are settled alone
         self._restarting: asyncio.Future | None = None
         self._closed = False  # a process that finishes starting after close() is closed, not kept
@@ -146,38 +144,31 @@ class SupervisedModel:
         at a time (halves would cost a process per level). Restarts meanwhile are provisional: taken off
         the budget with the batch's own if deadly texts explain them, added to it if not."""
         predictions, seconds, deadly, answered = [], 0.0, 0, 0
-        await self._isolation.acquire()
-        self._isolating += 1
-        try:
-            for text, digest in zip(texts, digests, strict=True):
-                if digest in self._poison:  # the same text twice in one batch (or found by another isolation)
-                    predictions.append(TextFailed(self._poison[digest], digest))
-                    continue
-                try:
-                    answer = await self._run_whole([text])
-                except ModelBatchError as err:
-                    predictions.append(self._remember(digest, str(err)))
-                    continue
-                except BatchDeadly as err:
-                    predictions.append(self._remember(digest, _deadly(err)))
-                    deadly += 1
-                    continue
-                predictions += answer.predictions
-                seconds += answer.seconds
-                answered += 1
-        finally:
-            if deadly and answered:
-                log.warning("%d deadly text(s) explain the batch's lost processes: restarts not counted", deadly)
-                self._explained_since = min(since, self._explained_since or since)
-            self._isolating -= 1
-            if self._isolating == 0:  # batches lost together are settled together
+        async with self._isolation:  # held while isolating: _restart counts restarts as provisional
+            try:
+                for text, digest in zip(texts, digests, strict=True):
+                    if digest in self._poison:  # the same text twice in one batch (or found by another isolation)
+                        predictions.append(TextFailed(self._poison[digest], digest))
+                        continue
+                    try:
+                        answer = await self._run_whole([text])
+                    except ModelBatchError as err:
+                        predictions.append(self._remember(digest, str(err)))
+                        continue
+                    except BatchDeadly as err:
+                        predictions.append(self._remember(digest, _deadly(err)))
+                        deadly += 1
+                        continue
+                    predictions += answer.predictions
+                    seconds += answer.seconds
+                    answered += 1
+            finally:
                 provisional, self._provisional = self._provisional, []
-                if self._explained_since is not None:
-                    self._recent = collections.deque(t for t in self._recent if t < self._explained_since)
+                if deadly and answered:
+                    log.warning("%d deadly text(s) explain the batch's lost processes: restarts not counted", deadly)
+                    self._recent = collections.deque(t for t in self._recent if t < since)
                 else:
                     self._recent.extend(provisional)
-                self._explained_since = None
-            self._isolation.release()
         return predictions, seconds
 
     async def _run_whole(self, texts: Sequence[str]) -> BatchAnswer:
@@ -221,7 +212,7 @@ class SupervisedModel:
             now = time.monotonic()
             while self._recent and now - self._recent[0] > self.restart_window_s:
                 self._recent.popleft()
-            if self._isolating:
+            if self._isolation.locked():
                 if len(self._provisional) >= 2 * self.max_restarts:
                     self.state = "failed"
                     self.reason = f"{reason}; {len(self._provisional)} restarts while isolating texts, giving up"
