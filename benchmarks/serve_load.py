@@ -15,6 +15,8 @@ next to the in-process batched forward of the same model (the upper bound, no HT
         --model <folder with drift_reference.npz>      # the cost of drift monitoring (benchmarks/drift.py)
     python benchmarks/serve_load.py --only shadow-off shadow-on shadow-25 --rounds 2 --levels 1 8 64
         # a challenger in shadow (ray_jobs.rollout): every request mirrored, a quarter, none
+    python benchmarks/serve_load.py --only serve-batched-haproxy serve-batched-haproxy-log-off --rounds 3 \
+        --levels 64      # the durable prediction log's cost, and every answered prediction written
 
 Every model server gets 1 core (1 torch thread) of the machine's 2; the load generator, the proxy
 and Ray's own processes share the other. Each Serve variant runs in its own Ray cluster (the
@@ -77,6 +79,7 @@ class Variant(NamedTuple):
     # scores this share of requests (0: none). The challenger is the same weights registered again.
     shadow: float | None = None
     feedback: bool = True  # the live evidence store (request ids, /feedback, /challenger)
+    log: bool = True  # the store writes every prediction to its durable log (serve.feedback.log, SQLite here)
     # The model's runtime (serve.runtime / quantization; precision None: --precision). The ONNX variants
     # serve the model folder's export whatever its accuracy guard says: the table reports its accuracy.
     runtime: str = "torch"
@@ -98,6 +101,9 @@ SERVE_VARIANTS = {
     "serve-batched-direct": Variant(_THROUGHPUT, None, "direct"),
     "serve-batched-haproxy": Variant(_HAPROXY, None, "proxy"),
     "serve-unbatched": Variant({}, 1, "proxy"),
+    # The durable prediction log off (issue 33): against serve-batched / serve-batched-haproxy of the same round.
+    "serve-batched-log-off": Variant({}, None, "proxy", log=False),
+    "serve-batched-haproxy-log-off": Variant(_HAPROXY, None, "proxy", log=False),
     # A challenger in shadow: the champion alone, mirroring every request, a quarter of them, and the
     # champion alone without the live evidence store (no drift monitoring in any: its cost is above).
     "shadow-off": Variant({}, None, "proxy", drift=False, shadow=0.0),
@@ -116,7 +122,8 @@ SERVE_VARIANTS = {
 }
 RUNTIME_VARIANTS = [n for n in SERVE_VARIANTS if n.startswith("runtime-")]
 # Run by default: the shadow and runtime variants answer questions of their own (--only shadow-off ...).
-DEFAULT_VARIANTS = [n for n, v in SERVE_VARIANTS.items() if v.shadow is None and n not in RUNTIME_VARIANTS]
+DEFAULT_VARIANTS = [n for n, v in SERVE_VARIANTS.items() if v.shadow is None and n not in RUNTIME_VARIANTS and v.log]
+LOG_PAIRS = {"serve-batched-log-off": "serve-batched", "serve-batched-haproxy-log-off": "serve-batched-haproxy"}
 
 
 # ------------------------------------------------------------------------------------ load generator
@@ -348,6 +355,8 @@ def serve_variant_main(args) -> int:
                 "serve.app_name": name,
                 "serve.drift.enabled": drift,
                 "serve.feedback.enabled": feedback,
+                "serve.feedback.log.enabled": variant.log,
+                "serve.feedback.log.uri": f"sqlite:///{Path(args.child_out).parent}/{name}-evidence.db",
                 "serve.drift.window_size": args.drift_window,
             }
         ),
@@ -366,6 +375,16 @@ def serve_variant_main(args) -> int:
     # the loop that first uses it.
     bound = UpperBound(args.child_model, texts, precision, args.max_batch_size, variant.choice)
     seen = [0, 0]  # texts mirrored and skipped so far
+    logged = [0, 0]  # predictions the durable log has written and dropped so far
+
+    def log_counts() -> dict | None:
+        """The store's durable-log counters once nothing waits to be written (the load has stopped)."""
+        deadline = time.time() + 60
+        while True:
+            store = json.loads(urlopen(f"http://127.0.0.1:{port}/{name}/challenger", timeout=30).read())["store"]
+            if store["log"] is None or store["log"]["pending"] == 0 or time.time() > deadline:
+                return store["log"]
+            time.sleep(0.5)
 
     async def sweep() -> None:
         for level in args.levels:
@@ -388,6 +407,10 @@ def serve_variant_main(args) -> int:
                 mirrored = live["challenger"]["mirrored"] if live["challenger"] else 0
                 r["mirrored"], r["mirror_skipped"] = mirrored - seen[0], live["replica"]["mirror_skipped"] - seen[1]
                 seen[:] = [mirrored, live["replica"]["mirror_skipped"]]
+            if feedback and variant.log:  # every answered prediction written: counted, not assumed
+                counts = await asyncio.to_thread(log_counts)
+                r["log_written"], r["log_dropped"] = counts["written"] - logged[0], counts["dropped"] - logged[1]
+                logged[:] = [counts["written"], counts["dropped"]]
             out[level] = r
             show(name, level, r)
 
@@ -669,6 +692,31 @@ def load_texts(args) -> list[str]:
     return [f"{t} (#{i})" for i, t in enumerate(texts)]
 
 
+def log_cost(results: dict[str, dict[int, dict]]) -> None:
+    """The durable log's cost: each variant with the log against the same variant without it, per round
+    (same run, alternating), and whether every answered request was written."""
+    for off_name, on_name in LOG_PAIRS.items():
+        ratios: dict[int, list[float]] = {}
+        for key, per in results.items():
+            variant, _, round_ = key.partition(" ")
+            on = results.get(f"{on_name} {round_}".strip()) if variant == off_name else None
+            for level, r in (on or {}).items():
+                base = per.get(level)
+                if base:
+                    ratios.setdefault(level, []).append(r["req_s"] / base["req_s"])
+                    print(
+                        f"{level} clients, {on_name} {round_}: {r['req_s']:.1f} req/s with the log vs "
+                        f"{base['req_s']:.1f} without ({r['req_s'] / base['req_s']:.3f}x); answered {r['n']}, "
+                        f"written {r.get('log_written', '-')}, dropped {r.get('log_dropped', '-')}"
+                    )
+        for level, rs in sorted(ratios.items()):
+            rs = sorted(rs)
+            print(
+                f"{level} clients, {on_name} with the log / without: median {rs[len(rs) // 2]:.3f}x "
+                f"(min {rs[0]:.3f}, max {rs[-1]:.3f}, {len(rs)} rounds)"
+            )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32, 64, 128])
@@ -779,6 +827,7 @@ def main() -> int:
                     f"{base['p50']:.0f} ms, p99 {r['p99']:.0f} vs {base['p99']:.0f} ms, errors {r['errors']}; "
                     f"mirrored {r.get('mirrored', '-')}, skipped {r.get('mirror_skipped', '-')}"
                 )
+    log_cost(results)
     runtimes = None
     if any(k.split(" ")[0] in RUNTIME_VARIANTS for k in results):
         runtimes = runtime_measurements(model_dir, texts, args)

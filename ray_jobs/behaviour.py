@@ -73,6 +73,9 @@ class TestResult:
         return self.failures / self.n if self.n else 0.0
 
 
+REPORT_FILE = "behaviour.json"  # a registered version's report: an artifact of its run
+
+
 @dataclass
 class Report:
     suite_version: str
@@ -87,6 +90,13 @@ class Report:
             n = sum(t.n for t in of)
             out[kind] = sum(t.failures for t in of) / n if n else 0.0
         return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Report:
+        """The report `to_dict` wrote (behaviour.json)."""
+        fields = ("name", "type", "capability", "n", "failures", "examples")
+        tests = [TestResult(**{k: t[k] for k in fields if k in t}) for t in d["tests"]]
+        return cls(d["suite_version"], d["suite_digest"], tests)
 
     def to_dict(self) -> dict:
         return {

@@ -282,6 +282,11 @@ def _custom_resources(v: dict[str, float]) -> dict[str, float]:
     return v
 
 
+def mask_password(uri: str) -> str:
+    """`uri` with the password of its user:password@ part as ***."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", uri)
+
+
 def absolute_path(path: str) -> str:
     """A local path made absolute (Ray and MLflow want them, and Tune trials and Serve replicas run in
     other working directories); URIs (s3://, gs://, ...) pass through."""
@@ -356,7 +361,18 @@ class GateConfig(_Strict):
         "the live evidence). The first model is always promoted",
     )
     live_min_labelled: int = Field(
-        200, ge=1, description="promotion from shadow/canary: labelled live requests both versions scored, at least"
+        200,
+        ge=1,
+        description="promotion from shadow/canary: the fixed sample size. A rollout records it when it starts, and "
+        "`registry promote` decides on exactly the first that many labelled requests both versions scored (in the "
+        "order their labels came): asked earlier it waits, asked again later it gives the same decision, so "
+        "looking again as labels arrive is not testing again",
+    )
+    live_significance: Literal["none", "mcnemar", "bootstrap"] = Field(
+        "mcnemar",
+        description="the live decision's test (the offline gate has `significance`): mcnemar promotes only when "
+        "the challenger is right on significantly more of the requests where the two disagree, so a tie, or a "
+        "copy of the champion, never promotes. none: F1 >= champion F1 + min_delta alone",
     )
 
 
@@ -468,14 +484,58 @@ class DriftConfig(_Strict):
         return v
 
 
+class EvidenceLogConfig(_Strict):
+    """The durable prediction and feedback log behind the live evidence store (serve_app.evidence_log): every
+    answered prediction and every label, in a database, so that a restarted store, a redeploy or a cluster
+    restart loses no label, and `registry promote` decides on what the log holds."""
+
+    enabled: bool = Field(True, description="write predictions and labels to the database at `uri`")
+    uri: str | None = Field(
+        None,
+        description="a SQLAlchemy URL: sqlite:///path (one node: the store's) or postgresql://user:pass@host/db "
+        "(any node; may be the MLflow database). None: sqlite:///<registry.root>/evidence.db. {head_ip} stands "
+        "for the Ray head's address. Pass a password from the environment (--set ...=$VAR): runs record it as ***",
+    )
+    flush_s: float = Field(
+        0.5,
+        gt=0,
+        le=60,
+        description="predictions are written in batches at most this far apart, off the response path (a label "
+        "is written before POST /feedback answers)",
+    )
+    max_pending: int = Field(
+        200_000,
+        ge=1000,
+        description="predictions held while the database is slow or down; beyond it the oldest are dropped and "
+        "counted (GET /challenger: store.log.dropped), never silently",
+    )
+    prune_every_s: float = Field(300, gt=0, description="how often rows older than retention_s leave the log")
+
+    @field_validator("uri")
+    @classmethod
+    def _supported(cls, v: str | None) -> str | None:
+        # Writes are idempotent through each dialect's INSERT ... ON CONFLICT DO NOTHING (SQLite, PostgreSQL).
+        if v is not None and not re.match(r"^(sqlite|postgresql(\+\w+)?)://", v):
+            raise ValueError("the evidence log takes a sqlite:/// or postgresql:// URL")
+        return v
+
+
 class FeedbackConfig(_Strict):
     """Live evidence (serve_app.rollout): every answer carries a request_id; replicas send what each
     version predicted to one store deployment, POST /feedback adds the true label, and GET /challenger
     reports per-version agreement, latency and live F1. Bounded: the oldest records leave first."""
 
     enabled: bool = Field(True, description="keep predictions for /feedback and /challenger")
-    max_records: int = Field(100_000, ge=100, description="predictions kept for feedback; the oldest leave first")
-    retention_s: float = Field(7 * 24 * 3600.0, gt=0, description="a prediction older than this takes no feedback")
+    max_records: int = Field(
+        100_000,
+        ge=100,
+        description="predictions the store keeps in memory for /challenger's agreement and latency; the oldest "
+        "leave first. Labels and promotion read the durable log (serve.feedback.log), which keeps retention_s",
+    )
+    retention_s: float = Field(
+        7 * 24 * 3600.0, gt=0, description="a prediction older than this takes no feedback and leaves the log"
+    )
+    log: EvidenceLogConfig = EvidenceLogConfig()
     grace_s: float = Field(
         2.0,
         ge=0,
@@ -607,6 +667,11 @@ class ServeConfig(_Strict):
     explain: ExplainConfig = ExplainConfig()
     drift: DriftConfig = DriftConfig()
     feedback: FeedbackConfig = FeedbackConfig()
+    log_texts: bool = Field(
+        False,
+        description="the durable log keeps each answered text itself, not only its digest (off by default: "
+        "reviews can hold personal data)",
+    )
 
     @field_validator("resources")
     @classmethod
@@ -651,6 +716,12 @@ class ServeConfig(_Strict):
 def serving_device(serve: ServeConfig) -> str:
     """Where a replica's model computes: cuda where it reserves a GPU."""
     return "cuda" if serve.num_gpus > 0 else "cpu"
+
+
+def evidence_log_uri(serve: ServeConfig, registry: RegistryConfig) -> str:
+    """The durable prediction and feedback log's database: serve.feedback.log.uri, else a SQLite file
+    beside the embedded MLflow store."""
+    return serve.feedback.log.uri or f"sqlite:///{absolute_path(registry.root)}/evidence.db"
 
 
 def served_model_uri(serve: ServeConfig, registry: RegistryConfig) -> str:
@@ -699,9 +770,12 @@ class PipelineConfig(_Strict):
     def for_the_record(self) -> dict[str, Any]:
         """The config as runs record it (parameters, config.yaml): passwords in URIs masked."""
         raw = self.model_dump(mode="json")
-        for key in ("tracking_uri", "lock_db_uri"):
-            if raw["registry"][key]:
-                raw["registry"][key] = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", raw["registry"][key])
+        for section, key in (("registry", "tracking_uri"), ("registry", "lock_db_uri")):
+            if raw[section][key]:
+                raw[section][key] = mask_password(raw[section][key])
+        log = raw["serve"]["feedback"]["log"]
+        if log["uri"]:
+            log["uri"] = mask_password(log["uri"])
         return raw
 
     def with_absolute_paths(self) -> PipelineConfig:

@@ -13,15 +13,16 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from ray_jobs.behaviour import Report, run_on_model
+from ray_jobs.behaviour import REPORT_FILE, Report, run_on_model
 from ray_jobs.config import PipelineConfig
 from ray_jobs.data import Split, load_splits
 from ray_jobs.drift import REFERENCE_FILE
-from ray_jobs.errors import GateError, PromotedNotDeployedError
+from ray_jobs.errors import GateError, PromotedNotDeployedError, RegistryError
 from ray_jobs.evaluate import evaluate_and_profile, evaluate_dir
 from ray_jobs.gate import Decision, Evaluation, decide, policy_from_config
 from ray_jobs.model import read_meta
 from ray_jobs.registry import Registry, Rollout
+from ray_jobs.rollout import refuse_to_replace
 from ray_jobs.runtime import init_ray, interrupt_on_sigterm, sigterm_received, with_cluster_addresses
 from ray_jobs.train import local_checkpoint_dir, put_data
 from ray_jobs.train_worker import RESUME_FILES
@@ -64,7 +65,7 @@ def run_behaviour(reg: Registry, cfg: PipelineConfig, run_id: str, version: str,
     rates = report.failure_rates()
     log.info("behavioural suite: %s", ", ".join(f"{k} {v:.1%} failed" for k, v in rates.items()))
     reg.log_metrics(run_id, {f"behaviour.{k}_failure_rate": v for k, v in rates.items()})
-    reg.log_dict(run_id, report.to_dict(), "behaviour.json")
+    reg.log_dict(run_id, report.to_dict(), REPORT_FILE)
     tags = {f"behaviour.{k}_failure_rate": f"{v:.4f}" for k, v in rates.items()}
     reg.set_version_tags(version, {**tags, "behaviour.suite_version": report.suite_version})
     return report
@@ -102,12 +103,29 @@ def run_gate(
             "gate.n": decision.n,
             "gate.timestamp": time.time(),
         }
+        if shadows(cfg, decision, champ):
+            # A running rollout is another version's live experiment: refused, not replaced (the gate's
+            # verdict is kept in the tags; `registry abort` then `registry shadow <version>` follows it).
+            try:
+                refuse_to_replace(reg.rollout(), version, champ)
+            except RegistryError as err:
+                reg.set_version_tags(
+                    version, {**tags, "gate.decision": "passed, not shadowed", "gate.reason": str(err)}
+                )
+                raise GateError(f"version {version} passed the gate but is not shadowed: {err}") from None
         reg.set_version_tags(version, tags)
         if shadows(cfg, decision, champ):
             # gate.on_pass: shadow. The champion stays; the new version is mirrored on live traffic
             # until `python -m ray_jobs registry promote` decides on the live evidence (ray_jobs.rollout).
+            shadow = Rollout(
+                mode="shadow",
+                version=version,
+                champion=champ,
+                started_at=time.time(),
+                sample_size=cfg.gate.live_min_labelled,
+            )
             with lease.fenced() as w:
-                reg.set_rollout(Rollout(mode="shadow", version=version, champion=champ, started_at=time.time()), w)
+                reg.set_rollout(shadow, w)
             reg.record_history({"event": "shadow", "version": version, "champion": champ, "by": "gate.on_pass"})
         elif decision.promote:
             # Fenced: written only while the lock is still ours, so no other driver can have moved the

@@ -61,6 +61,12 @@ class Rollout(BaseModel):
     share: float = Field(0.0, ge=0, le=1, description="canary: the share of routing keys the challenger answers")
     mirror: float = Field(1.0, ge=0, le=1, description="the share of requests the other version also scores")
     started_at: float = 0.0
+    sample_size: int | None = Field(
+        None,
+        ge=1,
+        description="the labelled requests the live decision is taken on, fixed when the rollout starts "
+        "(gate.live_min_labelled then): the first that many, in the order their labels came",
+    )
 
 
 class Registry(Tracking):

@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -140,6 +142,16 @@ class Tracking:
 
     def log_dict(self, run_id: str, data: Any, name: str) -> None:
         self._call("log_dict", self.client.log_dict, run_id, data, name)
+
+    def load_dict(self, run_id: str, name: str) -> Any | None:
+        """A JSON artifact of the run (as log_dict wrote it); None where the run has none by that name."""
+        folder = name.rpartition("/")[0] or None
+        names = {a.path for a in self._call("list_artifacts", self.client.list_artifacts, run_id, folder)}
+        if name not in names:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            path = self._call("download_artifacts", self.client.download_artifacts, run_id, name, tmp)
+            return json.loads(Path(path).read_text())
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self._call("log_text", self.client.log_text, run_id, text, name)

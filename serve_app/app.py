@@ -13,7 +13,7 @@ anything running changes.
 A challenger (ray_jobs.rollout: shadow or canary, recorded in the registry) is loaded beside the champion
 in a model process of its own, with a batch queue of its own: a canary answers the texts whose routing
 key falls in its share, and the version that did not answer scores a `mirror` share after the answer is
-ready. What each version predicted goes to the live evidence store (serve_app.rollout) by request id.
+ready. What each version predicted goes to the live evidence store (serve_app.evidence_store) by request id.
 
 Faults (README, Reliability): the model runs in a supervised process of its own; a dead or wedged
 one is replaced inside the replica and its batches re-run. Every request has a deadline (504), a
@@ -35,6 +35,7 @@ from ray_jobs.model import LABELS
 from ray_jobs.onnx_runtime import RuntimeInfo
 from ray_jobs.registry import Registry, Rollout
 from serve_app.drift_monitor import drift_deployment
+from serve_app.evidence_store import evidence_deployment
 from serve_app.explainer import explain_deployment, explainer_room
 from serve_app.http import (
     ERRORS,
@@ -50,7 +51,6 @@ from serve_app.http import (
 )
 from serve_app.loading import challenger_config, resolve_version, trial_load
 from serve_app.model_worker import ModelWorkerError
-from serve_app.rollout import evidence_deployment
 from serve_app.schemas import (
     AppArgs,
     BatchPrediction,
@@ -281,18 +281,24 @@ class SentimentModel(ModelSlots):
 
         return await self._timed("challenger", handle)
 
-    @api.get("/challenger/evidence", responses={code: {"model": ErrorBody} for code in (401, 403, 404, 503, 504)})
+    @api.get("/challenger/evidence", responses={code: {"model": ErrorBody} for code in (401, 403, 404, 422, 503, 504)})
     async def challenger_evidence(self, request: Request):
-        """The labelled requests both versions scored (ids, true labels, each version's labels): what
-        `python -m ray_jobs registry promote <version>` decides on. Needs the feedback token."""
+        """The labelled requests both versions scored (ids, true labels, each version's labels), in the
+        order their labels came (`?limit=N`: the first N): what `python -m ray_jobs registry promote
+        <version>` decides on. Needs the feedback token."""
 
         async def handle():
             require_bearer(request, self.feedback_token, "/challenger/evidence")
             store = self._evidence_store()
             if self.challenger_info is None:
                 raise ApiError(404, f"no challenger is served ({self.challenger_error or 'no shadow or canary runs'})")
+            limit = request.query_params.get("limit")
+            if limit is not None and not (limit.isdigit() and int(limit) >= 1):
+                raise ApiError(422, "limit: a positive integer (the first that many labelled requests)")
             try:
-                body = await store.evidence.remote(self.info.version, self.challenger_info.version)
+                body = await store.evidence.remote(
+                    self.info.version, self.challenger_info.version, int(limit) if limit else None
+                )
             except Exception as err:
                 raise ApiError(503, f"live evidence store unavailable: {type(err).__name__}") from None
             return JSONResponse({**body, "mode": self.challenger_info.mode})

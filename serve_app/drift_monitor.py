@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -110,6 +112,7 @@ class DriftMonitor:
         self.served: _Served | None = None
         self.alarm_since: float | None = None
         self.stale = 0  # texts of a version older than the one monitored
+        self.started_at = time.time()
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ calls from the ingress
@@ -145,6 +148,8 @@ class DriftMonitor:
                 "alarm": self.alarm_since is not None,
                 "alarm_since": self.alarm_since,
                 "stale_texts": self.stale,
+                "monitor_started_at": self.started_at,
+                "monitor_restarted": False,
             }
             if s is None:
                 return {**body, "model_version": None, "reference": None, "texts_seen": 0, "current": {"n": 0}}
@@ -154,6 +159,15 @@ class DriftMonitor:
                 ref_body = {"n": ref.meta.get("n"), "data_digest": ref.meta.get("data_digest")}
                 ref_body["summary"] = ref.features.summary()
             current = Features.concat(s.parts) if s.parts else None
+            if s.loaded_at < self.started_at:
+                # The replicas loaded this version before this monitor existed: an earlier monitor ran,
+                # and its windows, history and alarm died with it (they live in memory only).
+                body["monitor_restarted"] = True
+                body["note"] = (
+                    f"the drift monitor started after version {s.version} was loaded: windows from before "
+                    f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(self.started_at))} were lost with the "
+                    "previous monitor"
+                )
             return {
                 **body,
                 "model_uri": s.model_uri,
@@ -246,9 +260,15 @@ def drift_deployment(a: AppArgs):
     d, s = a.serve.drift, a.serve
     if not d.enabled:
         return None
+    # A version fixed by what the monitor reads (its settings and the registry holding the references):
+    # every rollout step redeploys the app, and with Serve's random per-run version each redeploy would
+    # replace the monitor and lose its windows, history and alarm (as for the evidence store).
+    blob = json.dumps([d.model_dump(mode="json"), a.registry.model_dump(mode="json"), s.app_name], sort_keys=True)
     return DriftService.options(
         name=f"{s.app_name}-drift",
         # No serve.resources: a unit of a custom resource such as {serve: 1} is sized for a model
         # replica, and the monitor holding one would keep a replica off its node.
         ray_actor_options={"num_cpus": d.num_cpus},
+        version=hashlib.sha256(blob.encode()).hexdigest()[:16],
+        _internal=True,
     ).bind(a.model_dump(mode="json"))

@@ -4,7 +4,7 @@ Each runs in a supervised process of its own (serve_app.model_worker) with a dyn
 own (`@serve.batch`); a swap loads the new model first and changes slots between batches, so requests in
 flight finish on the model they started with. A canary answers the texts whose routing key falls in its
 share; the version that did not answer scores a `mirror` share after the answer is ready, off the
-response path. What each version predicted goes to the live evidence store (serve_app.rollout).
+response path. What each version predicted goes to the live evidence store (serve_app.evidence_store).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from serve_app.metrics import ServeMetrics
 from serve_app.model_worker import ModelWorkerError
 from serve_app.rollout import CHALLENGER, CHAMPION, Entry, EvidenceFeed, is_mirrored, routes_to_challenger
 from serve_app.schemas import AppArgs, ChallengerInfo, FailedSwap, ModelInfo
-from serve_app.supervised_model import SupervisedModel, TextFailed
+from serve_app.supervised_model import SupervisedModel, TextFailed, text_digest
 
 
 def max_ongoing_requests(a: ServeConfig) -> int:
@@ -43,8 +43,8 @@ def _tagged(result, version: str, slot: str, seconds: float):
     return {**result, "model_version": version, "_slot": slot, "_s": seconds}
 
 
-def _entry(request_id: str, answer: dict, answered: bool) -> Entry:
-    """What the live evidence store keeps of one version's answer to one request."""
+def _entry(request_id: str, answer: dict, answered: bool, text: str, keep_text: bool) -> Entry:
+    """What the live evidence store keeps (and logs) of one version's answer to one request."""
     return Entry(
         request_id,
         answer["_slot"],
@@ -53,6 +53,8 @@ def _entry(request_id: str, answer: dict, answered: bool) -> Entry:
         int(answer["label"] == LABELS[1]),
         float(answer["probabilities"][LABELS[1]]),
         float(answer["_s"]),
+        text_digest(text),
+        text if keep_text else None,
     )
 
 
@@ -70,7 +72,7 @@ class ModelSlots:
 
     def __init__(self, args: dict[str, Any], drift=None, evidence=None):
         """`drift`, `evidence`: handles to the drift monitor and live evidence deployments
-        (serve_app.drift_monitor, serve_app.rollout), None where off."""
+        (serve_app.drift_monitor, serve_app.evidence_store), None where off."""
         self.args = AppArgs.model_validate(args)
         d = self.args.serve.drift
         self.drift = drift
@@ -302,7 +304,8 @@ class ModelSlots:
         finally:
             self._mirrored_in_flight -= len(items)
         pairs = zip(items, results, strict=True)
-        entries = [_entry(rid, r, answered=False) for (rid, _, _), r in pairs if isinstance(r, dict)]
+        keep = self.args.serve.log_texts
+        entries = [_entry(rid, r, False, text, keep) for (rid, text, _), r in pairs if isinstance(r, dict)]
         failed = len(items) - len(entries)
         if failed:
             self.mirror_skipped += failed
@@ -331,7 +334,8 @@ class ModelSlots:
             answers = list(await asyncio.gather(*(self._answer(t, c) for t, c in zip(texts, canary, strict=True))))
         finally:
             self._texts_in_flight -= len(texts)
-        entries = [_entry(rid, a, answered=True) for rid, a in zip(ids, answers, strict=True)]
+        keep = self.args.serve.log_texts
+        entries = [_entry(rid, a, True, t, keep) for rid, a, t in zip(ids, answers, texts, strict=True)]
         if self.evidence_feed is not None:
             self.evidence_feed.add(entries)
         if chal is not None:

@@ -84,6 +84,56 @@ def request_stream(url: str, text: str, field: str):
         t.join()
 
 
+def labels_survive(url: str, restart, n: int = 20) -> dict:
+    """Answer and label `n` requests, run `restart()` (a killed evidence store, a redeployed app), and
+    check that the new store has every label: each is counted, a different label for one of them is
+    still refused (409), the same one accepted. Returns the new store's /challenger `store` section."""
+    import httpx
+
+    texts = [f"a review labelled before the restart, number {i}" for i in range(n)]
+    answers = []
+    for i in range(0, n, 16):
+        r = httpx.post(f"{url}/batch_predict", json={"texts": texts[i : i + 16]}, timeout=60)
+        assert r.status_code == 200, r.text
+        answers += r.json()["predictions"]
+    labels = {a["request_id"]: ("positive" if i % 3 else "negative") for i, a in enumerate(answers)}
+    for rid, label in labels.items():
+        r = httpx.post(f"{url}/feedback", json={"request_id": rid, "label": label}, headers=FEEDBACK_AUTH)
+        assert r.status_code == 200, r.text
+    before = httpx.get(f"{url}/challenger", timeout=30).json()["store"]
+    assert before["log"] is not None and before["labelled"] >= n
+    restart()
+    deadline, after = time.time() + 120, None
+    while time.time() < deadline:
+        r = httpx.get(f"{url}/challenger", timeout=30)
+        if r.status_code == 200 and r.json()["store"]["started_at"] != before["started_at"]:
+            after = r.json()["store"]
+            break
+        time.sleep(0.3)
+    assert after is not None, "no new evidence store came up"
+    assert after["labelled"] >= before["labelled"] and after["log"]["loaded"] >= n, after
+    flip = {"positive": "negative", "negative": "positive"}
+    for rid, label in labels.items():
+        r = httpx.post(f"{url}/feedback", json={"request_id": rid, "label": flip[label]}, headers=FEEDBACK_AUTH)
+        assert r.status_code == 409, r.text
+    rid, label = next(iter(labels.items()))
+    assert (
+        httpx.post(f"{url}/feedback", json={"request_id": rid, "label": label}, headers=FEEDBACK_AUTH).status_code
+        == 200
+    )
+    return after
+
+
+def store_pid(app: str) -> int:
+    """The process of an app's live evidence store replica."""
+    from ray.util.state import list_actors
+
+    name = f"ServeReplica:{app}:{app}-evidence"
+    store = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == name]
+    assert len(store) == 1, store
+    return store[0].pid
+
+
 def model_process(model_dir: str) -> int | None:
     """The pid of the model process serving `model_dir` (its command line names the folder)."""
     for pid in filter(str.isdigit, os.listdir("/proc")):

@@ -7,7 +7,7 @@ import time
 
 import httpx
 import pytest
-from conftest import request_stream
+from conftest import labels_survive, request_stream, store_pid
 
 pytestmark = pytest.mark.integration
 
@@ -50,8 +50,13 @@ def drift_app(serve_port, ray_cluster, tmp_path_factory, trained_tiny):
         "serve.drift.alpha": 0.001,
     }
     serve.run(build_app(args), name="driftapp", route_prefix=PREFIX)
-    yield f"http://127.0.0.1:{serve_port}{PREFIX}", len(test)
+    yield f"http://127.0.0.1:{serve_port}{PREFIX}", len(test), args
     serve.delete("driftapp")
+
+
+@pytest.fixture
+def drift_args(drift_app) -> dict:
+    return drift_app[2]
 
 
 def _send(url: str, texts: list[str]) -> None:
@@ -74,7 +79,7 @@ def _windows(url: str, n: int, timeout_s: float = 60) -> dict:
 def test_drift_windows_alarm_on_shifted_text_only_and_reach_prometheus(drift_app, ray_cluster):
     from ray_jobs.data import generate_reviews
 
-    url, n_reference = drift_app
+    url, n_reference, _ = drift_app
     # No traffic yet: an empty window, no alarm, no error, and the served version's reference.
     r = httpx.get(f"{url}/drift", timeout=30)
     assert r.status_code == 200, r.text
@@ -111,15 +116,33 @@ def test_drift_windows_alarm_on_shifted_text_only_and_reach_prometheus(drift_app
     assert alarm and alarm[-1].split()[-1] == "1.0", alarm
 
 
+def test_a_redeploy_keeps_the_drift_windows(drift_app, drift_args):
+    """Every rollout step redeploys the app: the model replicas are replaced, the monitor (a fixed
+    version) is not, and its windows, history and alarm stay."""
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    url = drift_app[0]
+    before = _windows(url, 1)
+    assert before["windows_completed"] >= 1 and before["monitor_restarted"] is False
+    serve.run(build_app({**drift_args, "serve.max_batch_size": 16}), name="driftapp", route_prefix=PREFIX)
+    after = httpx.get(f"{url}/drift", timeout=30).json()
+    assert after["monitor_started_at"] == before["monitor_started_at"]
+    assert after["windows_completed"] == before["windows_completed"]
+    assert after["windows"] == before["windows"] and after["alarm"] == before["alarm"]
+    assert after["monitor_restarted"] is False
+
+
 def test_a_killed_monitor_costs_no_request_and_comes_back_empty(drift_app):
     """SIGKILL of the monitor's process while predictions flow: every prediction is answered, /drift
-    says 503 at worst while Serve replaces it, then answers from a fresh monitor."""
+    says 503 at worst while Serve replaces it, then answers from a fresh monitor that says it restarted."""
     import os
     import signal
 
     from ray.util.state import list_actors
 
-    url, _ = drift_app
+    url = drift_app[0]
     monitor = [
         a
         for a in list_actors(filters=[("state", "=", "ALIVE")])
@@ -141,3 +164,18 @@ def test_a_killed_monitor_costs_no_request_and_comes_back_empty(drift_app):
     assert fresh, statuses
     assert failures == [] and len(answers) > 10
     assert set(statuses) <= {200, 503}, statuses
+    # It says so: the served version was loaded before this monitor started.
+    body = r.json()
+    assert body["monitor_restarted"] is True and "were lost" in body["note"], body
+
+
+def test_labels_survive_a_killed_evidence_store_on_the_default_sqlite_log(drift_app):
+    """The app's evidence store writes to its default log (sqlite:///<registry.root>/evidence.db): SIGKILL
+    it, and the store Serve starts in its place has every label. (tests/test_rollout_serve.py does the
+    same on PostgreSQL, and with the whole app deleted and deployed again.)"""
+    import os
+    import signal
+
+    url = drift_app[0]
+    store = labels_survive(url, lambda: os.kill(store_pid("driftapp"), signal.SIGKILL))
+    assert store["log"]["uri"].startswith("sqlite:///") and store["log"]["uri"].endswith("/evidence.db")

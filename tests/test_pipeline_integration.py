@@ -14,7 +14,7 @@ import pytest
 from conftest import request_stream, tiny_config
 
 from ray_jobs.drift import REFERENCE_FILE
-from ray_jobs.errors import SentimentError
+from ray_jobs.errors import GateError, SentimentError
 from ray_jobs.train_worker import STATE_FILE
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -321,6 +321,14 @@ def test_a_passed_gate_with_on_pass_shadow_starts_a_shadow_and_a_later_promotion
     assert (rollout.mode, rollout.version, rollout.champion, rollout.mirror) == ("shadow", chal, champ, 1.0)
     assert reg.alias_version("challenger") == chal
     assert reg.served_rollout(cfg.registry.champion_uri, champ) == rollout
+    assert rollout.sample_size == cfg.gate.live_min_labelled
+
+    # Another version that passes while this shadow runs does not replace it: refused, with the reason.
+    second = _registered(reg, "second", trained_tiny[2])
+    with pytest.raises(GateError, match=f"passed the gate but is not shadowed: version {chal} is in shadow"):
+        run_gate(reg, cfg, second, better, test)
+    assert reg.rollout() == rollout and reg.champion() == champ
+    assert reg.get_version(second).tags["gate.decision"] == "passed, not shadowed"
 
     other = _registered(reg, "other", trained_tiny[2])
     decision, _ = run_gate(reg, tiny_config(tmp_path, "gate.floor=0.0"), other, better, test)

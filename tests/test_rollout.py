@@ -10,7 +10,8 @@ import pytest
 from ray_jobs.gate import Policy
 from ray_jobs.inference import classification_metrics
 from ray_jobs.rollout import live_decision
-from serve_app.rollout import Entry, LiveEvidence, is_mirrored, routes_to_challenger
+from serve_app.evidence_store import LiveEvidence
+from serve_app.rollout import Entry, is_mirrored, routes_to_challenger
 
 
 @pytest.mark.parametrize("share", [0.05, 0.1, 0.5])
@@ -115,60 +116,149 @@ def _evidence(truth, champ, chal):
     }
 
 
-def test_live_promotion_needs_enough_labelled_requests_and_a_challenger_at_least_as_good():
+def test_live_promotion_decides_once_on_a_fixed_sample_and_a_tie_never_promotes():
+    from ray_jobs.config import load_config
+    from ray_jobs.rollout import live_policy
+
     rng = np.random.default_rng(1)
     truth = rng.integers(0, 2, 400)
     champ = np.where(rng.random(400) < 0.85, truth, 1 - truth)
-    better = np.where(rng.random(400) < 0.95, truth, 1 - truth)
+    better = np.where(rng.random(400) < 0.97, truth, 1 - truth)
     worse = np.where(rng.random(400) < 0.6, truth, 1 - truth)
-    policy = Policy()
+    policy = live_policy(load_config(None, []))
+    assert policy.significance == "mcnemar"  # the live default
 
-    few = live_decision(_evidence(truth[:50], champ[:50], better[:50]), policy, min_labelled=200)
-    assert not few.promote and "50 labelled" in few.reason and "200" in few.reason
-    enough = live_decision(_evidence(truth, champ, better), policy, min_labelled=200)
-    assert enough.promote and enough.n == 400 and enough.delta > 0
-    blocked = live_decision(_evidence(truth, champ, worse), policy, min_labelled=200)
-    assert not blocked.promote and blocked.delta < 0
-    # The McNemar option of the offline gate applies as it is: a tiny edge is not evidence.
-    tie = champ.copy()
-    tie[np.flatnonzero(tie != truth)[:1]] = truth[np.flatnonzero(tie != truth)[:1]]  # one more right
-    mcnemar = live_decision(_evidence(truth, champ, tie), Policy(significance="mcnemar"), min_labelled=200)
-    assert not mcnemar.promote and mcnemar.p_value is not None and mcnemar.p_value >= 0.05
+    few = live_decision(_evidence(truth[:50], champ[:50], better[:50]), policy, sample_size=200)
+    assert not few.promote and few.n == 50 and "waiting" in few.reason and "200" in few.reason
+    enough = live_decision(_evidence(truth, champ, better), policy, sample_size=200)
+    assert enough.promote and enough.n == 200 and enough.p_value < 0.05  # the first 200 only
+    assert not live_decision(_evidence(truth, champ, worse), policy, sample_size=200).promote
+    # An exact copy of the champion: F1 equal, no discordant pair. The offline default (significance none,
+    # min_delta 0) would promote it; the live default never does.
+    copy = live_decision(_evidence(truth, champ, champ), policy, sample_size=200)
+    assert not copy.promote and copy.delta == 0 and copy.p_value == 1.0
+    assert live_decision(_evidence(truth, champ, champ), Policy(), sample_size=200).promote
+    # A tiny edge is not evidence either.
+    edge = champ.copy()
+    edge[np.flatnonzero(edge[:200] != truth[:200])[:1]] = truth[np.flatnonzero(edge[:200] != truth[:200])[:1]]
+    tiny = live_decision(_evidence(truth, champ, edge), policy, sample_size=200)
+    assert not tiny.promote and tiny.delta > 0 and tiny.p_value >= 0.05
+    # Looking again as labels arrive changes nothing: labels after the sample are not read, even ones that
+    # would flip the decision (here: 200 more where the worse model is always right and the champion wrong).
+    late = _evidence(
+        np.r_[truth[:200], np.ones(200, int)],
+        np.r_[champ[:200], np.zeros(200, int)],
+        np.r_[worse[:200], np.ones(200, int)],
+    )
+    again = live_decision(late, policy, sample_size=200)
+    assert (
+        not again.promote
+        and again.n == 200
+        and again.test_digest
+        == live_decision(_evidence(truth[:200], champ[:200], worse[:200]), policy, sample_size=200).test_digest
+    )
+
+
+def _registry_with_versions(tmp_path, *sets):
+    """A sqlite MLflow registry with versions 1 (champion) and 2, each with a run of its own."""
+    from ray_jobs.config import load_config
+    from ray_jobs.registry import Registry
+
+    cfg = load_config(None, [f"registry.root={tmp_path}/mlflow", "gate.live_min_labelled=100", *sets])
+    reg = Registry(cfg.registry)
+    reg.client.create_registered_model(reg.name)
+    for i in range(2):
+        reg.client.create_model_version(reg.name, source=str(tmp_path), run_id=reg.start_run(f"v{i + 1}"))
+    reg.set_aliases("1", None)
+    return cfg, reg
+
+
+def _better_evidence(n=400, seed=2):
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 2, n)
+    ev = _evidence(truth, np.where(rng.random(n) < 0.8, truth, 1 - truth), truth)  # v2 always right
+    return {**ev, "request_ids": [f"r{i}" for i in range(n)]}
 
 
 def test_a_promotion_decides_only_for_the_rollout_it_read_under_the_lock(tmp_path, monkeypatch):
-    """The live evidence is fetched before the gate lock is taken: if another driver aborts the shadow and
-    starts a canary meanwhile, promote refuses and writes nothing; left alone, the same evidence promotes.
+    """The live evidence is fetched before the gate lock is taken: if another driver aborts the shadow
+    (and, in a second round, starts a canary) meanwhile, promote refuses and writes nothing; left alone,
+    the same evidence promotes, and the per-request evidence it used is an artifact of the version's run.
     A real sqlite MLflow registry; the evidence (GET /challenger/evidence) is stubbed: no app runs here."""
     from ray_jobs import rollout
-    from ray_jobs.config import load_config
-    from ray_jobs.errors import GateError
-    from ray_jobs.registry import Registry
+    from ray_jobs.errors import GateError, RegistryError
 
-    cfg = load_config(None, [f"registry.root={tmp_path}/mlflow", "gate.live_min_labelled=100"])
-    reg = Registry(cfg.registry)
-    reg.client.create_registered_model(reg.name)
-    for _ in range(2):
-        reg.client.create_model_version(reg.name, source=str(tmp_path))
-    reg.set_aliases("1", None)
-    rng = np.random.default_rng(2)
-    truth = rng.integers(0, 2, 400)
-    evidence = _evidence(truth, np.where(rng.random(400) < 0.8, truth, 1 - truth), truth)  # v2 always right
+    cfg, reg = _registry_with_versions(tmp_path)
+    evidence = _better_evidence()
 
-    def meanwhile_another_driver(cfg_):
+    def another_driver_aborts(cfg_, limit=None):
+        rollout.abort(cfg_, deploy_app=False)
+        return evidence
+
+    def another_driver_starts_a_canary(cfg_, limit=None):
         rollout.abort(cfg_, deploy_app=False)
         rollout.start(cfg_, "canary", "2", share=0.5, deploy_app=False)
         return evidence
 
     rollout.start(cfg, "shadow", "2", deploy_app=False)
-    monkeypatch.setattr(rollout, "fetch_evidence", meanwhile_another_driver)
+    assert reg.rollout().sample_size == 100
+    monkeypatch.setattr(rollout, "fetch_evidence", another_driver_aborts)
+    with pytest.raises(GateError, match="the rollout changed"):
+        rollout.promote(cfg, "2", deploy_app=False)
+    assert reg.champion() == "1" and reg.rollout() is None  # the abort stands
+
+    rollout.start(cfg, "shadow", "2", deploy_app=False)
+    monkeypatch.setattr(rollout, "fetch_evidence", another_driver_starts_a_canary)
     with pytest.raises(GateError, match="the rollout changed"):
         rollout.promote(cfg, "2", deploy_app=False)
     assert reg.champion() == "1" and reg.rollout().mode == "canary"
 
-    monkeypatch.setattr(rollout, "fetch_evidence", lambda cfg_: evidence)
+    monkeypatch.setattr(rollout, "fetch_evidence", lambda cfg_, limit=None: evidence)
     assert rollout.promote(cfg, "2", deploy_app=False).promote
     assert reg.aliases() == {"champion": "2", "previous": "1"} and reg.rollout() is None
+    tags = reg.get_version("2").tags
+    assert tags["live.decision"] == "promote" and tags["live.n"] == "100"
+    run_id, name = tags["live.evidence"].removeprefix("runs:/").split("/", 1)
+    record = reg.load_dict(run_id, name)
+    assert record["evidence"]["request_ids"] == evidence["request_ids"][:100]
+    assert record["evidence"]["labels"] == evidence["labels"][:100] and record["decision"]["promote"]
+    with pytest.raises(RegistryError, match="not in shadow or canary"):
+        rollout.promote(cfg, "2", deploy_app=False)
+
+
+def test_a_running_rollout_is_never_replaced_by_another_version(tmp_path):
+    from ray_jobs import rollout
+    from ray_jobs.errors import RegistryError
+
+    cfg, reg = _registry_with_versions(tmp_path)
+    reg.client.create_model_version(reg.name, source=str(tmp_path), run_id=reg.start_run("v3"))
+    first = rollout.start(cfg, "shadow", "2", deploy_app=False)
+    with pytest.raises(RegistryError, match="version 2 is in shadow beside champion 1"):
+        rollout.start(cfg, "shadow", "3", deploy_app=False)
+    assert reg.rollout() == first
+    # The same version moves on (shadow -> canary): its start and sample size carry over.
+    canary = rollout.start(cfg, "canary", "2", share=0.2, deploy_app=False)
+    assert (canary.started_at, canary.sample_size) == (first.started_at, first.sample_size)
+
+
+@pytest.mark.parametrize("failure_rate, promotes", [(0.5, False), (0.0, True)])
+def test_live_promotion_honours_the_behaviour_policy(tmp_path, monkeypatch, failure_rate, promotes):
+    """With gate.behaviour.max_failure_rate set, the challenger's registered behavioural report gates the
+    live decision as it gates the offline one."""
+    from ray_jobs import rollout
+    from ray_jobs.behaviour import REPORT_FILE, Report, TestResult
+
+    cfg, reg = _registry_with_versions(tmp_path, "gate.behaviour.max_failure_rate=0.2")
+    failures = int(failure_rate * 10)
+    report = Report("1", "d", [TestResult("negation", "MFT", "negation", 10, failures, [{"text": "not good"}])])
+    reg.log_dict(reg.get_version("2").run_id, report.to_dict(), REPORT_FILE)
+    rollout.start(cfg, "shadow", "2", deploy_app=False)
+    monkeypatch.setattr(rollout, "fetch_evidence", lambda cfg_, limit=None: _better_evidence())
+    decision = rollout.promote(cfg, "2", deploy_app=False)
+    assert decision.promote is promotes and decision.behaviour["failure_rates"]["MFT"] == failure_rate
+    assert reg.champion() == ("2" if promotes else "1")
+    if not promotes:
+        assert "behavioural failure rate MFT 50.0%" in decision.reason
 
 
 def test_feedback_and_evidence_need_the_bearer_token_and_are_closed_without_one():
