@@ -59,6 +59,13 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of the data held out for validation")
     test_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of the data held out for the gate's test")
     max_train_samples: int | None = Field(None, ge=10, description="subsample the train split (after splitting)")
+    extra_train: str | None = Field(
+        None,
+        description="a labelled .parquet/.csv/.jsonl file (columns text, label) added to the train split only, "
+        "never to validation or test, so the gate's test split and its digest stay: the production reviews "
+        "`python -m ray_jobs retrain` gathers. Its texts that are also in validation or test, and duplicates, "
+        "are dropped",
+    )
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
@@ -485,7 +492,7 @@ class DriftConfig(_Strict):
 
 
 class EvidenceLogConfig(_Strict):
-    """The durable prediction and feedback log behind the live evidence store (serve_app.evidence_log): every
+    """The durable prediction and feedback log behind the live evidence store (ray_jobs.evidence_log): every
     answered prediction and every label, in a database, so that a restarted store, a redeploy or a cluster
     restart loses no label, and `registry promote` decides on what the log holds."""
 
@@ -571,6 +578,39 @@ class FeedbackConfig(_Strict):
                 raise ConfigError(f"serve.feedback.token_file {self.token_file} is empty")
             return text
         return os.environ.get(self.token_env) or None
+
+
+class RetrainConfig(_Strict):
+    """Retraining that runs itself (python -m ray_jobs retrain, from cron or `ray job submit`): when a trigger
+    fires, the pipeline runs on the base data plus the labelled production reviews of the durable log, and a
+    version that passes the gate goes into shadow. Any one trigger fires it."""
+
+    on_drift_alarm: bool = Field(
+        True, description="fire when the app's /drift alarm is on and began after the last retraining gathered data"
+    )
+    min_new_labels: int | None = Field(
+        1000, ge=1, description="fire when this many labels arrived since the last retraining gathered data; None: off"
+    )
+    every_s: float | None = Field(
+        None, gt=0, description="fire when the last retraining started longer ago than this; None: off"
+    )
+    holdout_fraction: float = Field(
+        0.2,
+        ge=0,
+        lt=1,
+        description="labelled production texts never trained on (by a hash of the request id): both versions are "
+        "scored on them and the scores recorded",
+    )
+    min_production_texts: int = Field(
+        1, ge=0, description="start only with at least this many labelled production texts to train on"
+    )
+    data_dir: str = Field("runs/retrain", description="where each run's production training file is written")
+    lock_lease_s: float = Field(
+        60,
+        gt=0,
+        description="the lease of the one-run-at-a-time lock: a second run waits 1.5x this before it says one is in "
+        "flight; a run that died frees it after this",
+    )
 
 
 class ServeConfig(_Strict):
@@ -760,6 +800,7 @@ class PipelineConfig(_Strict):
     registry: RegistryConfig = RegistryConfig()
     gate: GateConfig = GateConfig()
     serve: ServeConfig = ServeConfig()
+    retrain: RetrainConfig = RetrainConfig()
     ray: RayConfig = RayConfig()
 
     def digest(self) -> str:
@@ -785,6 +826,8 @@ class PipelineConfig(_Strict):
         data = self.data
         if data.path and data.source in ("file", "aclimdb"):
             data = data.model_copy(update={"path": absolute_path(data.path)})
+        if data.extra_train:
+            data = data.model_copy(update={"extra_train": absolute_path(data.extra_train)})
         return self.model_copy(
             update={
                 "data": data,

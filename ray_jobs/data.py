@@ -334,7 +334,28 @@ def load_splits(cfg: DataConfig) -> Splits:
         splits = Splits(train=splits.train, val=splits.val, test=test)
     if cfg.max_train_samples and len(splits.train) > cfg.max_train_samples:
         splits = Splits(train=splits.train.take(range(cfg.max_train_samples)), val=splits.val, test=splits.test)
+    if cfg.extra_train:
+        splits = with_extra_train(splits, load_file(cfg.extra_train))
     return splits
+
+
+def with_extra_train(splits: Splits, extra: Split) -> Splits:
+    """`extra` appended to the train split only: texts already in any split, and repeats, are dropped (a
+    text in validation or test would leak into training)."""
+    seen = {_text_key(t) for split in (splits.train, splits.val, splits.test) for t in split.texts}
+    keep = []
+    for i, text in enumerate(extra.texts):
+        key = _text_key(text)
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    added = extra.take(keep)
+    train = Split(splits.train.texts + added.texts, splits.train.labels + added.labels)
+    return Splits(train=train, val=splits.val, test=splits.test)
+
+
+def _text_key(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -79,14 +79,15 @@ class Registry(Tracking):
         return f"{self.name}{LOCK_SUFFIX}"
 
     @contextlib.contextmanager
-    def lock(self, timeout_s: float = 3600, lease_s: float = 60) -> Iterator[GateLease]:
+    def lock(self, timeout_s: float = 3600, lease_s: float = 60, name: str | None = None) -> Iterator[GateLease]:
         """An exclusive lease on this model's aliases, held in the registry itself so that it holds for
         every driver that shares the registry: on other nodes, in other clusters. A heartbeat renews it
         every lease_s/4; a holder that died (SIGKILL, a lost node) stops renewing, and a waiter that sees
         no renewal for lease_s of its own clock takes it over. Yields a GateLease: write aliases and the
         rollout through `lease.fenced()` (or pass it to set_aliases & co.), which refuses the writes of a
-        holder that lost its lease. Exact on a database store; ray_jobs.registry_lock says what holds where."""
-        lease = GateLease(self, lease_s)
+        holder that lost its lease. Exact on a database store; ray_jobs.registry_lock says what holds where.
+        `name`: another lock of the same kind on this model (retrain: one retraining at a time)."""
+        lease = GateLease(self, lease_s, f"{self.name}.{name}-lock" if name else self.lock_name)
         lease.acquire(timeout_s)
         try:
             yield lease

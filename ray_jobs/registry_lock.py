@@ -62,17 +62,16 @@ class Writes(Protocol):
 class GateLease:
     """The registry-held lock of `Registry.lock` (see there and this module's docstring)."""
 
-    def __init__(self, reg, lease_s: float):
+    def __init__(self, reg, lease_s: float, lock_name: str | None = None):
         # reg: the ray_jobs.registry.Registry whose lock this is (not imported: that module imports this one)
         if lease_s <= 0:
             raise ValueError("lease_s must be positive")
         self.reg, self.lease_s = reg, lease_s
+        self.lock_name = lock_name = lock_name or reg.lock_name  # another name: another lock (one retraining)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         reg.client  # noqa: B018 - creates the embedded store's folder, which the lock's store opens too
         db_uri = reg.cfg.lock_db_uri or (reg.uri if is_database_uri(reg.uri) else None)
-        self.store: _SqlLease | _ApiLease = (
-            _SqlLease(db_uri, reg.lock_name) if db_uri else _ApiLease(reg.uri, reg.lock_name)
-        )
+        self.store: _SqlLease | _ApiLease = _SqlLease(db_uri, lock_name) if db_uri else _ApiLease(reg.uri, lock_name)
         self._stop = threading.Event()
         self._lost: str | None = None
         self._beat: threading.Thread | None = None
@@ -101,11 +100,11 @@ class GateLease:
                     break
                 seen = None  # someone else did, or the holder came back: start counting again
             if not waited:
-                log.info("waiting for the gate lock on %s (held by %s)", self.reg.name, _owner(value))
+                log.info("waiting for the lock %s (held by %s)", self.lock_name, _owner(value))
                 waited = True
             if now > deadline:
                 raise RegistryError(
-                    f"timed out after {timeout_s:.0f} s waiting for the gate lock {self.reg.lock_name} "
+                    f"timed out after {timeout_s:.0f} s waiting for the gate lock {self.lock_name} "
                     f"(held by {_owner(value)})"
                 )
             time.sleep(0.2 + 0.3 * (uuid.uuid4().int % 100) / 100)  # jitter: waiters do not poll in step
@@ -129,20 +128,20 @@ class GateLease:
         value = self.reg._call("read the gate lock", self.store.read)
         if self._lost or _owner(value) != self.owner:
             why = self._lost or f"now held by {_owner(value)}"
-            raise RegistryError(f"lost the gate lock {self.reg.lock_name} ({why})")
+            raise RegistryError(f"lost the gate lock {self.lock_name} ({why})")
 
     @contextlib.contextmanager
     def fenced(self) -> Iterator[Writes]:
         """Writes to the registered model that happen only while this process holds the lock: all of them
         or none (a database store), refused with RegistryError if the lease was taken over."""
         if self._lost:
-            raise RegistryError(f"lost the gate lock {self.reg.lock_name} ({self._lost})")
+            raise RegistryError(f"lost the gate lock {self.lock_name} ({self._lost})")
         try:
             with self.store.fenced(self.owner, self._value(uuid.uuid4().hex[:8]), self.reg.name) as writes:
                 yield writes
         except LeaseLost as err:
             raise RegistryError(
-                f"lost the gate lock {self.reg.lock_name} (now held by {err.holder}): nothing written"
+                f"lost the gate lock {self.lock_name} (now held by {err.holder}): nothing written"
             ) from None
 
     def release(self) -> None:

@@ -1,6 +1,6 @@
 """The live evidence store: one deployment per app that keeps what each version predicted for each
 request id, the true labels POST /feedback gives, and live metrics; everything it is told goes to the
-durable log (serve_app.evidence_log) as well.
+durable log (ray_jobs.evidence_log) as well.
 
 - Predictions arrive from the replicas (serve_app.rollout.EvidenceFeed) and are written to the log in
   batches every `serve.feedback.log.flush_s`, off every response path. What cannot be written within
@@ -29,8 +29,9 @@ import numpy as np
 from ray import serve
 
 from ray_jobs.config import FeedbackConfig, evidence_log_uri
+from ray_jobs.evidence_log import EvidenceLog, Label, Prediction
 from ray_jobs.inference import classification_metrics
-from serve_app.evidence_log import EvidenceLog, Label, LogUnavailable, LogWriter, Prediction
+from serve_app.log_writer import LogUnavailable, LogWriter
 from serve_app.rollout import CHALLENGER, CHAMPION, Entry
 from serve_app.schemas import AppArgs
 

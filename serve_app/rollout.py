@@ -4,7 +4,7 @@ A replica that serves a challenger beside the champion (ray_jobs.rollout: shadow
 text with one version and, for a `mirror` share of texts, has the other version score it after the
 answer has left. Every answer carries a `request_id`. Replicas send what each version predicted for
 each request id (`EvidenceFeed`, fire-and-forget) to the app's live evidence store
-(serve_app.evidence_store), which writes it to the durable log (serve_app.evidence_log).
+(serve_app.evidence_store), which writes it to the durable log (ray_jobs.evidence_log).
 
 Nothing here can fail a request: a replica sends one call at a time without waiting for it, keeps what it
 could not send (bounded) and sends it again once the store is back; only what overflows is dropped, counted.

@@ -47,6 +47,22 @@ def tiny_config(tmp: Path, *extra: str):
     return load_config(ROOT / "tune_configs" / "quickstart.yaml", [*TINY, *paths, *extra])
 
 
+def small_app(port: int, prefix: str, app: str) -> list[str]:
+    """--set values of a one-replica app of the tiny model at `prefix`: fp32, half a core, no explainer, no
+    drift monitor (the tests that are about them turn them on)."""
+    return [
+        f"serve.port={port}",
+        f"serve.route_prefix={prefix}",
+        f"serve.app_name={app}",
+        "serve.precision=fp32",
+        "serve.num_cpus=0.5",
+        "serve.autoscaling.min_replicas=1",
+        "serve.autoscaling.max_replicas=1",
+        "serve.explain.enabled=false",
+        "serve.drift.enabled=false",
+    ]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,8 +10,9 @@ import asyncio
 
 import pytest
 
-from serve_app.evidence_log import EvidenceLog, LogUnavailable
+from ray_jobs.evidence_log import EvidenceLog
 from serve_app.evidence_store import LiveEvidence
+from serve_app.log_writer import LogUnavailable
 from serve_app.rollout import Entry
 
 
@@ -26,7 +27,7 @@ def log_uri(request, tmp_path):
     # One database per test: drop what an earlier test left.
     import sqlalchemy as sa
 
-    from serve_app.evidence_log import _meta
+    from ray_jobs.evidence_log import _meta
 
     _meta.drop_all(sa.create_engine(uri))
     return uri

@@ -13,7 +13,16 @@ import time
 import httpx
 import numpy as np
 import pytest
-from conftest import FEEDBACK_AUTH, ROOT, TINY, labels_survive, model_process, request_stream, store_pid
+from conftest import (
+    FEEDBACK_AUTH,
+    ROOT,
+    TINY,
+    labels_survive,
+    model_process,
+    request_stream,
+    small_app,
+    store_pid,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -45,15 +54,7 @@ def ro(serve_port, ray_cluster, tmp_path_factory, trained_tiny, untrained_tiny, 
         *TINY,
         f"registry.root={root}",
         "registry.model_name=ro-model",
-        f"serve.port={serve_port}",
-        f"serve.route_prefix={PREFIX}",
-        "serve.app_name=ro",
-        "serve.precision=fp32",
-        "serve.num_cpus=0.5",
-        "serve.autoscaling.min_replicas=1",
-        "serve.autoscaling.max_replicas=1",
-        "serve.explain.enabled=false",
-        "serve.drift.enabled=false",
+        *small_app(serve_port, PREFIX, "ro"),
         f"gate.live_min_labelled={MIN_LABELLED}",
     ]
     if postgres[0]:  # the durable evidence log on PostgreSQL (tests/test_drift_serve.py: on the default SQLite)

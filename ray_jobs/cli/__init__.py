@@ -18,6 +18,7 @@ COMMANDS = {
     "behaviour": "the behavioural test suite on any model",
     "deploy": "deploy the champion with Ray Serve, or hot-swap a running app to it",
     "registry": "versions, aliases, rollback, promotion, and challengers on live traffic",
+    "retrain": "when a trigger fires, retrain on production labels and shadow the result",
     "onnx": "export a version to ONNX once and guard its accuracy",
     "config": "every config key with its value, type and meaning",
 }

@@ -1,5 +1,6 @@
-"""The durable prediction and feedback log: what the live evidence store (serve_app.rollout) knows, in a
-database, so that a killed store, a redeploy or a cluster restart loses no label.
+"""The durable prediction and feedback log: what the live evidence store (serve_app.evidence_store) knows,
+in a database, so that a killed store, a redeploy or a cluster restart loses no label; and what the
+retrain command (ray_jobs.retrain) reads back.
 
 Two tables, keyed by the Serve app's name so that several apps can share one database:
 - `evidence_predictions`: one row per (request id, version): the slot (champion | challenger), whether that
@@ -9,7 +10,7 @@ Two tables, keyed by the Serve app's name so that several apps can share one dat
   stands (a second is refused by the store before it gets here; the insert ignores a duplicate anyway).
 
 Only the store writes (one process: SQLite's single writer suits it), in batches off the response path
-(`LogWriter`).
+(serve_app.log_writer).
 Every insert is INSERT ... ON CONFLICT DO NOTHING, so a batch written twice (a retry after a timeout)
 changes nothing: hence SQLite or PostgreSQL, the two dialects whose insert has it in SQLAlchemy.
 Blocking calls: the store runs them in a thread.
@@ -17,19 +18,14 @@ Blocking calls: the store runs them in a thread.
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import logging
-import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
-from ray_jobs.config import EvidenceLogConfig, mask_password
+from ray_jobs.config import mask_password
 from ray_jobs.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 _meta = sa.MetaData()
 PREDICTIONS = sa.Table(
@@ -100,12 +96,15 @@ class EvidenceLog:
             # The store's event loop hands calls to worker threads: one connection shared by them.
             kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}}
         try:
-            self.engine = sa.create_engine(uri, **kwargs)
+            url = sa.engine.make_url(uri)
+            if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+                Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            self.engine = sa.create_engine(url, **kwargs)
             self._insert = _insert(self.engine.dialect.name)
             if self.engine.dialect.name == "sqlite":
                 sa.event.listen(self.engine, "connect", _sqlite_wal)
             _meta.create_all(self.engine)
-        except sa.exc.SQLAlchemyError as err:
+        except (sa.exc.SQLAlchemyError, OSError) as err:
             raise ConfigError(f"the evidence log at {mask_password(uri)} cannot be opened: {err}") from None
 
     def write(self, predictions: Sequence[Prediction], labels: Sequence[Label] = ()) -> None:
@@ -173,6 +172,25 @@ class EvidenceLog:
             "labelled_at": [float(r[4]) for r in rows],
         }
 
+    def labels_since(self, since: float) -> int:
+        """Labels that arrived after `since` (the retrain trigger's count)."""
+        with self.engine.connect() as conn:
+            n = conn.execute(sa.select(sa.func.count()).where(LABELS.c.app == self.app, LABELS.c.t > since)).scalar()
+        return int(n or 0)
+
+    def labelled_texts(self, until: float) -> list[tuple[str, str, int]]:
+        """(request id, text, true label) of every labelled request whose answered prediction kept its text
+        (serve.log_texts), labelled up to `until`, in the order the labels came."""
+        p = PREDICTIONS
+        query = (
+            sa.select(LABELS.c.request_id, p.c.text, LABELS.c.label)
+            .join(p, sa.and_(p.c.app == LABELS.c.app, p.c.request_id == LABELS.c.request_id))
+            .where(LABELS.c.app == self.app, LABELS.c.t <= until, p.c.answered.is_(True), p.c.text.is_not(None))
+            .order_by(LABELS.c.t, LABELS.c.request_id)
+        )
+        with self.engine.connect() as conn:
+            return [(r[0], r[1], int(r[2])) for r in conn.execute(query).all()]
+
     def counts(self) -> dict[str, int]:
         with self.engine.connect() as conn:
             n_pred = conn.execute(sa.select(sa.func.count()).where(PREDICTIONS.c.app == self.app)).scalar()
@@ -201,93 +219,3 @@ def _sqlite_wal(dbapi_conn, _record) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
-
-
-class LogUnavailable(RuntimeError):
-    """The durable log could not take a write."""
-
-
-class LogWriter:
-    """Write-behind to an EvidenceLog from an asyncio event loop (the store's): predictions wait in a
-    bounded queue and go in one transaction every `flush_s`; a label goes at once, with whatever
-    predictions wait, and its caller resumes when the database has it. Blocking calls run in a thread.
-    Started on the first call (no loop runs yet when the store is built)."""
-
-    def __init__(self, log: EvidenceLog, cfg: EvidenceLogConfig, retention_s: float):
-        self.log, self.cfg, self.retention_s = log, cfg, retention_s
-        self.pending: collections.deque[Prediction] = collections.deque()
-        self._labels: list[tuple[Label, asyncio.Future]] = []
-        self._wake: asyncio.Event | None = None
-        self._write_lock: asyncio.Lock | None = None
-        self._task: asyncio.Task | None = None
-        self._pruned_at = time.time()
-        self.stats: dict[str, Any] = {"written": 0, "dropped": 0, "errors": 0, "last_error": None, "pruned": 0}
-
-    def add(self, predictions: Iterable[Prediction]) -> None:
-        self.pending.extend(predictions)
-        over = len(self.pending) - self.cfg.max_pending
-        if over > 0:
-            for _ in range(over):
-                self.pending.popleft()
-            self.stats["dropped"] += over
-            log.warning("evidence log: %d predictions dropped, the database is behind (max_pending)", over)
-        self._start()
-
-    async def label(self, label: Label) -> None:
-        """Returns once the label (and the predictions before it) is in the database; else LogUnavailable."""
-        self._start()
-        done = asyncio.get_running_loop().create_future()
-        self._labels.append((label, done))
-        self._wake.set()  # labels do not wait for the next tick: one write takes every label waiting
-        await done
-
-    async def flush(self) -> None:
-        """Write what waits, in one transaction. On failure the predictions wait again (bounded) and the
-        labels' callers get LogUnavailable."""
-        self._start()
-        async with self._write_lock:
-            preds = list(self.pending)
-            self.pending.clear()
-            waiting, self._labels = self._labels, []
-            if not preds and not waiting:
-                return
-            try:
-                await asyncio.to_thread(self.log.write, preds, [lab for lab, _ in waiting])
-            except Exception as err:  # noqa: BLE001 - reported at /challenger, predictions retried
-                self.stats["errors"] += 1
-                self.stats["last_error"] = f"{type(err).__name__}: {str(err)[:300]}"
-                log.warning("evidence log: write failed, %d predictions kept for retry: %s", len(preds), err)
-                self.pending.extendleft(reversed(preds))
-                self.add(())  # the bound again
-                for _, done in waiting:
-                    if not done.done():
-                        done.set_exception(LogUnavailable(self.stats["last_error"]))
-                return
-            self.stats["written"] += len(preds)
-            for _, done in waiting:
-                if not done.done():
-                    done.set_result(None)
-
-    def report(self, uri: str) -> dict[str, Any]:
-        return {"uri": mask_password(uri), "pending": len(self.pending), **self.stats}
-
-    def _start(self) -> None:
-        if self._wake is None:
-            self._wake, self._write_lock = asyncio.Event(), asyncio.Lock()
-        if self._task is None or self._task.done():
-            self._task = asyncio.ensure_future(self._loop())
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.cfg.flush_s)
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            await self.flush()
-            if time.time() - self._pruned_at > self.cfg.prune_every_s:
-                self._pruned_at = time.time()
-                try:
-                    self.stats["pruned"] += await asyncio.to_thread(self.log.prune, time.time() - self.retention_s)
-                except Exception as err:  # noqa: BLE001 - tried again at the next interval
-                    log.warning("evidence log: pruning failed: %s", err)
