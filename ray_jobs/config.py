@@ -500,8 +500,10 @@ class EvidenceLogConfig(_Strict):
     uri: str | None = Field(
         None,
         description="a SQLAlchemy URL: sqlite:///path (one node: the store's) or postgresql://user:pass@host/db "
-        "(any node; may be the MLflow database). None: sqlite:///<registry.root>/evidence.db. {head_ip} stands "
-        "for the Ray head's address. Pass a password from the environment (--set ...=$VAR): runs record it as ***",
+        "(any node; may be the MLflow database). None: the registry's PostgreSQL database where registry."
+        "tracking_uri or registry.lock_db_uri names one, else sqlite:///<registry.root>/evidence.db. {head_ip} "
+        "stands for the Ray head's address. Pass a password from the environment (--set ...=$VAR): runs record "
+        "it as ***",
     )
     flush_s: float = Field(
         0.5,
@@ -759,9 +761,15 @@ def serving_device(serve: ServeConfig) -> str:
 
 
 def evidence_log_uri(serve: ServeConfig, registry: RegistryConfig) -> str:
-    """The durable prediction and feedback log's database: serve.feedback.log.uri, else a SQLite file
-    beside the embedded MLflow store."""
-    return serve.feedback.log.uri or f"sqlite:///{absolute_path(registry.root)}/evidence.db"
+    """The durable prediction and feedback log's database: serve.feedback.log.uri; else the registry's
+    PostgreSQL database (registry.tracking_uri, or registry.lock_db_uri behind an MLflow server), where the
+    registry has one; else a SQLite file under registry.root (beside the embedded MLflow store)."""
+    if serve.feedback.log.uri:
+        return serve.feedback.log.uri
+    for uri in (registry.tracking_uri, registry.lock_db_uri):
+        if uri and uri.startswith("postgresql"):
+            return uri
+    return f"sqlite:///{absolute_path(registry.root)}/evidence.db"
 
 
 def served_model_uri(serve: ServeConfig, registry: RegistryConfig) -> str:

@@ -116,6 +116,35 @@ def test_drift_windows_alarm_on_shifted_text_only_and_reach_prometheus(drift_app
     assert alarm and alarm[-1].split()[-1] == "1.0", alarm
 
 
+def test_the_drift_alarm_fires_the_retrain_trigger_once(drift_app, drift_args, serve_port):
+    """ray_jobs.retrain's drift trigger reads this app's /drift: the alarm the shifted window raised fires
+    it, and once a retraining run has gathered data after the alarm began, the same alarm does not."""
+    from ray_jobs.config import evidence_log_uri, load_config
+    from ray_jobs.evidence_log import EvidenceLog
+    from ray_jobs.registry import Registry
+    from ray_jobs.retrain import RETRAIN_TAG, triggers
+
+    assert httpx.get(f"{drift_app[0]}/drift", timeout=30).json()["alarm"] is True  # from the test above
+    cfg = load_config(
+        None,
+        [
+            f"registry.root={drift_args['registry.root']}",
+            "registry.model_name=drift-model",
+            f"serve.port={serve_port}",
+            f"serve.route_prefix={PREFIX}",
+            "serve.app_name=driftapp",
+            "retrain.min_new_labels=null",
+        ],
+    )
+    reg = Registry(cfg.registry)
+    log = EvidenceLog(evidence_log_uri(cfg.serve, cfg.registry), cfg.serve.app_name)
+    [reason] = triggers(cfg, reg, log)
+    assert reason.startswith("drift alarm on version 1 since ")
+    run = reg.start_run("retrain-after-the-alarm", {RETRAIN_TAG: "finished", "retrain.labels_until": f"{time.time()}"})
+    assert triggers(cfg, reg, log) == []
+    reg.end_run(run)
+
+
 def test_a_redeploy_keeps_the_drift_windows(drift_app, drift_args):
     """Every rollout step redeploys the app: the model replicas are replaced, the monitor (a fixed
     version) is not, and its windows, history and alarm stay."""
