@@ -367,7 +367,9 @@ def test_a_search_stopped_then_killed_resumes_where_it_stopped_each_time(job_clu
     info = httpx.get(f"http://127.0.0.1:{serve_port}/model", timeout=10).json()
     assert info["version"] == "1" and info["model_uri"] == "models:/sentiment-distilbert@champion"
     assert list((server_root / "artifacts").rglob("model.safetensors"))
-    assert not list(tmp_path.rglob("mlflow.db")) and not list(tmp_path.rglob("model.safetensors"))
+    # No embedded store beside the driver: no MLflow database, no registered model files (registry.root
+    # holds only the evidence log's SQLite file: this config names no database for it).
+    assert not list(tmp_path.rglob("mlflow.db")) and not list((tmp_path / "mlflow").rglob("model.safetensors"))
     assert reg.champion() == "1"
     # Each piece ran where the resources put it: driver on the head, training and serving on their nodes.
     assert job["driver_node_id"] == job_cluster.node_ids["head"]
