@@ -692,6 +692,23 @@ def load_texts(args) -> list[str]:
     return [f"{t} (#{i})" for i, t in enumerate(texts)]
 
 
+def spread(results: dict[str, dict[int, dict]]) -> None:
+    """Each variant's share of the bound over its rounds, per level: min / median / max (a single round
+    moves by +-10 points on a 2-core machine, so one number says little)."""
+    by: dict[tuple[str, int], list[float]] = {}
+    for key, per in results.items():
+        variant = key.partition(" ")[0]
+        for level, r in per.items():
+            by.setdefault((variant, level), []).append(r["of_bound"])
+    for (variant, level), shares in by.items():
+        if len(shares) > 1:
+            s = sorted(shares)
+            print(
+                f"{level} clients, {variant}: {s[len(s) // 2]:.0%} of the bound, median of {len(s)} rounds "
+                f"(min {s[0]:.0%}, max {s[-1]:.0%})"
+            )
+
+
 def log_cost(results: dict[str, dict[int, dict]]) -> None:
     """The durable log's cost: each variant with the log against the same variant without it, per round
     (same run, alternating), and whether every answered request was written."""
@@ -827,6 +844,7 @@ def main() -> int:
                     f"{base['p50']:.0f} ms, p99 {r['p99']:.0f} vs {base['p99']:.0f} ms, errors {r['errors']}; "
                     f"mirrored {r.get('mirrored', '-')}, skipped {r.get('mirror_skipped', '-')}"
                 )
+    spread(results)
     log_cost(results)
     runtimes = None
     if any(k.split(" ")[0] in RUNTIME_VARIANTS for k in results):
