@@ -530,7 +530,7 @@ class EvidenceLogConfig(_Strict):
 
 
 class FeedbackConfig(_Strict):
-    """Live evidence (serve_app.rollout): every answer carries a request_id; replicas send what each
+    """Live evidence (serve_app.evidence_store): every answer carries a request_id; replicas send what each
     version predicted to one store deployment, POST /feedback adds the true label, and GET /challenger
     reports per-version agreement, latency and live F1. Bounded: the oldest records leave first."""
 
