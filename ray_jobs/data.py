@@ -342,10 +342,10 @@ def load_splits(cfg: DataConfig) -> Splits:
 def with_extra_train(splits: Splits, extra: Split) -> Splits:
     """`extra` appended to the train split only: texts already in any split, and repeats, are dropped (a
     text in validation or test would leak into training)."""
-    seen = {_text_key(t) for split in (splits.train, splits.val, splits.test) for t in split.texts}
+    seen = {text_key(t) for split in (splits.train, splits.val, splits.test) for t in split.texts}
     keep = []
     for i, text in enumerate(extra.texts):
-        key = _text_key(text)
+        key = text_key(text)
         if key not in seen:
             seen.add(key)
             keep.append(i)
@@ -354,8 +354,16 @@ def with_extra_train(splits: Splits, extra: Split) -> Splits:
     return Splits(train=train, val=splits.val, test=splits.test)
 
 
-def _text_key(text: str) -> str:
+def text_key(text: str) -> str:
+    """A text's identity for deduplication (its sha256)."""
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def unit_hash(key: str, salt: str) -> float:
+    """A uniform number in [0, 1) fixed by `key`: the same key always falls on the same side of a share
+    (canary routing, mirroring, the retraining holdout), independently for each salt."""
+    digest = hashlib.blake2b(f"{salt}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 # --------------------------------------------------------------------------------------------------

@@ -90,22 +90,22 @@ class EvidenceLog:
     """The log of one Serve app in the database at `uri` (tables created if missing)."""
 
     def __init__(self, uri: str, app: str):
-        self.app = app
-        kwargs: dict[str, Any] = {"pool_pre_ping": True}
-        if uri.startswith("sqlite"):
-            # The store's event loop hands calls to worker threads: one connection shared by them.
-            kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}}
+        self.app, self.uri = app, mask_password(uri)  # the URI as reports may show it
         try:
             url = sa.engine.make_url(uri)
-            if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-                Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+            self._insert = _insert(url.get_backend_name())
+            kwargs: dict[str, Any] = {"pool_pre_ping": True}
+            if url.get_backend_name() == "sqlite":
+                # The store's event loop hands calls to worker threads: one connection shared by them.
+                kwargs = {"connect_args": {"check_same_thread": False, "timeout": 30}}
+                if url.database and url.database != ":memory:":
+                    Path(url.database).parent.mkdir(parents=True, exist_ok=True)
             self.engine = sa.create_engine(url, **kwargs)
-            self._insert = _insert(self.engine.dialect.name)
-            if self.engine.dialect.name == "sqlite":
+            if url.get_backend_name() == "sqlite":
                 sa.event.listen(self.engine, "connect", _sqlite_wal)
             _meta.create_all(self.engine)
         except (sa.exc.SQLAlchemyError, OSError) as err:
-            raise ConfigError(f"the evidence log at {mask_password(uri)} cannot be opened: {err}") from None
+            raise ConfigError(f"the evidence log at {self.uri} cannot be opened: {err}") from None
 
     def write(self, predictions: Sequence[Prediction], labels: Sequence[Label] = ()) -> None:
         """Both in one transaction: a label is never kept without the predictions that came before it."""
@@ -203,9 +203,6 @@ class EvidenceLog:
             n = conn.execute(sa.delete(PREDICTIONS).where(PREDICTIONS.c.app == self.app, PREDICTIONS.c.t < before))
             m = conn.execute(sa.delete(LABELS).where(LABELS.c.app == self.app, LABELS.c.t < before))
         return int(n.rowcount or 0) + int(m.rowcount or 0)
-
-    def close(self) -> None:
-        self.engine.dispose()
 
 
 def _prediction_columns() -> Iterable[sa.Column]:

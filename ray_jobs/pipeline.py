@@ -103,7 +103,8 @@ def run_gate(
             "gate.n": decision.n,
             "gate.timestamp": time.time(),
         }
-        if shadows(cfg, decision, champ):
+        to_shadow = shadows(cfg, decision, champ)
+        if to_shadow:
             # A running rollout is another version's live experiment: refused, not replaced (the gate's
             # verdict is kept in the tags; `registry abort` then `registry shadow <version>` follows it).
             try:
@@ -114,7 +115,7 @@ def run_gate(
                 )
                 raise GateError(f"version {version} passed the gate but is not shadowed: {err}") from None
         reg.set_version_tags(version, tags)
-        if shadows(cfg, decision, champ):
+        if to_shadow:
             # gate.on_pass: shadow. The champion stays; the new version is mirrored on live traffic
             # until `python -m ray_jobs registry promote` decides on the live evidence (ray_jobs.rollout).
             shadow = Rollout(
@@ -140,7 +141,7 @@ def run_gate(
             if reg.champion() != version:
                 raise GateError("the champion alias did not take the new version")
         # From here on a promotion has happened: a failure says so (exit code 4), never "nothing promoted".
-        promoted = version if decision.promote and not shadows(cfg, decision, champ) else None
+        promoted = version if decision.promote and not to_shadow else None
         with promoted_steps(promoted, "recording the gate decision"):
             # A tag holds 5,000 characters: the failing examples stay in gate_decision.json.
             event = {"event": "gate", "version": version, "champion_before": champ, **decision.to_dict()}

@@ -27,7 +27,7 @@ the shadowed version is decided first (`registry promote` or `registry abort`).
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import logging
 import time
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray_jobs.config import PipelineConfig, absolute_path, evidence_log_uri
-from ray_jobs.data import Split
+from ray_jobs.data import Split, text_key, unit_hash
 from ray_jobs.errors import ConfigError, RegistryError, SentimentError
 from ray_jobs.evidence_log import EvidenceLog
 from ray_jobs.registry import Registry
@@ -62,7 +62,6 @@ class Production:
 
     train: Split
     holdout: Split
-    until: float  # labels up to this time
 
     def digests(self) -> dict[str, str]:
         return {"production_train": self.train.digest(), "production_holdout": self.holdout.digest()}
@@ -107,14 +106,14 @@ def production_data(evidence: EvidenceLog, until: float, holdout_fraction: float
     seen: set[str] = set()
     train_t, train_y, hold_t, hold_y = [], [], [], []
     for request_id, text, label in evidence.labelled_texts(until):
-        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-        if digest in seen:
+        key = text_key(text)
+        if key in seen:
             continue
-        seen.add(digest)
-        held = _unit(request_id) < holdout_fraction
+        seen.add(key)
+        held = unit_hash(request_id, "holdout") < holdout_fraction
         (hold_t if held else train_t).append(text)
         (hold_y if held else train_y).append(int(label))
-    return Production(Split(train_t, train_y), Split(hold_t, hold_y), until)
+    return Production(Split(train_t, train_y), Split(hold_t, hold_y))
 
 
 def retrain(cfg: PipelineConfig, force: bool = False, deploy_app: bool = True) -> RetrainResult:
@@ -133,15 +132,13 @@ def retrain(cfg: PipelineConfig, force: bool = False, deploy_app: bool = True) -
             message=f"version {running.version} is in {running.mode}: decide it first (registry promote or abort); "
             "nothing started",
         )
-    try:
-        lease = reg.lock(timeout_s=1.5 * cfg.retrain.lock_lease_s, lease_s=cfg.retrain.lock_lease_s, name="retrain")
-        lease.__enter__()
-    except RegistryError as err:
-        return RetrainResult(reasons, message=f"a retraining run is in flight ({err}): nothing started")
-    try:
+    with contextlib.ExitStack() as held:
+        lease_s = cfg.retrain.lock_lease_s
+        try:  # only the lock's own failure means "in flight"; the run's errors pass through
+            held.enter_context(reg.lock(timeout_s=1.5 * lease_s, lease_s=lease_s, name="retrain"))
+        except RegistryError as err:
+            return RetrainResult(reasons, message=f"a retraining run is in flight ({err}): nothing started")
         return _run(cfg, reg, evidence, reasons, deploy_app)
-    finally:
-        lease.__exit__(None, None, None)
 
 
 def _run(
@@ -157,7 +154,12 @@ def _run(
             f"{cfg.retrain.min_production_texts} (the log keeps texts only where serve.log_texts is on): "
             "nothing started"
         )
-    log.info("retrain: %s; %d production texts to train on, %d held out", "; ".join(reasons), *_sizes(prod))
+    log.info(
+        "retrain: %s; %d production texts to train on, %d held out",
+        "; ".join(reasons),
+        len(prod.train),
+        len(prod.holdout),
+    )
     folder = Path(absolute_path(cfg.retrain.data_dir))
     folder.mkdir(parents=True, exist_ok=True)
     train_file = folder / f"production-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(until))}.parquet"
@@ -238,13 +240,5 @@ def _drift_alarm(cfg: PipelineConfig) -> dict | None:
     return body if body.get("alarm") and body.get("alarm_since") else None
 
 
-def _unit(key: str) -> float:
-    return int.from_bytes(hashlib.blake2b(f"holdout:{key}".encode(), digest_size=8).digest(), "big") / 2**64
-
-
 def _when(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
-def _sizes(prod: Production) -> tuple[int, int]:
-    return len(prod.train), len(prod.holdout)

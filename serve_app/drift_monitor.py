@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -32,7 +30,7 @@ from ray import serve
 
 from ray_jobs.drift import REFERENCE_FILE, Detector, Features, Reference, bonferroni
 from ray_jobs.registry import Registry
-from serve_app.schemas import AppArgs
+from serve_app.schemas import AppArgs, settings_version
 
 log = logging.getLogger(__name__)
 
@@ -260,15 +258,14 @@ def drift_deployment(a: AppArgs):
     d, s = a.serve.drift, a.serve
     if not d.enabled:
         return None
-    # A version fixed by what the monitor reads (its settings and the registry holding the references):
-    # every rollout step redeploys the app, and with Serve's random per-run version each redeploy would
-    # replace the monitor and lose its windows, history and alarm (as for the evidence store).
-    blob = json.dumps([d.model_dump(mode="json"), a.registry.model_dump(mode="json"), s.app_name], sort_keys=True)
+    # Fixed by what the monitor reads (its settings, the registry holding the references): a redeploy keeps
+    # its windows, history and alarm.
+    version = settings_version(d.model_dump(mode="json"), a.registry.model_dump(mode="json"), s.app_name)
     return DriftService.options(
         name=f"{s.app_name}-drift",
         # No serve.resources: a unit of a custom resource such as {serve: 1} is sized for a model
         # replica, and the monitor holding one would keep a replica off its node.
         ray_actor_options={"num_cpus": d.num_cpus},
-        version=hashlib.sha256(blob.encode()).hexdigest()[:16],
+        version=version,
         _internal=True,
     ).bind(a.model_dump(mode="json"))

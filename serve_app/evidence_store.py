@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
-import json
 import logging
 import time
 from typing import Any
@@ -33,7 +31,7 @@ from ray_jobs.evidence_log import EvidenceLog, Label, Prediction
 from ray_jobs.inference import classification_metrics
 from serve_app.log_writer import LogUnavailable, LogWriter
 from serve_app.rollout import CHALLENGER, CHAMPION, Entry
-from serve_app.schemas import AppArgs
+from serve_app.schemas import AppArgs, settings_version
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +46,11 @@ class _Record:
         self.answered_by: str | None = None
         self.by: dict[str, tuple[int, float]] = {}  # version -> (label, P(positive))
         self.label: int | None = None
+
+    def scored(self, version: str, label: int, p_positive: float, answered: bool) -> None:
+        self.by[version] = (int(label), float(p_positive))
+        if answered:
+            self.answered_by = version
 
 
 def _confidence(p_positive: float) -> float:
@@ -94,7 +97,7 @@ class LiveEvidence:
         self.evicted = 0
         self.feedback_total = 0
         self.started_at = time.time()
-        self.log_uri, self.log, self.writer, self.loaded = log_uri, None, None, 0
+        self.log, self.writer, self.loaded = None, None, 0
         if log_uri:
             self.log = EvidenceLog(_expand_head_ip(log_uri), app)
             self.writer = LogWriter(self.log, self.cfg.log, self.cfg.retention_s)
@@ -107,10 +110,8 @@ class LiveEvidence:
             rec = self.records.get(e.request_id)
             if rec is None:
                 rec = self.records[e.request_id] = _Record(now)
-            rec.by[e.version] = (int(e.label), float(e.p_positive))
+            rec.scored(e.version, e.label, e.p_positive, e.answered)
             role = "answered" if e.answered else "mirrored"
-            if e.answered:
-                rec.answered_by = e.version
             self.counts[(e.version, role)] += 1
             self.latency[(e.version, role)].append(float(e.seconds))
             self.slots[e.slot] = e.version
@@ -187,7 +188,7 @@ class LiveEvidence:
             "max_records": self.cfg.max_records,
             "retention_s": self.cfg.retention_s,
             "started_at": self.started_at,
-            "log": None if self.writer is None else {**self.writer.report(self.log_uri), "loaded": self.loaded},
+            "log": None if self.writer is None else {**self.writer.report(), "loaded": self.loaded},
         }
         self._publish(out)
         return out
@@ -214,29 +215,25 @@ class LiveEvidence:
     def _load(self) -> None:
         """The newest predictions and their labels, back from the log (a restarted store)."""
         preds, labels = self.log.recent(time.time() - self.cfg.retention_s, self.cfg.max_records)
-        for p in preds:
-            rec = self.records.get(p.request_id)
-            if rec is None:
-                rec = self.records[p.request_id] = _Record(p.t)
-            rec.by[p.version] = (p.label, p.p_positive)
-            if p.answered:
-                rec.answered_by = p.version
-            rec.label = labels.get(p.request_id)
+        self._remember(preds, labels)
         self.loaded = len(self.records)
         if self.records:
             log.info("evidence store: %d requests (%d labelled) loaded from the log", len(self.records), len(labels))
 
     async def _from_log(self, request_id: str) -> _Record | None:
         preds, label = await asyncio.to_thread(self.log.find, request_id)
-        if not preds:
-            return None
-        rec = self.records[request_id] = _Record(min(p.t for p in preds))
+        self._remember(preds, {} if label is None else {request_id: label})
+        return self.records.get(request_id)
+
+    def _remember(self, preds: list[Prediction], labels: dict[str, int]) -> None:
+        """Predictions and labels read back from the log, into the memory view (every row of one request
+        carries the time its record was made)."""
         for p in preds:
-            rec.by[p.version] = (p.label, p.p_positive)
-            if p.answered:
-                rec.answered_by = p.version
-        rec.label = label
-        return rec
+            rec = self.records.get(p.request_id)
+            if rec is None:
+                rec = self.records[p.request_id] = _Record(p.t)
+            rec.scored(p.version, p.label, p.p_positive, p.answered)
+            rec.label = labels.get(p.request_id)
 
     # ------------------------------------------------------------------ the memory view
     def _memory_pairs(self, champion: str, challenger: str, limit: int | None) -> dict[str, list]:
@@ -320,16 +317,9 @@ def evidence_deployment(a: AppArgs):
         return None
     config = f.model_dump(mode="json")
     log_uri = evidence_log_uri(s, a.registry) if f.log.enabled else None
-    # Every step of a rollout redeploys the app, and `serve.run` gives each deployment a new random
-    # version, which replaces its replicas: the store would start again from the log at every
-    # shadow -> canary -> promote, and drop what was pending. A version fixed by the store's own settings
-    # keeps its replica across redeploys (Serve compares versions; `version` is only accepted as an
-    # internal option).
-    blob = json.dumps([config, s.app_name, log_uri], sort_keys=True).encode()
-    version = hashlib.sha256(blob).hexdigest()[:16]
     return LiveEvidenceService.options(
         name=f"{s.app_name}-evidence",
         ray_actor_options={"num_cpus": f.num_cpus},
-        version=version,
+        version=settings_version(config, s.app_name, log_uri),  # kept across the app's redeploys
         _internal=True,
     ).bind(config, s.app_name, log_uri)

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from ray_jobs.config import EvidenceLogConfig, mask_password
+from ray_jobs.config import EvidenceLogConfig
 from ray_jobs.evidence_log import EvidenceLog, Label, Prediction
 
 log = logging.getLogger(__name__)
@@ -39,13 +39,16 @@ class LogWriter:
 
     def add(self, predictions: Iterable[Prediction]) -> None:
         self.pending.extend(predictions)
+        self._bound()
+        self._start()
+
+    def _bound(self) -> None:
         over = len(self.pending) - self.cfg.max_pending
         if over > 0:
             for _ in range(over):
                 self.pending.popleft()
             self.stats["dropped"] += over
             log.warning("evidence log: %d predictions dropped, the database is behind (max_pending)", over)
-        self._start()
 
     async def label(self, label: Label) -> None:
         """Returns once the label (and the predictions before it) is in the database; else LogUnavailable."""
@@ -72,7 +75,7 @@ class LogWriter:
                 self.stats["last_error"] = f"{type(err).__name__}: {str(err)[:300]}"
                 log.warning("evidence log: write failed, %d predictions kept for retry: %s", len(preds), err)
                 self.pending.extendleft(reversed(preds))
-                self.add(())  # the bound again
+                self._bound()
                 for _, done in waiting:
                     if not done.done():
                         done.set_exception(LogUnavailable(self.stats["last_error"]))
@@ -82,8 +85,8 @@ class LogWriter:
                 if not done.done():
                     done.set_result(None)
 
-    def report(self, uri: str) -> dict[str, Any]:
-        return {"uri": mask_password(uri), "pending": len(self.pending), **self.stats}
+    def report(self) -> dict[str, Any]:
+        return {"uri": self.log.uri, "pending": len(self.pending), **self.stats}
 
     def _start(self) -> None:
         if self._wake is None:

@@ -13,9 +13,10 @@ could not send (bounded) and sends it again once the store is back; only what ov
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from typing import NamedTuple
+
+from ray_jobs.data import unit_hash
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +24,6 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 _SEND_TIMEOUT_S = 30.0
 _MAX_BUFFERED = 20_000  # entries a replica holds while it cannot send them; beyond it the oldest are dropped
 _RETRY_S = 1.0  # a replica's pause before it sends again to a store that failed (restarting, most likely)
-
-
-def unit_hash(key: str, salt: str) -> float:
-    """A uniform number in [0, 1) fixed by `key`: the same key always falls on the same side of a share."""
-    digest = hashlib.blake2b(f"{salt}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
 
 
 def routes_to_challenger(routing_key: str, share: float) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
@@ -134,3 +136,12 @@ class AppArgs(BaseModel):
         return self.model_copy(
             update={"serve": self.serve.with_absolute_paths(), "registry": self.registry.with_absolute_paths()}
         )
+
+
+def settings_version(*parts: Any) -> str:
+    """A Serve deployment version fixed by the settings a deployment's replica reads (JSON-able `parts`).
+    Every rollout step redeploys the app, and `serve.run` gives each deployment a new random version,
+    which replaces its replicas: a stateful helper (the evidence store, the drift monitor) would lose
+    what it holds at every shadow -> canary -> promote. With a fixed version Serve keeps its replica
+    until those settings change (`version` is only accepted with `_internal=True`)."""
+    return hashlib.sha256(json.dumps(list(parts), sort_keys=True).encode()).hexdigest()[:16]
