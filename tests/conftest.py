@@ -63,6 +63,35 @@ def small_app(port: int, prefix: str, app: str) -> list[str]:
     ]
 
 
+class _SharedHttp:
+    """`httpx.get`/`httpx.post` on one client shared by all tests (thread-safe). httpx's module functions
+    build a client per call, and each client loads the system's CA certificates: about 20 ms of CPU, which
+    loops of hundreds of requests took from the servers under test on 2 cores. No keep-alive: every request
+    opens its own connection, as `httpx.get` does, so a test that kills a server never reuses a pooled
+    connection to it."""
+
+    def __init__(self) -> None:
+        self._client = None
+        self._lock = threading.Lock()
+
+    def _shared(self):
+        import httpx
+
+        with self._lock:
+            if self._client is None:
+                self._client = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
+            return self._client
+
+    def get(self, url: str, **kwargs):
+        return self._shared().get(url, **{"timeout": 5.0, **kwargs})  # httpx.get's default timeout
+
+    def post(self, url: str, **kwargs):
+        return self._shared().post(url, **{"timeout": 5.0, **kwargs})
+
+
+http = _SharedHttp()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -104,24 +133,23 @@ def labels_survive(url: str, restart, n: int = 20) -> dict:
     """Answer and label `n` requests, run `restart()` (a killed evidence store, a redeployed app), and
     check that the new store has every label: each is counted, a different label for one of them is
     still refused (409), the same one accepted. Returns the new store's /challenger `store` section."""
-    import httpx
 
     texts = [f"a review labelled before the restart, number {i}" for i in range(n)]
     answers = []
     for i in range(0, n, 16):
-        r = httpx.post(f"{url}/batch_predict", json={"texts": texts[i : i + 16]}, timeout=60)
+        r = http.post(f"{url}/batch_predict", json={"texts": texts[i : i + 16]}, timeout=60)
         assert r.status_code == 200, r.text
         answers += r.json()["predictions"]
     labels = {a["request_id"]: ("positive" if i % 3 else "negative") for i, a in enumerate(answers)}
     for rid, label in labels.items():
-        r = httpx.post(f"{url}/feedback", json={"request_id": rid, "label": label}, headers=FEEDBACK_AUTH)
+        r = http.post(f"{url}/feedback", json={"request_id": rid, "label": label}, headers=FEEDBACK_AUTH)
         assert r.status_code == 200, r.text
-    before = httpx.get(f"{url}/challenger", timeout=30).json()["store"]
+    before = http.get(f"{url}/challenger", timeout=30).json()["store"]
     assert before["log"] is not None and before["labelled"] >= n
     restart()
     deadline, after = time.time() + 120, None
     while time.time() < deadline:
-        r = httpx.get(f"{url}/challenger", timeout=30)
+        r = http.get(f"{url}/challenger", timeout=30)
         if r.status_code == 200 and r.json()["store"]["started_at"] != before["started_at"]:
             after = r.json()["store"]
             break
@@ -130,12 +158,11 @@ def labels_survive(url: str, restart, n: int = 20) -> dict:
     assert after["labelled"] >= before["labelled"] and after["log"]["loaded"] >= n, after
     flip = {"positive": "negative", "negative": "positive"}
     for rid, label in labels.items():
-        r = httpx.post(f"{url}/feedback", json={"request_id": rid, "label": flip[label]}, headers=FEEDBACK_AUTH)
+        r = http.post(f"{url}/feedback", json={"request_id": rid, "label": flip[label]}, headers=FEEDBACK_AUTH)
         assert r.status_code == 409, r.text
     rid, label = next(iter(labels.items()))
     assert (
-        httpx.post(f"{url}/feedback", json={"request_id": rid, "label": label}, headers=FEEDBACK_AUTH).status_code
-        == 200
+        http.post(f"{url}/feedback", json={"request_id": rid, "label": label}, headers=FEEDBACK_AUTH).status_code == 200
     )
     return after
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import time
 
-import httpx
 import pytest
-from conftest import labels_survive, request_stream, store_pid
+from conftest import http, labels_survive, request_stream, store_pid
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +60,7 @@ def drift_args(drift_app) -> dict:
 
 def _send(url: str, texts: list[str]) -> None:
     for i in range(0, len(texts), 8):
-        r = httpx.post(f"{url}/batch_predict", json={"texts": texts[i : i + 8]}, timeout=60)
+        r = http.post(f"{url}/batch_predict", json={"texts": texts[i : i + 8]}, timeout=60)
         assert r.status_code == 200, r.text
 
 
@@ -70,7 +69,7 @@ def _windows(url: str, n: int, timeout_s: float = 60) -> dict:
     send or health check)."""
     deadline = time.time() + timeout_s
     while True:
-        body = httpx.get(f"{url}/drift", timeout=30).json()
+        body = http.get(f"{url}/drift", timeout=30).json()
         if body.get("windows_completed", 0) >= n or time.time() > deadline:
             return body
         time.sleep(0.5)
@@ -81,7 +80,7 @@ def test_drift_windows_alarm_on_shifted_text_only_and_reach_prometheus(drift_app
 
     url, n_reference, _ = drift_app
     # No traffic yet: an empty window, no alarm, no error, and the served version's reference.
-    r = httpx.get(f"{url}/drift", timeout=30)
+    r = http.get(f"{url}/drift", timeout=30)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model_version"] == "1" and body["reference"]["n"] == n_reference
@@ -107,7 +106,7 @@ def test_drift_windows_alarm_on_shifted_text_only_and_reach_prometheus(drift_app
     wanted = ("sentiment_drift_alarm", 'test="length"', "sentiment_drift_p_value")
     deadline, text = time.time() + 60, ""
     while time.time() < deadline:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        text = http.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         alarm = [line for line in text.splitlines() if line.startswith("ray_sentiment_drift_alarm{")]
         if all(w in text for w in wanted) and alarm and alarm[-1].split()[-1] == "1.0":
             break
@@ -124,7 +123,7 @@ def test_the_drift_alarm_fires_the_retrain_trigger_once(drift_app, drift_args, s
     from ray_jobs.registry import Registry
     from ray_jobs.retrain import RETRAIN_TAG, triggers
 
-    assert httpx.get(f"{drift_app[0]}/drift", timeout=30).json()["alarm"] is True  # from the test above
+    assert http.get(f"{drift_app[0]}/drift", timeout=30).json()["alarm"] is True  # from the test above
     cfg = load_config(
         None,
         [
@@ -156,7 +155,7 @@ def test_a_redeploy_keeps_the_drift_windows(drift_app, drift_args):
     before = _windows(url, 1)
     assert before["windows_completed"] >= 1 and before["monitor_restarted"] is False
     serve.run(build_app({**drift_args, "serve.max_batch_size": 16}), name="driftapp", route_prefix=PREFIX)
-    after = httpx.get(f"{url}/drift", timeout=30).json()
+    after = http.get(f"{url}/drift", timeout=30).json()
     assert after["monitor_started_at"] == before["monitor_started_at"]
     assert after["windows_completed"] == before["windows_completed"]
     assert after["windows"] == before["windows"] and after["alarm"] == before["alarm"]
@@ -180,11 +179,11 @@ def test_a_killed_monitor_costs_no_request_and_comes_back_empty(drift_app):
     assert len(monitor) == 1, monitor
     with request_stream(url, "a fine film with a dull ending", "label") as (answers, failures):
         time.sleep(1.0)
-        before = httpx.get(f"{url}/drift", timeout=30).json()["texts_seen"]
+        before = http.get(f"{url}/drift", timeout=30).json()["texts_seen"]
         os.kill(monitor[0].pid, signal.SIGKILL)
         deadline, statuses, fresh = time.time() + 90, [], False
         while time.time() < deadline and not fresh:
-            r = httpx.get(f"{url}/drift", timeout=30)
+            r = http.get(f"{url}/drift", timeout=30)
             statuses.append(r.status_code)
             # A new monitor counts from zero (the stream keeps feeding it, so catch it early).
             fresh = r.status_code == 200 and r.json()["texts_seen"] < before

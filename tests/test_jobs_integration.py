@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, TINY, free_port, terminate
+from conftest import ROOT, TINY, free_port, http, terminate
 
 # The whole module runs on clusters of its own (and after the tests that use the shared one).
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("no_session_cluster")]
@@ -51,7 +51,7 @@ class JobCluster:
 
     def job(self, submission_id: str) -> dict:
         """The job's status, message and driver node, from the Jobs API (with the token)."""
-        r = httpx.get(f"{self.url}/api/jobs/{submission_id}", headers=self._auth(), timeout=10)
+        r = http.get(f"{self.url}/api/jobs/{submission_id}", headers=self._auth(), timeout=10)
         r.raise_for_status()
         return r.json()
 
@@ -153,7 +153,7 @@ def job_cluster(tmp_path_factory):
         token = auth_token(env)
         for _ in range(90):
             try:
-                if httpx.get(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=2).is_success:
+                if http.get(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"}, timeout=2).is_success:
                     break
             except httpx.HTTPError:
                 pass
@@ -197,7 +197,7 @@ def mlflow_server(tmp_path_factory, postgres):
     try:
         for _ in range(240):
             try:
-                if httpx.get(f"{uri}/health", timeout=2).is_success:
+                if http.get(f"{uri}/health", timeout=2).is_success:
                     break
             except httpx.HTTPError:
                 pass
@@ -236,12 +236,12 @@ def _submit(
 
 def test_the_jobs_api_refuses_requests_without_the_token(job_cluster):
     url, token = job_cluster.url, job_cluster.token
-    assert httpx.get(f"{url}/api/jobs/", timeout=10).status_code in (401, 403)
-    assert httpx.get(f"{url}/api/jobs/", headers={"Authorization": "Bearer wrong"}, timeout=10).status_code in (
+    assert http.get(f"{url}/api/jobs/", timeout=10).status_code in (401, 403)
+    assert http.get(f"{url}/api/jobs/", headers={"Authorization": "Bearer wrong"}, timeout=10).status_code in (
         401,
         403,
     )
-    assert httpx.get(f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=10).status_code == 200
+    assert http.get(f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=10).status_code == 200
 
 
 def test_a_jobs_status_follows_the_pipelines_exit_code(job_cluster, tmp_path):
@@ -364,7 +364,7 @@ def test_a_search_stopped_then_killed_resumes_where_it_stopped_each_time(job_clu
     assert job["status"] == "SUCCEEDED", r.stdout[-4000:]
     assert "gate           PROMOTED" in r.stdout and '"model_version":"1"' in r.stdout
     # The replica serves version 1, fetched through the server: the model lives only in its artifact store.
-    info = httpx.get(f"http://127.0.0.1:{serve_port}/model", timeout=10).json()
+    info = http.get(f"http://127.0.0.1:{serve_port}/model", timeout=10).json()
     assert info["version"] == "1" and info["model_uri"] == "models:/sentiment-distilbert@champion"
     assert list((server_root / "artifacts").rglob("model.safetensors"))
     # No embedded store beside the driver: no MLflow database, no registered model files (registry.root

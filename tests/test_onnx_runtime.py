@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import http
 
 from ray_jobs.config import ServeConfig
 from ray_jobs.data import generate_reviews
@@ -272,7 +273,6 @@ def test_a_deploy_whose_export_is_refused_serves_eagerly_and_says_why(exported, 
     """`ray_jobs.deploy` with serve.runtime: onnx and int8 on a real Serve app, where the guard refuses
     (the replica's own threshold: every label must agree; the guard file is rewritten to report 99.5%):
     the app serves eager PyTorch, /model and the deploy log say why, and the answers are eager's."""
-    import httpx
     from conftest import ROOT, TINY
     from ray import serve
 
@@ -301,10 +301,10 @@ def test_a_deploy_whose_export_is_refused_serves_eagerly_and_says_why(exported, 
         args = ["--config", str(ROOT / "tune_configs/quickstart.yaml"), *[x for kv in sets for x in ("--set", kv)]]
         assert deploy.main(args) == 0
         url = f"http://127.0.0.1:{serve_port}/onnx-refused"
-        runtime = httpx.get(f"{url}/model", timeout=30).json()["runtime"]
+        runtime = http.get(f"{url}/model", timeout=30).json()["runtime"]
         assert runtime["runtime"] == "torch" and "agree with eager on 99.50%" in runtime["fallback"]
         assert "replica serves eager PyTorch" in caplog.text and "99.50%" in caplog.text
-        answer = httpx.post(f"{url}/predict", json={"text": TEXTS[1]}, timeout=30).json()
+        answer = http.post(f"{url}/predict", json={"text": TEXTS[1]}, timeout=30).json()
         assert answer["score"] == pytest.approx(
             Predictor(model, precision="fp32").predict([TEXTS[1]])[0]["score"], abs=1e-5
         )

@@ -9,9 +9,8 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
-from conftest import request_stream, tiny_config
+from conftest import http, request_stream, tiny_config
 
 from ray_jobs.drift import REFERENCE_FILE
 from ray_jobs.errors import GateError, SentimentError
@@ -84,8 +83,8 @@ def test_pipeline_promotes_blocks_and_hot_swaps(pipe_app, tmp_path, capsys, capl
     assert pipeline.main(_args(tmp_path, serve_port)) == 0
     out = capsys.readouterr().out
     assert "PROMOTED" in out and "answer" in out
-    assert httpx.get(f"{url}/model").json()["version"] == "1"
-    r = httpx.post(f"{url}/predict", json={"text": "The acting was wonderful and I loved it."})
+    assert http.get(f"{url}/model").json()["version"] == "1"
+    r = http.post(f"{url}/predict", json={"text": "The acting was wonderful and I loved it."})
     assert r.status_code == 200 and r.json()["model_version"] == "1"
 
     reg = _registry(tmp_path)
@@ -108,13 +107,13 @@ def test_pipeline_promotes_blocks_and_hot_swaps(pipe_app, tmp_path, capsys, capl
     # the checkpoint's resume state (optimizer moments) is not.
     assert (Path(reg.model_dir("1")) / REFERENCE_FILE).exists()
     assert not (Path(reg.model_dir("1")) / STATE_FILE).exists()
-    drift = httpx.get(f"{url}/drift").json()
+    drift = http.get(f"{url}/drift").json()
     assert drift["model_version"] == "1" and drift["reference"]["n"] == int(reg.get_version("1").tags["test_n"])
     # So was the ONNX export with its accuracy guard, which passed: the replica serves the export.
     v1_folder = Path(reg.model_dir("1"))
     assert (v1_folder / "model.onnx").exists() and onnx_runtime.read_guard(v1_folder, "none").agreement == 1.0
     assert reg.get_version("1").tags["onnx.none.guard"] == "passed"
-    assert httpx.get(f"{url}/model").json()["runtime"] == ONNX_SERVED
+    assert http.get(f"{url}/model").json()["runtime"] == ONNX_SERVED
     assert "the replica serves with onnx (fp32)" in caplog.text  # the deploy step says so too
 
     # 2. A deliberately worse model (lr=0): blocked, exit code 3, champion and endpoint unchanged.
@@ -124,7 +123,7 @@ def test_pipeline_promotes_blocks_and_hot_swaps(pipe_app, tmp_path, capsys, capl
     assert reg.champion() == "1"
     v2 = reg.get_version("2")
     assert v2.tags["gate.decision"] == "block" and float(v2.tags["gate.champion_f1"]) == pytest.approx(v1_f1, abs=1e-6)
-    assert httpx.get(f"{url}/model").json()["version"] == "1"
+    assert http.get(f"{url}/model").json()["version"] == "1"
 
     # 3. A better config, promoted and hot-swapped while requests keep flowing: no request fails.
     with request_stream(url, "a dull and lifeless film", "model_version") as (answers, failures):
@@ -135,10 +134,10 @@ def test_pipeline_promotes_blocks_and_hot_swaps(pipe_app, tmp_path, capsys, capl
     assert code == 0, capsys.readouterr()
     assert failures == []
     assert "1" in answers and answers[-1] == "3", answers[-5:]
-    assert httpx.get(f"{url}/model").json()["version"] == "3"
-    assert httpx.get(f"{url}/model").json()["runtime"] == ONNX_SERVED  # v3's own export
+    assert http.get(f"{url}/model").json()["version"] == "3"
+    assert http.get(f"{url}/model").json()["runtime"] == ONNX_SERVED  # v3's own export
     assert reg.aliases() == {"champion": "3", "previous": "1"}
-    drift = httpx.get(f"{url}/drift").json()  # the monitor follows the swap to v3's own reference
+    drift = http.get(f"{url}/drift").json()  # the monitor follows the swap to v3's own reference
     assert drift["model_version"] == "3" and drift["reference"] is not None and drift["reference_error"] is None
 
     # 4. Registry CLI: status shows the decisions, rollback restores the previous champion (recorded).
@@ -152,10 +151,10 @@ def test_pipeline_promotes_blocks_and_hot_swaps(pipe_app, tmp_path, capsys, capl
     assert reg.champion() == "1" and reg.alias_version("previous") == "3"
     assert reg.get_version("1").tags["gate.decision"] == "rollback"
     # The rollback moved the alias only; `--deploy-only` hot-swaps the running app to that champion.
-    assert httpx.get(f"{url}/model").json()["version"] == "3"
+    assert http.get(f"{url}/model").json()["version"] == "3"
     assert pipeline.main([*_args(tmp_path, serve_port), "--deploy-only"]) == 0
-    assert httpx.get(f"{url}/model").json()["version"] == "1"
-    assert httpx.get(f"{url}/drift").json()["model_version"] == "1"  # a rollback is a newer load: followed
+    assert http.get(f"{url}/model").json()["version"] == "1"
+    assert http.get(f"{url}/drift").json()["model_version"] == "1"  # a rollback is a newer load: followed
     capsys.readouterr()
     assert registry.main([*_args(tmp_path, serve_port), "promote", "3", "--force", "--reason", "test"]) == 0
     assert reg.champion() == "3"

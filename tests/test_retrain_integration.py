@@ -9,9 +9,8 @@ from __future__ import annotations
 import threading
 import time
 
-import httpx
 import pytest
-from conftest import FEEDBACK_AUTH, ROOT, TINY, request_stream, small_app
+from conftest import FEEDBACK_AUTH, ROOT, TINY, http, request_stream, small_app
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -67,12 +66,12 @@ def rt(serve_port, ray_cluster, tmp_path_factory, trained_tiny):
 def _answer_and_label(url: str, texts: list[str], labels: list[int]) -> list[dict]:
     answers = []
     for i in range(0, len(texts), 16):
-        r = httpx.post(f"{url}/batch_predict", json={"texts": texts[i : i + 16]}, timeout=60)
+        r = http.post(f"{url}/batch_predict", json={"texts": texts[i : i + 16]}, timeout=60)
         assert r.status_code == 200, r.text
         answers += r.json()["predictions"]
     for a, y in zip(answers, labels, strict=True):
         body = {"request_id": a["request_id"], "label": "positive" if y else "negative"}
-        assert httpx.post(f"{url}/feedback", json=body, headers=FEEDBACK_AUTH).status_code == 200
+        assert http.post(f"{url}/feedback", json=body, headers=FEEDBACK_AUTH).status_code == 200
     return answers
 
 
@@ -123,13 +122,13 @@ def test_a_trigger_retrains_on_production_labels_into_shadow_and_live_labels_pro
     assert retrain(cfg, force=True).message.startswith("version 2 is in shadow")  # v2 is decided first
 
     # Live: fresh reviews of the new domain, labelled; v2 (in shadow) is right where v1 is not.
-    model = httpx.get(f"{url}/model").json()
+    model = http.get(f"{url}/model").json()
     assert model["version"] == "1" and model["challenger"]["version"] == "2"
     fresh = [i % 2 for i in range(SAMPLE)]
     _answer_and_label(url, [_review(i, y, "live") for i, y in enumerate(fresh)], fresh)
     deadline = time.time() + 60
     while time.time() < deadline:
-        paired = httpx.get(f"{url}/challenger", timeout=30).json()["paired"]
+        paired = http.get(f"{url}/challenger", timeout=30).json()["paired"]
         if paired and paired["labelled"] >= SAMPLE:
             break
         time.sleep(0.5)

@@ -17,6 +17,7 @@ from conftest import (
     FEEDBACK_AUTH,
     ROOT,
     TINY,
+    http,
     labels_survive,
     model_process,
     request_stream,
@@ -33,7 +34,7 @@ MIN_LABELLED = 30
 def _feedback(url: str, request_id: str, label: str, headers: dict | None = None) -> httpx.Response:
     """POST /feedback, with the tests' feedback token unless other headers are given."""
     payload = {"request_id": request_id, "label": label}
-    return httpx.post(f"{url}/feedback", json=payload, headers=FEEDBACK_AUTH if headers is None else headers)
+    return http.post(f"{url}/feedback", json=payload, headers=FEEDBACK_AUTH if headers is None else headers)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def _batch(url, texts, key=None) -> list[dict]:
     headers = {"X-Routing-Key": key} if key else {}
     out = []
     for i in range(0, len(texts), 16):
-        r = httpx.post(f"{url}/batch_predict", json={"texts": texts[i : i + 16]}, headers=headers, timeout=60)
+        r = http.post(f"{url}/batch_predict", json={"texts": texts[i : i + 16]}, headers=headers, timeout=60)
         assert r.status_code == 200, r.text
         out += r.json()["predictions"]
     return out
@@ -93,7 +94,7 @@ def _challenger(url, until=lambda body: True, timeout_s=60) -> dict:
     """/challenger once `until` holds (mirrored texts reach the store after their answers)."""
     deadline = time.time() + timeout_s
     while True:
-        body = httpx.get(f"{url}/challenger", timeout=30).json()
+        body = http.get(f"{url}/challenger", timeout=30).json()
         if until(body) or time.time() > deadline:
             return body
         time.sleep(0.3)
@@ -116,10 +117,10 @@ def test_shadow_answers_exactly_as_the_champion_alone_and_counts_agreement(ro):
     url, reg = ro["url"], ro["reg"]
     texts = list(ro["test"].texts[:48])
     alone = _batch(url, texts)
-    assert httpx.get(f"{url}/model").json()["challenger"] is None
+    assert http.get(f"{url}/model").json()["challenger"] is None
 
     assert _cli(ro, "shadow", "2") == 0
-    model = httpx.get(f"{url}/model").json()
+    model = http.get(f"{url}/model").json()
     assert model["version"] == "1" and model["challenger"]["version"] == "2"
     assert model["challenger"]["mode"] == "shadow"
     before = _challenger(url)["challenger"]["mirrored"]
@@ -179,7 +180,7 @@ def test_feedback_gives_live_f1_per_version_and_the_live_gate_blocks_the_worse_o
     wrong_label = {"request_id": answers[0]["request_id"], "label": names[1 - int(truth[0])]}
     for headers, status in (({}, 401), ({"Authorization": "Bearer not-the-token"}, 403), ({"Authorization": "x"}, 401)):
         assert _feedback(url, wrong_label["request_id"], wrong_label["label"], headers).status_code == status
-        assert httpx.get(f"{url}/challenger/evidence", headers=headers).status_code == status
+        assert http.get(f"{url}/challenger/evidence", headers=headers).status_code == status
     for a, y in zip(answers, truth, strict=True):
         r = _feedback(url, a["request_id"], names[int(y)])
         assert r.status_code == 200, r.text
@@ -206,7 +207,7 @@ def test_feedback_gives_live_f1_per_version_and_the_live_gate_blocks_the_worse_o
     assert _cli(ro, "promote", "2") == 3
     assert reg.champion() == "1" and reg.rollout().version == "2"
     assert reg.get_version("2").tags["live.decision"] == "block"
-    assert httpx.get(f"{url}/model").json()["challenger"]["version"] == "2"
+    assert http.get(f"{url}/model").json()["challenger"]["version"] == "2"
     capsys.readouterr()
     assert _cli(ro, "status") == 0
     assert "live: version 2 in shadow beside champion 1" in capsys.readouterr().out
@@ -223,7 +224,7 @@ def test_feedback_gives_live_f1_per_version_and_the_live_gate_blocks_the_worse_o
     deadline, text = time.time() + 60, ""
     while time.time() < deadline and not all(w in text for w in wanted):
         time.sleep(2)
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        text = http.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     assert [w for w in wanted if w not in text] == []
 
 
@@ -246,7 +247,7 @@ def test_canary_answers_a_sticky_share_per_routing_key(ro):
         for i in range(60):
             key = f"client-{i}"
             body = {"text": f"round {round_} review {i}"}
-            r = httpx.post(f"{url}/predict", json=body, headers={"X-Routing-Key": key})
+            r = http.post(f"{url}/predict", json=body, headers={"X-Routing-Key": key})
             assert r.status_code == 200, r.text
             seen.setdefault(key, set()).add(r.json()["model_version"])
     assert all(len(v) == 1 for v in seen.values()), seen  # one client, one version
@@ -266,8 +267,8 @@ def test_canary_answers_a_sticky_share_per_routing_key(ro):
 def test_promotion_from_shadow_needs_enough_labelled_requests_then_hot_swaps(ro):
     url, reg, test = ro["url"], ro["reg"], ro["test"]
     assert _cli(ro, "abort") == 0
-    assert reg.rollout() is None and httpx.get(f"{url}/model").json()["challenger"] is None
-    assert httpx.get(f"{url}/challenger/evidence", headers=FEEDBACK_AUTH).status_code == 404
+    assert reg.rollout() is None and http.get(f"{url}/model").json()["challenger"] is None
+    assert http.get(f"{url}/challenger/evidence", headers=FEEDBACK_AUTH).status_code == 404
     assert _cli(ro, "shadow", "3") == 0
 
     def label(texts, labels):
@@ -301,7 +302,7 @@ def test_promotion_from_shadow_needs_enough_labelled_requests_then_hot_swaps(ro)
         time.sleep(1.0)
     assert failures == [] and answers[-1] == "3"
     assert reg.aliases() == {"champion": "3", "previous": "1"} and reg.rollout() is None
-    model = httpx.get(f"{url}/model").json()
+    model = http.get(f"{url}/model").json()
     assert model["version"] == "3" and model["challenger"] is None
     assert reg.get_version("3").tags["live.decision"] == "promote"
     events = _history(reg)  # every step is in the registered model's history

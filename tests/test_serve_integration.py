@@ -7,6 +7,7 @@ import time
 
 import httpx
 import pytest
+from conftest import http
 
 pytestmark = pytest.mark.integration
 
@@ -61,8 +62,8 @@ def app_url(serve_port, registered):
 
 
 def test_health_model_docs(app_url):
-    assert httpx.get(f"{app_url}/health").json() == {"status": "ok", "model_version": "1"}
-    info = httpx.get(f"{app_url}/model").json()
+    assert http.get(f"{app_url}/health").json() == {"status": "ok", "model_version": "1"}
+    info = http.get(f"{app_url}/model").json()
     assert info["name"] == "svc-model" and info["version"] == "1" and info["alias"] == "champion"
     assert info["test_f1"] == pytest.approx(0.95) and info["data_digest"] == "abc" and info["loaded_at"] > 0
     # serve.runtime's default, eager PyTorch, at the app's serve.precision, on the CPU (serve.num_gpus 0).
@@ -73,8 +74,8 @@ def test_health_model_docs(app_url):
         "device": "cpu",
         "fallback": None,
     }
-    assert httpx.get(f"{app_url}/docs").status_code == 200
-    spec = httpx.get(f"{app_url}/openapi.json").json()
+    assert http.get(f"{app_url}/docs").status_code == 200
+    spec = http.get(f"{app_url}/openapi.json").json()
     assert {"/predict", "/batch_predict", "/health", "/model"} <= set(spec["paths"])
 
 
@@ -83,12 +84,12 @@ def test_predict_and_batch_predict_match_the_model(app_url, registered):
 
     texts = ["The plot was wonderful and the acting was superb.", "A boring, lifeless mess.", "not bad at all"]
     expected = Predictor(registered[2], precision="fp32").predict(texts)
-    r = httpx.post(f"{app_url}/predict", json={"text": texts[0]})
+    r = http.post(f"{app_url}/predict", json={"text": texts[0]})
     assert r.status_code == 200
     body = r.json()
     assert body["label"] == expected[0]["label"] and body["score"] == pytest.approx(expected[0]["score"], abs=1e-4)
     assert body["model_version"] == "1" and set(body["probabilities"]) == {"positive", "negative"}
-    r = httpx.post(f"{app_url}/batch_predict", json={"texts": texts})
+    r = http.post(f"{app_url}/batch_predict", json={"texts": texts})
     assert r.status_code == 200
     got = r.json()["predictions"]
     assert [g["label"] for g in got] == [e["label"] for e in expected]
@@ -196,7 +197,7 @@ def test_bad_input_gets_a_clear_4xx(app_url, name, path, kwargs, status):
 
 @pytest.mark.parametrize("text", ["nul \x00 inside", "emoji 😀🎬 great film", "עברית مرحبا right-to-left", "x" * 2000])
 def test_unusual_but_valid_text_is_answered(app_url, text):
-    r = httpx.post(f"{app_url}/predict", json={"text": text})
+    r = http.post(f"{app_url}/predict", json={"text": text})
     assert r.status_code == 200 and r.json()["label"] in ("positive", "negative")
 
 
@@ -205,7 +206,7 @@ def test_explain_answers_with_the_word_scores_of_the_served_model(app_url, regis
     from ray_jobs.explain import Explainer
 
     text = "The plot was terrible, but the acting was wonderful."
-    r = httpx.post(f"{app_url}/explain", json={"text": text, "n_steps": 16}, timeout=90)
+    r = http.post(f"{app_url}/explain", json={"text": text, "n_steps": 16}, timeout=90)
     assert r.status_code == 200, r.text
     body = r.json()
     expected = Explainer(registered[2]).explain(text, n_steps=16)
@@ -216,15 +217,15 @@ def test_explain_answers_with_the_word_scores_of_the_served_model(app_url, regis
     assert all(text[w["start"] : w["end"]] == w["word"] for w in body["words"])
     assert [w["score"] for w in body["words"]] == pytest.approx([w["score"] for w in expected["words"]], abs=1e-3)
     assert body["method"] == "integrated_gradients" and body["convergence_delta"] >= 0 and not body["truncated"]
-    assert httpx.post(f"{app_url}/predict", json={"text": text}).json()["label"] == body["label"]
-    assert "/explain" in httpx.get(f"{app_url}/openapi.json").json()["paths"]
+    assert http.post(f"{app_url}/predict", json={"text": text}).json()["label"] == body["label"]
+    assert "/explain" in http.get(f"{app_url}/openapi.json").json()["paths"]
 
 
 def test_a_busy_explainer_holds_up_no_prediction_and_turns_its_overflow_away(app_url):
     """Six slow explanations at once against one explainer replica that takes one at a time and queues
     two: the rest get 503 with Retry-After at once, and /predict answers all along."""
     text = " ".join(["the acting was wonderful and the plot was dull."] * 6)  # the model's 64 tokens
-    httpx.post(f"{app_url}/explain", json={"text": "warm up", "n_steps": 1}, timeout=90).raise_for_status()
+    http.post(f"{app_url}/explain", json={"text": "warm up", "n_steps": 1}, timeout=90).raise_for_status()
 
     def explain():
         with httpx.Client(timeout=90) as c:
@@ -286,7 +287,7 @@ def test_overload_gets_fast_503_then_recovers(serve_port, registered):
         assert codes.count(503) > 0 and codes.count(200) > 0 and set(codes) <= {200, 503}
         assert max(t for c, t in results if c == 503) < 5.0  # rejected fast, not after piling up
         time.sleep(0.5)
-        assert httpx.post(url, json={"text": "fine again"}, timeout=30).status_code == 200
+        assert http.post(url, json={"text": "fine again"}, timeout=30).status_code == 200
     finally:
         serve.delete("tight")
 
@@ -326,15 +327,15 @@ def test_a_killed_model_process_costs_no_request(serve_port, trained_tiny, tmp_p
             time.sleep(1.0)
             os.kill(first, signal.SIGKILL)
             deadline = time.time() + 120
-            while time.time() < deadline and httpx.get(f"{url}/model", timeout=30).json()["model_restarts"] < 1:
+            while time.time() < deadline and http.get(f"{url}/model", timeout=30).json()["model_restarts"] < 1:
                 time.sleep(0.5)
             n = len(answers)
             while len(answers) < n + 5 and time.time() < deadline:  # answered by the new process
                 time.sleep(0.2)
         assert failures == []
         assert model_process(model_dir) not in (None, first)
-        assert httpx.get(f"{url}/health", timeout=30).json()["status"] == "ok"
-        assert httpx.get(f"{url}/model", timeout=30).json()["model_restarts"] == 1
+        assert http.get(f"{url}/health", timeout=30).json()["status"] == "ok"
+        assert http.get(f"{url}/model", timeout=30).json()["model_restarts"] == 1
     finally:
         serve.delete("kill")
 
@@ -352,7 +353,7 @@ def test_a_deploy_of_a_model_that_cannot_load_is_refused_and_the_app_keeps_servi
 
     broken = shutil.copytree(registered[2], tmp_path / "broken")
     (broken / "model.safetensors").write_bytes(b"\0" * 64)
-    before = httpx.get(f"{app_url}/health").json()
+    before = http.get(f"{app_url}/health").json()
     sets = [
         *TINY,
         f"serve.model_uri={broken}",
@@ -368,8 +369,8 @@ def test_a_deploy_of_a_model_that_cannot_load_is_refused_and_the_app_keeps_servi
         == 1
     )
     assert "deploy refused" in caplog.text and str(broken) in caplog.text
-    assert httpx.get(f"{app_url}/health").json() == before == {"status": "ok", "model_version": "1"}
-    r = httpx.post(f"{app_url}/predict", json={"text": "still the old model"})
+    assert http.get(f"{app_url}/health").json() == before == {"status": "ok", "model_version": "1"}
+    r = http.post(f"{app_url}/predict", json={"text": "still the old model"})
     assert r.status_code == 200 and r.json()["model_version"] == "1"
 
 
@@ -437,14 +438,14 @@ def test_explain_without_room_for_an_explainer_answers_503_instead_of_waiting_ou
         ray.get(pg.ready(), timeout=30)
         try:
             start = time.monotonic()
-            refused = httpx.post(url, json=body, timeout=90)
+            refused = http.post(url, json=body, timeout=90)
             took = time.monotonic() - start
         finally:
             remove_placement_group(pg)
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
         assert "no explainer replica runs and the cluster has no room" in refused.json()["error"]
         assert took < 30, took  # the 2 s wait and two calls to Ray, not the 60 s deadline
-        answered = httpx.post(url, json=body, timeout=90)
+        answered = http.post(url, json=body, timeout=90)
         assert answered.status_code == 200 and answered.json()["n_steps"] == 8, answered.text
     finally:
         serve.delete("roomless")
@@ -453,7 +454,7 @@ def test_explain_without_room_for_an_explainer_answers_503_instead_of_waiting_ou
 def test_metrics_reach_prometheus(app_url, ray_cluster):
     """Application metrics are exported on Ray's Prometheus endpoint of this node."""
     for _ in range(5):
-        httpx.post(f"{app_url}/predict", json={"text": "metrics please"})
+        http.post(f"{app_url}/predict", json={"text": "metrics please"})
     port = ray_cluster._private.worker.global_worker.node.metrics_export_port
     deadline = time.time() + 60
     text = ""
@@ -466,7 +467,7 @@ def test_metrics_reach_prometheus(app_url, ray_cluster):
         "sentiment_predictions_total",
     )
     while time.time() < deadline:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        text = http.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
         if all(w in text for w in wanted):
             break
         time.sleep(2)
@@ -527,12 +528,12 @@ def test_direct_ingress_mode_serves_on_the_proxy_and_the_replica_port(tmp_path, 
         assert url == f"http://127.0.0.1:{port}", f"deploy exited with {proc.poll()} before printing its endpoint"
         direct = direct_ingress_port()  # the replica's own port (Serve allocates from 30000 up)
         text = {"text": "A moving, beautifully acted film."}
-        via_proxy = httpx.post(f"{url}/predict", json=text, timeout=30)
-        via_replica = httpx.post(f"http://127.0.0.1:{direct}/predict", json=text, timeout=30)
+        via_proxy = http.post(f"{url}/predict", json=text, timeout=30)
+        via_replica = http.post(f"http://127.0.0.1:{direct}/predict", json=text, timeout=30)
         assert via_proxy.status_code == via_replica.status_code == 200
         assert via_proxy.json()["label"] == via_replica.json()["label"]
         assert via_proxy.json()["score"] == pytest.approx(via_replica.json()["score"], abs=1e-5)
-        assert httpx.post(f"http://127.0.0.1:{direct}/predict", json={"text": " "}).status_code == 422
+        assert http.post(f"http://127.0.0.1:{direct}/predict", json={"text": " "}).status_code == 422
     finally:
         terminate(proc)
 
@@ -617,7 +618,7 @@ def test_haproxy_ingress_survives_faults_with_zero_failed_requests(
                 and running_replicas(f"http://127.0.0.1:{dashboard}", token, "hs") == 2
             ):
                 try:
-                    if httpx.get(f"{url}/health", timeout=5).json()["status"] == "ok":
+                    if http.get(f"{url}/health", timeout=5).json()["status"] == "ok":
                         return
                 except (httpx.HTTPError, ValueError):
                     pass
@@ -654,9 +655,7 @@ def test_haproxy_ingress_survives_faults_with_zero_failed_requests(
                 deploy(untrained_tiny).returncode == 0
             )  # returns once the app answers (the swap may still be under way)
             deadline = time.time() + 60
-            while (
-                httpx.get(f"{url}/model", timeout=10).json()["model_uri"] != untrained_tiny and time.time() < deadline
-            ):
+            while http.get(f"{url}/model", timeout=10).json()["model_uri"] != untrained_tiny and time.time() < deadline:
                 time.sleep(0.2)
             time.sleep(1.0)
         assert failures == []
@@ -670,7 +669,7 @@ def test_haproxy_ingress_survives_faults_with_zero_failed_requests(
             refused = deploy(str(broken))
         assert refused.returncode == 1 and "deploy refused" in refused.stderr
         assert failures == [] and answers
-        assert httpx.get(f"{url}/model", timeout=10).json()["model_uri"] == untrained_tiny
-        assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
+        assert http.get(f"{url}/model", timeout=10).json()["model_uri"] == untrained_tiny
+        assert http.get(f"{url}/health", timeout=10).json()["status"] == "ok"
     finally:
         stop_head(head, temp_dir, graceful=False)  # done with it: no need to wait for a clean shutdown
