@@ -192,6 +192,7 @@ def _ray_start(
     resources: dict[str, float] | None,
     cwd: str | None,
     prefix: str,
+    extra_args: list[str] | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """`ray start --block ARGS` in a temp dir of its own (short: Ray puts sockets under it); returns once the
     cluster at `gcs` answers `ray status` and lists `resources`: (process, temp dir)."""
@@ -206,6 +207,7 @@ def _ray_start(
             "--disable-usage-stats",
             f"--temp-dir={temp_dir}",
             *([f"--resources={json.dumps(resources)}"] if resources else []),
+            *(extra_args or []),
         ],
         env=env,
         cwd=cwd,
@@ -229,6 +231,7 @@ def start_head(
     dashboard_port: int | None = None,
     resources: dict[str, float] | None = None,
     cwd: str | None = None,
+    extra_args: list[str] | None = None,
 ) -> tuple[subprocess.Popen, int, str]:
     """A `ray start --head --block` cluster that is this process's to stop (`stop_head`), in a temp dir of
     its own, so that no later `ray.init()` on this machine joins it.
@@ -243,7 +246,7 @@ def start_head(
         else ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
     )
     head, temp_dir = _ray_start(
-        env, gcs, ["--head", f"--port={gcs}", *dashboard], num_cpus, resources, cwd, "ray-chaos-"
+        env, gcs, ["--head", f"--port={gcs}", *dashboard], num_cpus, resources, cwd, "ray-chaos-", extra_args
     )
     return head, gcs, temp_dir
 
@@ -270,12 +273,17 @@ def running_replicas(dashboard: str, token: str, app: str) -> int:
 
 
 def start_worker(
-    env: dict[str, str], gcs: int, num_cpus: int, resources: dict[str, float], cwd: str
+    env: dict[str, str],
+    gcs: int,
+    num_cpus: int,
+    resources: dict[str, float],
+    cwd: str,
+    extra_args: list[str] | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """Another Ray node on this machine joining the head at `gcs`, with its own temp dir (so each node
     unpacks a job's working_dir into a folder of its own) and its own working folder `cwd`. Returns once
     the cluster lists its resources: (process, temp dir); `stop_head` stops it."""
-    return _ray_start(env, gcs, [f"--address=127.0.0.1:{gcs}"], num_cpus, resources, cwd, "ray-node-")
+    return _ray_start(env, gcs, [f"--address=127.0.0.1:{gcs}"], num_cpus, resources, cwd, "ray-node-", extra_args)
 
 
 def stop_head(head: subprocess.Popen, temp_dir: str, graceful: bool = True) -> None:

@@ -190,16 +190,16 @@ def attention_kernels(lengths=(128, 256, 384, 512), batch: int = 16, heads: int 
 def ray_rates(cfg, train, val) -> dict[str, float]:
     import ray
 
-    from ray_jobs.train import fit, put_data, system_settings
+    from ray_jobs.train import fit, prepare_data, system_settings
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     out = {}
     try:
-        ref = put_data(train, val)
+        data = prepare_data(cfg, train, val)
         for kernel in KERNELS:
             c = cfg.model_copy(deep=True)
             c.train.attention = kernel
-            result = fit(c, system_settings(c, ref), run_name=f"train-profile-{kernel}-{int(time.time())}")
+            result = fit(c, system_settings(c, data), run_name=f"train-profile-{kernel}-{int(time.time())}")
             out[kernel] = result.metrics["train_samples_per_s"]
             print(f"Ray Train, 1 worker x 2 CPUs, {kernel}: {out[kernel]:.2f} samples/s", flush=True)
     finally:

@@ -175,14 +175,19 @@ def train_tiny_tokenizer(texts: list[str], vocab_size: int, out_dir: str | Path)
     return load_tokenizer(out_dir)
 
 
+def tiny_tokenizer(cfg: ModelConfig):
+    """The tiny model's tokenizer: built from a fixed synthetic corpus, the same one in every process."""
+    from ray_jobs.data import generate_reviews
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return train_tiny_tokenizer(generate_reviews(2000, seed=12345).texts, cfg.tiny.vocab_size, tmp)
+
+
 def build_tiny(cfg: ModelConfig, seed: int = 0):
     import torch
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    from ray_jobs.data import generate_reviews
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = train_tiny_tokenizer(generate_reviews(2000, seed=12345).texts, cfg.tiny.vocab_size, tmp)
+    tokenizer = tiny_tokenizer(cfg)
     torch.manual_seed(seed)
     dcfg = DistilBertConfig(
         vocab_size=len(tokenizer),
@@ -199,6 +204,19 @@ def build_tiny(cfg: ModelConfig, seed: int = 0):
 
 # --------------------------------------------------------------------------------------------------
 # Public entry points
+
+
+def build_tokenizer(cfg: ModelConfig):
+    """The tokenizer `build_model` pairs with the model, without building the model (what the data
+    ingest tokenizes with, on the driver's side)."""
+    if cfg.source == "tiny":
+        return tiny_tokenizer(cfg)
+    if cfg.source == "bert":
+        return load_tokenizer(minilm_path() if cfg.name == "minilm" else Path(cfg.name))
+    try:
+        return load_tokenizer(cfg.name)
+    except Exception as err:
+        raise ModelError(f"cannot load the tokenizer of '{cfg.name}': {type(err).__name__}: {err}") from None
 
 
 def build_model(cfg: ModelConfig, seed: int = 0):

@@ -24,7 +24,7 @@ from ray_jobs.model import read_meta
 from ray_jobs.registry import Registry, Rollout
 from ray_jobs.rollout import refuse_to_replace
 from ray_jobs.runtime import init_ray, interrupt_on_sigterm, sigterm_received, with_cluster_addresses
-from ray_jobs.train import local_checkpoint_dir, put_data
+from ray_jobs.train import local_checkpoint_dir, prepare_data
 from ray_jobs.train_worker import RESUME_FILES
 from ray_jobs.tune import CHECKPOINT_KEY, SearchOutcome, run_search
 
@@ -273,7 +273,8 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
         meta = {"config_digest": cfg.digest(), "data_digests": digests, "pipeline_run": run_name}
         if resume_tune:
             reg.set_tags(run_id, {"resumed_tune": resume_tune})
-        outcome = run_search(cfg, put_data(splits.train, splits.val), meta, name=run_name, restore_path=resume_tune)
+        data = prepare_data(cfg, splits.train, splits.val)
+        outcome = run_search(cfg, data, meta, name=run_name, restore_path=resume_tune)
         if sigterm_received():  # Tune ended the search early on it: register nothing
             raise KeyboardInterrupt("SIGTERM")
         for t in outcome.trials:

@@ -17,6 +17,7 @@ from typing import Any
 from ray_jobs.config import TUNABLE, PipelineConfig, absolute_path
 from ray_jobs.data import Split
 from ray_jobs.errors import SentimentError
+from ray_jobs.ingest import TokenizedSplits
 from ray_jobs.train_worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -81,26 +82,27 @@ def initial_weights(cfg: PipelineConfig) -> tuple[Any, str] | None:
 
 
 def system_settings(
-    cfg: PipelineConfig, data_ref, meta: dict[str, Any] | None = None, callbacks: list | None = None
+    cfg: PipelineConfig, data: TokenizedSplits, meta: dict[str, Any] | None = None, callbacks: list | None = None
 ) -> dict[str, Any]:
-    """What every worker gets besides the hyper-parameters: the config, the data and the initial weights
-    (`train.init_from`) as object-store references, run metadata. `callbacks` (objects with
-    `on_step(StepInfo)`, e.g. FaultInjection) travel to the workers pickled."""
+    """What every worker gets besides the hyper-parameters: the config, the tokenized splits (Ray Datasets,
+    read with `get_dataset_shard`) and the initial weights (`train.init_from`, an object-store
+    reference), run metadata. `callbacks` (objects with `on_step(StepInfo)`, e.g. FaultInjection) travel
+    to the workers pickled."""
     init = initial_weights(cfg)
     return {
         "cfg": cfg.model_dump(mode="json"),
-        "data_ref": data_ref,
+        "datasets": data.datasets,
         "init": init,
         "meta": {**(meta or {}), "init_from": init[1] if init else "backbone"},
         "callbacks": callbacks or [],
     }
 
 
-def put_data(train: Split, val: Split):
-    """Put the splits in Ray's object store once; every worker (and every trial) reads them from there."""
-    import ray
+def prepare_data(cfg: PipelineConfig, train: Split, val: Split) -> TokenizedSplits:
+    """The splits tokenized once (Ray Data, ray_jobs.ingest): every worker of every trial reads them."""
+    from ray_jobs.ingest import tokenize_splits
 
-    return ray.put((train, val))
+    return tokenize_splits(train, val, cfg.model)
 
 
 def fit(
@@ -111,13 +113,19 @@ def fit(
     callbacks: list | None = None,
 ):
     """Build and fit the TorchTrainer. Returns Ray Train's `Result`."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     tc = cfg.train
+    # The datasets go to Ray Train, not into the workers' config. None is split by Ray Data: each worker
+    # picks its rows by position (ray_jobs.ingest.read_shard), whatever the blocks' layout.
+    datasets = system["datasets"]
+    worker_system = {k: v for k, v in system.items() if k != "datasets"}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**(hparams if hparams is not None else hparams_of(cfg)), "system": system},
+        train_loop_config={**(hparams if hparams is not None else hparams_of(cfg)), "system": worker_system},
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[]),
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers,
             use_gpu=tc.use_gpu,

@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray_jobs.config import ModelConfig, TrainConfig
-from ray_jobs.data import Split, encode, pad_batch
+from ray_jobs.config import TrainConfig
+from ray_jobs.data import pad_batch
 from ray_jobs.errors import SentimentError
 from ray_jobs.inference import autocast, batched_logits, binary_metrics, confusion_counts
 
@@ -109,25 +109,11 @@ class ShardData:
         return [len(s) for s in self.train_seqs]
 
 
-def shard_and_encode(tokenizer, train: Split, val: Split, mc: ModelConfig, rank: int, world: int) -> ShardData:
-    """Each rank tokenizes only its shard."""
-    per_rank = len(train) // world
-    if per_rank < 1:
-        raise ValueError(f"{len(train)} training examples cannot feed {world} workers")
-    shard = list(range(rank, len(train), world))[:per_rank]
-    val_idx = list(range(rank, len(val), world))
+def read_shards(rank: int, world: int) -> ShardData:
+    """This rank's rows of the tokenized splits (ray_jobs.ingest), inside a Ray Train worker."""
+    from ray_jobs.ingest import TRAIN, VAL, read_shard
 
-    def enc(texts: list[str]) -> list[list[int]]:
-        return encode(
-            tokenizer, texts, max_length=mc.max_length, truncation=mc.truncation, head_fraction=mc.head_fraction
-        )
-
-    return ShardData(
-        enc([train.texts[i] for i in shard]),
-        [train.labels[i] for i in shard],
-        enc([val.texts[i] for i in val_idx]),
-        [val.labels[i] for i in val_idx],
-    )
+    return ShardData(*read_shard(TRAIN, rank, world, equal=True), *read_shard(VAL, rank, world, equal=False))
 
 
 def all_reduce(values: list[float], world: int, op: str = "sum") -> list[float]:

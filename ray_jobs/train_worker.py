@@ -26,7 +26,7 @@ from ray_jobs.train_steps import (
     all_reduce,
     load_initial_weights,
     make_optimizer,
-    shard_and_encode,
+    read_shards,
     train_step,
     validate,
     weight_average,
@@ -74,7 +74,7 @@ class WorkerRun:
             load_initial_weights(model, *system["init"])
         self.progress, saved = self._restore(model)
         self.resumed_from_step = self.progress.global_step  # 0 for a fresh run: tests use it to prove a resume
-        self.data = shard_and_encode(self.tokenizer, *ray.get(system["data_ref"]), mc, self.rank, self.world)
+        self.data = read_shards(self.rank, self.world)
         prepare_for_training(model, mc.freeze_embeddings, self.tc.attention)
         self.model = ray.train.torch.prepare_model(model)
         # The average lives beside the model on each rank: DDP keeps the ranks' weights equal, so are theirs.

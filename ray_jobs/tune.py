@@ -20,6 +20,7 @@ from typing import Any
 
 from ray_jobs.config import PipelineConfig, TrainConfig, absolute_path
 from ray_jobs.errors import ConfigError, SentimentError
+from ray_jobs.ingest import TokenizedSplits
 from ray_jobs.train import (
     SELECTION_MODES,
     checkpoint_metric,
@@ -169,7 +170,11 @@ def _records(result_grid, select_by: str) -> list[TrialRecord]:
 
 
 def run_search(
-    cfg: PipelineConfig, data_ref, meta: dict[str, Any], name: str | None = None, restore_path: str | None = None
+    cfg: PipelineConfig,
+    data: TokenizedSplits,
+    meta: dict[str, Any],
+    name: str | None = None,
+    restore_path: str | None = None,
 ) -> SearchOutcome:
     """Run (or resume) the search. Crashed trials are recorded, not fatal; it fails only if no trial
     produced a checkpoint."""
@@ -183,7 +188,7 @@ def run_search(
         name = Path(restore_path).name
         log.info("resuming search %s: finished trials are kept, unfinished ones continue from their checkpoints", name)
     name = name or f"{cfg.name}-tune-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    system = system_settings(cfg, data_ref, meta)
+    system = system_settings(cfg, data, meta)
     tuner = _tuner(cfg, system, name, restore_path)
     grid = tuner.fit()
     path = restore_path or f"{absolute_path(cfg.tune.storage_path)}/{name}"

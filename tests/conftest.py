@@ -332,11 +332,12 @@ def trained_tiny(ray_cluster, session_tmp):
     """A tiny model trained with Ray Train (2 workers, DDP), shared by several tests:
     (config, ray Result, best checkpoint path, best metrics)."""
     from ray_jobs.data import load_splits
-    from ray_jobs.train import best_checkpoint, fit, put_data, system_settings
+    from ray_jobs.train import best_checkpoint, fit, prepare_data, system_settings
 
     cfg = tiny_config(session_tmp / "trained", "train.num_workers=2")
     splits = load_splits(cfg.data)
-    result = fit(cfg, system_settings(cfg, put_data(splits.train, splits.val), {"data_digests": splits.digests()}))
+    data = prepare_data(cfg, splits.train, splits.val)
+    result = fit(cfg, system_settings(cfg, data, {"data_digests": splits.digests()}))
     path, metrics = best_checkpoint(result, cfg.train.select_by)
     return cfg, result, path, metrics
 

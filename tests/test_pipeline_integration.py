@@ -83,6 +83,8 @@ def test_pipeline_promotes_blocks_and_hot_swaps(pipe_app, tmp_path, capsys, capl
     assert pipeline.main(_args(tmp_path, serve_port)) == 0
     out = capsys.readouterr().out
     assert "PROMOTED" in out and "answer" in out
+    # Two trials, one tokenization: the workers read the token ids the driver's Ray Data map made.
+    assert caplog.text.count("texts once for every worker and trial") == 1
     assert http.get(f"{url}/model").json()["version"] == "1"
     r = http.post(f"{url}/predict", json={"text": "The acting was wonderful and I loved it."})
     assert r.status_code == 200 and r.json()["model_version"] == "1"

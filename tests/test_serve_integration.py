@@ -229,8 +229,9 @@ def test_a_busy_explainer_holds_up_no_prediction_and_turns_its_overflow_away(app
 
     def explain():
         with httpx.Client(timeout=90) as c:
+            sent = time.monotonic()
             r = c.post(f"{app_url}/explain", json={"text": text, "n_steps": 512})
-            return r, time.monotonic()
+            return r, sent, time.monotonic()
 
     predicted: list[tuple[int, float]] = []
     with cf.ThreadPoolExecutor(6) as pool:
@@ -240,13 +241,17 @@ def test_a_busy_explainer_holds_up_no_prediction_and_turns_its_overflow_away(app
                 r = c.post(f"{app_url}/predict", json={"text": "a wonderful film"})
                 predicted.append((r.status_code, time.monotonic()))
     done = [f.result() for f in explains]
-    codes = sorted(r.status_code for r, _ in done)
+    codes = sorted(r.status_code for r, _, _ in done)
     # 1 running + 2 queued answer; under a loaded suite Serve's router was once seen to turn the third away
     # (it may still count the running one as queued): the bound holds either way, and nothing waits past it.
-    assert set(codes) == {200, 503} and 2 <= codes.count(200) <= 3, codes
-    busy = next(r for r, _ in done if r.status_code == 503)
+    # On a loaded machine an explanation can end before the last of the six is sent: its slot is free
+    # again, so each such one allows one more answer.
+    last_sent = max(sent for _, sent, _ in done)
+    freed = sum(r.status_code == 200 and end < last_sent for r, _, end in done)
+    assert set(codes) == {200, 503} and 2 <= codes.count(200) <= 3 + freed, (codes, freed)
+    busy = next(r for r, _, _ in done if r.status_code == 503)
     assert busy.headers["retry-after"] and "explainer busy" in busy.json()["error"]
-    last_explained = max(t for r, t in done if r.status_code == 200)
+    last_explained = max(end for r, _, end in done if r.status_code == 200)
     assert [code for code, _ in predicted] == [200] * len(predicted)
     assert sum(t < last_explained for _, t in predicted) >= 5  # answered while explanations were computed
 

@@ -45,7 +45,7 @@ def test_ddp_training_learns_and_checkpoints_load(trained_tiny):
 
 def _fit_with_fault(tmp_path, max_failures, *overrides):
     from ray_jobs.data import load_splits
-    from ray_jobs.train import fit, put_data, system_settings
+    from ray_jobs.train import fit, prepare_data, system_settings
     from ray_jobs.train_steps import FaultInjection
 
     cfg = tiny_config(
@@ -58,7 +58,7 @@ def _fit_with_fault(tmp_path, max_failures, *overrides):
     )
     splits = load_splits(cfg.data)
     marker = tmp_path / "killed"
-    data = put_data(splits.train, splits.val)
+    data = prepare_data(cfg, splits.train, splits.val)
     result = fit(cfg, system_settings(cfg, data, callbacks=[FaultInjection(str(marker), at_epoch=0)]))
     return result, marker, cfg, data
 
@@ -116,11 +116,11 @@ def test_killed_worker_fails_the_run_without_retries(ray_cluster, tmp_path):
 
 def test_time_budget_stops_early_and_keeps_a_checkpoint(ray_cluster, tmp_path):
     from ray_jobs.data import load_splits
-    from ray_jobs.train import best_checkpoint, fit, put_data, system_settings
+    from ray_jobs.train import best_checkpoint, fit, prepare_data, system_settings
 
     cfg = tiny_config(tmp_path, "train.epochs=50", "train.time_budget_s=4")
     splits = load_splits(cfg.data)
-    result = fit(cfg, system_settings(cfg, put_data(splits.train, splits.val)))
+    result = fit(cfg, system_settings(cfg, prepare_data(cfg, splits.train, splits.val)))
     assert result.metrics["stopped_by_budget"] is True
     assert result.metrics["epoch"] < 50
     path, _ = best_checkpoint(result, cfg.train.select_by)
@@ -136,7 +136,7 @@ def test_training_starts_from_the_champion_or_a_model_folder(ray_cluster, tmp_pa
     from ray_jobs.errors import SentimentError
     from ray_jobs.model import build_model
     from ray_jobs.registry import Registry
-    from ray_jobs.train import fit, initial_weights, put_data, system_settings
+    from ray_jobs.train import fit, initial_weights, prepare_data, system_settings
     from ray_jobs.train_steps import load_initial_weights
 
     _, _, trained_path, trained_metrics = trained_tiny
@@ -149,7 +149,7 @@ def test_training_starts_from_the_champion_or_a_model_folder(ray_cluster, tmp_pa
     version = reg.register(reg.start_run("init-from-test"), trained_path, {"test_f1": "0.9"})
     reg.set_aliases(version, None)
     splits = load_splits(cfg.data)
-    system = system_settings(cfg, put_data(splits.train, splits.val))
+    system = system_settings(cfg, prepare_data(cfg, splits.train, splits.val))
     assert system["meta"]["init_from"] == f"models:/{cfg.registry.model_name}/{version}"
     result = fit(cfg, system)
     assert result.metrics["val_loss"] == pytest.approx(trained_metrics["val_loss"], abs=1e-3), result.metrics

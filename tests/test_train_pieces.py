@@ -36,20 +36,59 @@ def test_a_resumed_schedule_keeps_the_horizon_its_checkpoint_saved():
     assert Progress(**{"epoch": 1, "step_in_epoch": 3, "global_step": 9, "elapsed_s": 1.5, "horizon": 40}).horizon == 40
 
 
-def test_shards_are_equal_and_disjoint():
-    from ray_jobs.config import ModelConfig
-    from ray_jobs.model import build_model
-    from ray_jobs.train_steps import shard_and_encode
+def _tokenized_blocks(split, tok, cfg, block_rows: int, seed: int) -> list:
+    """`split` tokenized as ray_jobs.ingest's map tasks do, in blocks of `block_rows`, the blocks shuffled
+    (Ray Data gives no order between blocks)."""
+    import random
 
-    train, val = generate_reviews(103, seed=1), generate_reviews(11, seed=2)
+    import pyarrow as pa
+
+    from ray_jobs.ingest import _encode_batch
+
+    blocks = [
+        _encode_batch(
+            pa.table(
+                {
+                    "text": split.texts[i : i + block_rows],
+                    "label": pa.array(split.labels[i : i + block_rows], pa.int8()),
+                    "position": pa.array(range(i, min(i + block_rows, len(split))), pa.int64()),
+                }
+            ),
+            tok,
+            cfg.max_length,
+            cfg.truncation,
+            cfg.head_fraction,
+        )
+        for i in range(0, len(split), block_rows)
+    ]
+    random.Random(seed).shuffle(blocks)
+    return blocks
+
+
+def test_shards_are_equal_disjoint_and_the_same_whatever_the_blocks():
+    """A rank's shard is picked by position: the same rows, in the same order, with the same token ids as
+    tokenizing its slice directly, whatever the block size and block order."""
+    from ray_jobs.config import ModelConfig
+    from ray_jobs.data import encode
+    from ray_jobs.ingest import shard_rows
+    from ray_jobs.model import build_tokenizer
+
+    train = generate_reviews(103, seed=1)
     cfg = ModelConfig(source="tiny", max_length=32)
-    _, tok = build_model(cfg)
-    shards = [shard_and_encode(tok, train, val, cfg, rank, 3) for rank in range(3)]
-    assert {len(s.train_seqs) for s in shards} == {103 // 3}  # every rank the same number of steps
-    assert sum(len(s.val_seqs) for s in shards) == 11  # validation: every example scored once
-    assert all(len(seq) <= 32 for s in shards for seq in s.train_seqs)
+    tok = build_tokenizer(cfg)
+    layouts = [_tokenized_blocks(train, tok, cfg, rows, seed) for rows, seed in ((7, 0), (50, 1), (103, 2))]
+    for rank in range(3):
+        expected_rows = list(range(rank, 103, 3))[: 103 // 3]  # every rank the same number of steps
+        expected = encode(tok, [train.texts[i] for i in expected_rows], 32, cfg.truncation, cfg.head_fraction)
+        for blocks in layouts:
+            ids, labels = shard_rows(blocks, rank, 3, equal=True)
+            assert ids == expected and labels == [train.labels[i] for i in expected_rows]
+    # Validation: every example scored once, by one rank.
+    val = [shard_rows(layouts[0], rank, 3, equal=False)[0] for rank in range(3)]
+    assert sum(len(v) for v in val) == 103
+    assert all(len(seq) <= 32 for v in val for seq in v)
     with pytest.raises(ValueError):
-        shard_and_encode(tok, generate_reviews(2, seed=1), val, cfg, 0, 3)
+        shard_rows(_tokenized_blocks(generate_reviews(2, seed=1), tok, cfg, 2, 0), 0, 3, equal=True)
 
 
 def test_a_checkpoint_on_remote_storage_is_downloaded_for_the_driver(tmp_path):

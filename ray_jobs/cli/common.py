@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from ray_jobs.config import PipelineConfig, load_config
 from ray_jobs.errors import SentimentError
+from ray_jobs.ingest import TokenizedSplits
 from ray_jobs.runtime import configure_logging
 
 log = logging.getLogger(__name__)
@@ -89,12 +90,12 @@ def run(body: Callable[[], int], what: str, usage_errors: tuple[type[Exception],
         return EXIT_FAILURE
 
 
-def start_training(args: argparse.Namespace) -> tuple[PipelineConfig, object, dict]:
-    """For `train` and `tune`: config and splits loaded, Ray started, the data in the object store.
-    Returns (config, data reference, run metadata)."""
+def start_training(args: argparse.Namespace) -> tuple[PipelineConfig, TokenizedSplits, dict]:
+    """For `train` and `tune`: config and splits loaded, Ray started, the splits tokenized once into Ray
+    Datasets. Returns (config, tokenized splits, run metadata)."""
     from ray_jobs.data import load_splits
     from ray_jobs.runtime import init_ray
-    from ray_jobs.train import put_data
+    from ray_jobs.train import prepare_data
 
     cfg = load_from_args(args)
     splits = load_splits(cfg.data)
@@ -107,4 +108,4 @@ def start_training(args: argparse.Namespace) -> tuple[PipelineConfig, object, di
         digests,
     )
     init_ray(cfg.ray)
-    return cfg, put_data(splits.train, splits.val), {"config_digest": cfg.digest(), "data_digests": digests}
+    return cfg, prepare_data(cfg, splits.train, splits.val), {"config_digest": cfg.digest(), "data_digests": digests}

@@ -18,8 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     ).parse_args(argv)
 
     def body() -> int:
-        cfg, data_ref, meta = start_training(args)
-        result = fit(cfg, system_settings(cfg, data_ref, meta))
+        cfg, data, meta = start_training(args)
+        result = fit(cfg, system_settings(cfg, data, meta))
         path, metrics = best_checkpoint(result, cfg.train.select_by)
         log.info(
             "best checkpoint by %s (val_loss %.4f, val_f1 %.4f, epoch %.2f): %s",

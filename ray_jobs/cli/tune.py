@@ -18,8 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        cfg, data_ref, meta = start_training(args)
-        best = run_search(cfg, data_ref, meta, restore_path=args.resume).best_trial
+        cfg, data, meta = start_training(args)
+        best = run_search(cfg, data, meta, restore_path=args.resume).best_trial
         log.info(
             "best trial %s by %s: val_loss %.4f val_f1 %.4f, checkpoint %s",
             best.trial_id,
