@@ -421,7 +421,10 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, multiple: int = 1, cap
         longest = max(longest, min(-(-longest // multiple) * multiple, cap or longest))
     mask = np.arange(longest) < lengths[:, None]
     ids = np.full((len(seqs), longest), pad_id, dtype=np.int64)
-    ids[mask] = np.fromiter((t for s in seqs for t in s), dtype=np.int64, count=int(lengths.sum()))
+    if isinstance(seqs[0], np.ndarray):  # rows of a training shard (ray_jobs.ingest.TokenRows)
+        ids[mask] = np.concatenate(seqs)
+    else:
+        ids[mask] = np.fromiter((t for s in seqs for t in s), dtype=np.int64, count=int(lengths.sum()))
     return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64))
 
 

@@ -16,6 +16,7 @@ from ray_jobs.config import TrainConfig
 from ray_jobs.data import pad_batch
 from ray_jobs.errors import SentimentError
 from ray_jobs.inference import autocast, batched_logits, binary_metrics, confusion_counts
+from ray_jobs.ingest import TokenRows
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +100,14 @@ class ShardData:
     of steps: DDP all-reduces every step, and a rank with one batch more would hang) and its share of
     the validation split (scored per rank, then summed)."""
 
-    train_seqs: list[list[int]]
+    train_seqs: TokenRows
     train_labels: list[int]
-    val_seqs: list[list[int]]
+    val_seqs: TokenRows
     val_labels: list[int]
 
     @property
     def lengths(self) -> list[int]:
-        return [len(s) for s in self.train_seqs]
+        return self.train_seqs.lengths()
 
 
 def read_shards(rank: int, world: int) -> ShardData:

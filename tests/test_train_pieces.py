@@ -82,11 +82,12 @@ def test_shards_are_equal_disjoint_and_the_same_whatever_the_blocks():
         expected = encode(tok, [train.texts[i] for i in expected_rows], 32, cfg.truncation, cfg.head_fraction)
         for blocks in layouts:
             ids, labels = shard_rows(blocks, rank, 3, equal=True)
-            assert ids == expected and labels == [train.labels[i] for i in expected_rows]
+            assert [row.tolist() for row in ids] == expected and labels == [train.labels[i] for i in expected_rows]
+            assert ids.lengths() == [len(seq) for seq in expected]
     # Validation: every example scored once, by one rank.
     val = [shard_rows(layouts[0], rank, 3, equal=False)[0] for rank in range(3)]
     assert sum(len(v) for v in val) == 103
-    assert all(len(seq) <= 32 for v in val for seq in v)
+    assert all(len(v[i]) <= 32 for v in val for i in range(len(v)))
     with pytest.raises(ValueError):
         shard_rows(_tokenized_blocks(generate_reviews(2, seed=1), tok, cfg, 2, 0), 0, 3, equal=True)
 
@@ -241,3 +242,18 @@ def test_the_weight_average_is_an_ema_whose_first_updates_remember_less():
         assert average.module.weight[0, 0].item() == pytest.approx(expected, rel=1e-5)
     assert int(average.n_averaged) == 105  # past n = 80 the decay itself (0.9) decided
     assert not average.module.training  # it is scored, never trained
+
+
+def test_compact_token_rows_pad_exactly_like_lists():
+    import torch
+
+    from ray_jobs.data import pad_batch
+    from ray_jobs.ingest import TokenRows
+
+    seqs = [[101, 7, 8, 102], [101, 102], [101, 5, 6, 9, 4000, 102]]
+    rows = TokenRows.of(seqs)
+    assert len(rows) == 3 and rows.lengths() == [4, 2, 6] and rows[2].tolist() == seqs[2]
+    for multiple, cap in ((1, None), (8, 8)):
+        as_lists = pad_batch(seqs, 0, multiple, cap)
+        as_rows = pad_batch([rows[i] for i in range(3)], 0, multiple, cap)
+        assert all(torch.equal(a, b) for a, b in zip(as_lists, as_rows, strict=True))
