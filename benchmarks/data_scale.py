@@ -118,6 +118,8 @@ class Sampler(threading.Thread):
 
 
 def run_job(env: dict, gcs: int, corpus: Path, work: Path, args, metrics_ports: list[int]) -> dict:
+    """One `train` job (two workers, one per worker node), or with --trials N a `tune` search of N
+    one-worker trials, two at a time: `trial_first_steps_s` then says when each trial's first step came."""
     sets = [
         "model.source=tiny",
         "model.max_length=128",
@@ -136,16 +138,27 @@ def run_job(env: dict, gcs: int, corpus: Path, work: Path, args, metrics_ports: 
         "train.log_every_steps=1",
         f"train.storage_path={work}/ray",
     ]
-    cmd = [sys.executable, "-m", "ray_jobs", "train", "--config", str(ROOT / "tune_configs/quickstart.yaml")]
+    command = "train"
+    if args.trials:
+        command = "tune"
+        sets += [
+            "train.num_workers=1",
+            f"tune.num_samples={args.trials}",
+            "tune.max_concurrent_trials=2",
+            "tune.scheduler=none",
+            "tune.search_space={}",
+            f"tune.storage_path={work}/tune",
+        ]
+    cmd = [sys.executable, "-m", "ray_jobs", command, "--config", str(ROOT / "tune_configs/quickstart.yaml")]
     cmd += [x for kv in sets for x in ("--set", kv)]
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sampler = Sampler(proc.pid, metrics_ports)
     sampler.start()
-    first_step, tokenized, tail = None, None, []
+    first_steps, tokenized, tail = [], None, []
     for line in proc.stdout:
-        if first_step is None and STEP_LINE.search(line):
-            first_step = time.time() - t0
+        if STEP_LINE.search(line):
+            first_steps.append(round(time.time() - t0, 1))
         if tokenized is None and (m := TOKENIZED_LINE.search(line)):
             tokenized = float(m.group(2))
         tail = (tail + [line.rstrip()])[-40:]
@@ -159,7 +172,7 @@ def run_job(env: dict, gcs: int, corpus: Path, work: Path, args, metrics_ports: 
         "wall_s": round(time.time() - t0, 1),
         "driver_peak_rss_mb": round(sampler.driver_peak_rss / 2**20, 1),
         "object_store_peak_mb": round(sampler.store_peak / 2**20, 1),
-        "first_step_s": None if first_step is None else round(first_step, 1),
+        "first_step_s": first_steps[0] if first_steps else None,
         # Once per run (Ray Data map tasks), or None where each worker tokenizes its own shard in each trial.
         "tokenize_once_s": tokenized,
     }
@@ -169,6 +182,8 @@ def run_job(env: dict, gcs: int, corpus: Path, work: Path, args, metrics_ports: 
         metrics = json.loads(Path(checkpoint, "sentiment_meta.json").read_text())["metrics"]
         out["train_samples_per_s"] = round(metrics["train_samples_per_s"], 1)
         out["steps"] = metrics["step"]
+    if args.trials:
+        out["trial_first_steps_s"] = first_steps
     if code != 0:
         out["error_tail"] = tail[-15:]
     return out
@@ -179,10 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="a labelled parquet file to grow the corpora from (default: synthetic reviews)")
     p.add_argument("--sizes", type=int, nargs="+", default=[25_000, 250_000, 2_500_000])
     p.add_argument("--store-mb", type=int, default=300, help="object store of each node, in MiB")
-    p.add_argument("--train-seconds", type=float, default=20, help="training time after the first step")
+    p.add_argument("--train-seconds", type=float, default=20, help="each run's time budget (train.time_budget_s)")
+    p.add_argument("--trials", type=int, default=0, help="run a search of this many one-worker trials instead")
     p.add_argument("--work", default="/tmp/data_scale", help="corpora and checkpoints go here")
     p.add_argument("--out", required=True)
     p.add_argument("--verbose", action="store_true", help="print the jobs' output")
+    p.add_argument("--label", default="this run", help="this run's name in the figure")
+    p.add_argument("--compare", help="another run's JSON (e.g. of the code before a change), drawn beside this one")
     args = p.parse_args(argv)
 
     work = Path(args.work)
@@ -190,11 +208,15 @@ def main(argv: list[str] | None = None) -> int:
     env = cluster_env("proxy")
     env["TOKENIZERS_PARALLELISM"] = "false"
     env["RAY_metrics_report_interval_ms"] = "1000"  # the sampler reads the stores' usage every 0.5 s
+    env["RAY_DEDUP_LOGS"] = "0"  # trials of one search log the same first step: each line counts
     store = [f"--object-store-memory={args.store_mb * 2**20}"]
     ports = [free_port() for _ in range(3)]
     head, gcs, head_temp = start_head(env, 1, extra_args=[*store, f"--metrics-export-port={ports[0]}"])
     nodes = [(head, head_temp)]
-    results: dict = {"args": vars(args), "machine": f"{_cpus()} CPUs", "sizes": {}}
+    results: dict = {"args": vars(args), "machine": f"{_cpus()} CPUs", "label": args.label, "sizes": {}}
+    if args.compare:
+        other = json.loads(Path(args.compare).read_text())
+        results["compare"] = {"label": other.get("label", args.compare), "sizes": other["sizes"]}
     try:
         for port in ports[1:]:
             metrics = f"--metrics-export-port={port}"
@@ -214,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for node, temp in reversed(nodes):
             stop_head(node, temp, graceful=False)
+    from figures import render  # benchmarks/figures.py
+
+    print(f"figure: {render(args.out)}")
     return 0
 
 

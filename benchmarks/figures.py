@@ -28,7 +28,9 @@ def _pyplot():
 
 
 def kind_of(data: dict) -> str:
-    """chaos, serve_load, accuracy, drift or gpu_train, from the keys each benchmark writes."""
+    """chaos, serve_load, accuracy, drift, gpu_train or data_scale, from the keys each benchmark writes."""
+    if "sizes" in data and "store_mb" in data.get("args", {}):
+        return "data_scale"
     if "matmul_tflops" in data and "sections" in data:
         return "gpu_train"
     if "rows" in data and "faults" in data.get("args", {}):
@@ -224,7 +226,58 @@ def gpu_train(data: dict, title: str):
     return fig
 
 
-DRAW = {"chaos": chaos, "serve_load": serve_load, "accuracy": accuracy, "drift": drift, "gpu_train": gpu_train}
+def data_scale(data: dict, title: str):
+    """benchmarks/data_scale.py: what grows with the corpus (driver peak RSS, object-store peak, time to the
+    first training step), this run beside the run it names in `compare` (e.g. the code before a change).
+    A run that failed at a size is drawn as an x at the value it had reached."""
+    plt = _pyplot()
+    runs = [(data.get("label", "this run"), data["sizes"])]
+    if data.get("compare"):
+        runs.insert(0, (data["compare"]["label"], data["compare"]["sizes"]))
+    panels = [
+        ("driver_peak_rss_mb", "driver peak RSS (MiB)"),
+        ("object_store_peak_mb", "object-store peak (MiB)"),
+        ("first_step_s", "time to the first training step (s)"),
+    ]
+    key = "trial_first_steps_s"
+    trials = [(name, size[key]) for name, sizes in runs for size in sizes.values() if key in size]
+    fig, axes = plt.subplots(1, 4 if trials else 3, figsize=(16 if trials else 12, 3.4))
+    if trials:  # a search (--trials): when each trial's first step came, run beside run
+        for name, starts in trials:
+            axes[3].plot(range(1, len(starts) + 1), starts, marker="o", label=name)
+        axes[3].set_xlabel("trial (in the order their first steps came)", fontsize=8)
+        axes[3].set_title("each trial's first training step (s)", fontsize=9)
+        axes[3].grid(alpha=0.3)
+    for ax, (key, label) in zip(axes, panels, strict=False):
+        for name, sizes in runs:
+            xs = sorted(sizes, key=int)
+            ok = [(int(n), sizes[n][key]) for n in xs if sizes[n]["exit_code"] == 0 and sizes[n].get(key) is not None]
+            failed = [(int(n), sizes[n][key]) for n in xs if sizes[n]["exit_code"] != 0 and sizes[n].get(key)]
+            line = ax.plot(*zip(*ok, strict=True), marker="o", label=name)[0] if ok else None
+            if failed:
+                color = line.get_color() if line else None
+                ax.scatter(*zip(*failed, strict=True), marker="x", s=80, color=color, label=f"{name}: failed")
+        ax.set_xscale("log")
+        ticks = sorted({int(n) for _, sizes in runs for n in sizes})
+        ax.set_xticks(ticks, [f"{n / 1000:g}k" if n < 10**6 else f"{n / 10**6:g}M" for n in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("reviews in the corpus", fontsize=8)
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[2].legend(fontsize=7, loc="upper left")  # that panel rises to the right: its upper left is empty
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+DRAW = {
+    "chaos": chaos,
+    "serve_load": serve_load,
+    "accuracy": accuracy,
+    "drift": drift,
+    "gpu_train": gpu_train,
+    "data_scale": data_scale,
+}
 
 
 def render(json_path: str | Path, data: dict | None = None) -> Path:
