@@ -322,8 +322,9 @@ class _Window:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One DDP worker. `config` holds the hyper-parameters (flat names from `TUNABLE`) and one
-    `system` entry with what is not a hyper-parameter: the validated pipeline config, a Ray object
-    reference to the (train, val) splits, run metadata and optional callbacks (`on_step(StepInfo)`)."""
+    `system` entry with what is not a hyper-parameter: the validated pipeline config, the initial weights'
+    object reference, run metadata and optional callbacks (`on_step(StepInfo)`). The token ids come from
+    Ray Train's datasets ("train", "val": ray_jobs.ingest), read with `get_dataset_shard`."""
     configure_logging()  # a Ray worker is a process of its own
     run = WorkerRun(config)
     if run.resumed_from_step and run.progress.epoch >= run.tc.epochs:
