@@ -109,6 +109,8 @@ def read_shard(name: str, rank: int, world: int, equal: bool) -> tuple[TokenRows
     """This rank's rows of dataset `name`, inside a Ray Train worker (see `shard_rows`)."""
     import ray.train
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no banner per worker and dataset in the job's log
+
     batches = ray.train.get_dataset_shard(name).iter_batches(batch_size=BLOCK_ROWS, batch_format="pyarrow")
     return shard_rows(batches, rank, world, equal)
 
