@@ -55,21 +55,20 @@ def _quiet_data_context() -> None:
     ctx.enable_auto_log_stats = False
 
 
-def _text_dataset(split: Split):
+def text_blocks(split: Split, rows: int = BLOCK_ROWS) -> list:
+    """`split` as pyarrow tables of `rows` rows: text, label and each row's position in the split."""
     import pyarrow as pa
-    import ray
 
-    tables = [
+    return [
         pa.table(
             {
-                "text": split.texts[i : i + BLOCK_ROWS],
-                "label": pa.array(split.labels[i : i + BLOCK_ROWS], pa.int8()),
-                "position": pa.array(range(i, min(i + BLOCK_ROWS, len(split))), pa.int64()),
+                "text": split.texts[i : i + rows],
+                "label": pa.array(split.labels[i : i + rows], pa.int8()),
+                "position": pa.array(range(i, min(i + rows, len(split))), pa.int64()),
             }
         )
-        for i in range(0, len(split), BLOCK_ROWS)
+        for i in range(0, len(split), rows)
     ]
-    return ray.data.from_arrow(tables)
 
 
 def _encode_batch(batch, tokenizer, max_length: int, truncation: str, head_fraction: float):
@@ -84,6 +83,8 @@ def _encode_batch(batch, tokenizer, max_length: int, truncation: str, head_fract
 def tokenize_splits(train: Split, val: Split, mc: ModelConfig) -> TokenizedSplits:
     """Both splits tokenized by Ray Data map tasks (one CPU each) and materialized: the object store
     holds the token ids, the driver keeps the references for as long as the run needs them."""
+    import ray
+
     from ray_jobs.model import build_tokenizer
 
     _quiet_data_context()
@@ -95,7 +96,7 @@ def tokenize_splits(train: Split, val: Split, mc: ModelConfig) -> TokenizedSplit
         "head_fraction": mc.head_fraction,
     }
     datasets = {
-        name: _text_dataset(split)
+        name: ray.data.from_arrow(text_blocks(split))
         .map_batches(_encode_batch, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs)
         .materialize()
         for name, split in ((TRAIN, train), (VAL, val))

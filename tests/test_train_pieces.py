@@ -41,25 +41,11 @@ def _tokenized_blocks(split, tok, cfg, block_rows: int, seed: int) -> list:
     (Ray Data gives no order between blocks)."""
     import random
 
-    import pyarrow as pa
-
-    from ray_jobs.ingest import _encode_batch
+    from ray_jobs.ingest import _encode_batch, text_blocks
 
     blocks = [
-        _encode_batch(
-            pa.table(
-                {
-                    "text": split.texts[i : i + block_rows],
-                    "label": pa.array(split.labels[i : i + block_rows], pa.int8()),
-                    "position": pa.array(range(i, min(i + block_rows, len(split))), pa.int64()),
-                }
-            ),
-            tok,
-            cfg.max_length,
-            cfg.truncation,
-            cfg.head_fraction,
-        )
-        for i in range(0, len(split), block_rows)
+        _encode_batch(block, tok, cfg.max_length, cfg.truncation, cfg.head_fraction)
+        for block in text_blocks(split, block_rows)
     ]
     random.Random(seed).shuffle(blocks)
     return blocks
