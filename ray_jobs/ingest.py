@@ -43,7 +43,8 @@ class TokenizedSplits:
 
 
 def _quiet_data_context() -> None:
-    """Ray Data's progress bars and execution banners would fill the job's log on every run."""
+    """Ray Data's progress bars and execution banners would fill the job's log on every run (the driver's
+    and, once per dataset, each worker's)."""
     from ray.data import DataContext
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -110,8 +111,7 @@ def read_shard(name: str, rank: int, world: int, equal: bool) -> tuple[TokenRows
     """This rank's rows of dataset `name`, inside a Ray Train worker (see `shard_rows`)."""
     import ray.train
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no banner per worker and dataset in the job's log
-
+    _quiet_data_context()
     batches = ray.train.get_dataset_shard(name).iter_batches(batch_size=BLOCK_ROWS, batch_format="pyarrow")
     return shard_rows(batches, rank, world, equal)
 
@@ -122,15 +122,6 @@ class TokenRows:
 
     def __init__(self, values, offsets):
         self.values, self.offsets = values, offsets
-
-    @classmethod
-    def of(cls, rows) -> TokenRows:
-        """From sequences (lists or arrays) of token ids."""
-        import numpy as np
-
-        lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
-        values = np.concatenate([np.asarray(r, dtype=np.int32) for r in rows]) if len(rows) else np.zeros(0, np.int32)
-        return cls(values, np.concatenate([[0], np.cumsum(lengths)]))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

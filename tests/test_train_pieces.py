@@ -231,13 +231,14 @@ def test_the_weight_average_is_an_ema_whose_first_updates_remember_less():
 
 
 def test_compact_token_rows_pad_exactly_like_lists():
+    import numpy as np
     import torch
 
     from ray_jobs.data import pad_batch
     from ray_jobs.ingest import TokenRows
 
     seqs = [[101, 7, 8, 102], [101, 102], [101, 5, 6, 9, 4000, 102]]
-    rows = TokenRows.of(seqs)
+    rows = TokenRows(np.array([t for s in seqs for t in s], np.int32), np.array([0, 4, 6, 12]))
     assert len(rows) == 3 and rows.lengths() == [4, 2, 6] and rows[2].tolist() == seqs[2]
     for multiple, cap in ((1, None), (8, 8)):
         as_lists = pad_batch(seqs, 0, multiple, cap)
