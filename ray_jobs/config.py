@@ -56,6 +56,14 @@ class DataConfig(_Strict):
         description="seed of the train/val/test split, apart from the training seed, so that every run, "
         "whatever its hyper-parameters, sees the same test split: the gate compares models on the same examples",
     )
+    split: Literal["seeded", "content"] = Field(
+        "seeded",
+        description="how examples are assigned to train/val/test. seeded: a permutation by split_seed of the "
+        "examples in the order they are read (exact fractions; the split of every existing config); content: "
+        "each example by a hash of its text and split_seed, so the split does not depend on read order, file "
+        "layout or the number of nodes reading, repeats of a text never straddle train and test, and each split "
+        "is ordered by that hash (its digest is order-free too); the fractions then hold to within sampling noise",
+    )
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of the data held out for validation")
     test_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of the data held out for the gate's test")
     max_train_samples: int | None = Field(None, ge=10, description="subsample the train split (after splitting)")

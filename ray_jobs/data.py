@@ -312,24 +312,54 @@ def load_source(cfg: DataConfig) -> tuple[Split, Split | None]:
 
 
 def split_examples(
-    examples: Split, val_fraction: float, test_fraction: float, seed: int, carve_test: bool = True
+    examples: Split,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    carve_test: bool = True,
+    method: str = "seeded",
 ) -> Splits:
-    """Deterministic shuffled split: the same examples and seed always give the same three splits."""
+    """Deterministic split: the same examples and seed always give the same three splits. `seeded`
+    (data.split): a permutation of the examples as read; `content`: content_split."""
     n = len(examples)
-    order = np.random.default_rng(seed).permutation(n)
-    n_test = int(round(n * test_fraction)) if carve_test else 0
-    n_val = int(round(n * val_fraction))
+    if method == "content":
+        splits = content_split(examples, val_fraction, test_fraction if carve_test else 0.0, seed)
+        n_test, n_val = len(splits.test), len(splits.val)
+    else:
+        order = np.random.default_rng(seed).permutation(n)
+        n_test = int(round(n * test_fraction)) if carve_test else 0
+        n_val = int(round(n * val_fraction))
+        test = examples.take(order[:n_test])
+        val = examples.take(order[n_test : n_test + n_val])
+        splits = Splits(train=examples.take(order[n_test + n_val :]), val=val, test=test)
     if n - n_test - n_val < 2 or n_val < 1 or (carve_test and n_test < 1):
         raise DataError(f"{n} examples are too few for val_fraction={val_fraction}, test_fraction={test_fraction}")
-    test = examples.take(order[:n_test])
-    val = examples.take(order[n_test : n_test + n_val])
-    train = examples.take(order[n_test + n_val :])
-    return Splits(train=train, val=val, test=test)
+    return splits
+
+
+def split_of(text: str, val_fraction: float, test_fraction: float, seed: int) -> tuple[str, float]:
+    """data.split=content for one text: (train, val or test; its place in that split). Both come from a
+    hash of the text alone, so any reader of any block of the data, in any order, on any node, puts the
+    text in the same split at the same place."""
+    u = unit_hash(text_key(text), f"split:{seed}")
+    return ("test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"), u
+
+
+def content_split(examples: Split, val_fraction: float, test_fraction: float, seed: int) -> Splits:
+    """Each example in the split its text hashes to (split_of), each split ordered by that hash (repeats
+    of one text by label): the result, and so each digest, does not depend on the examples' order."""
+    placed: dict[str, list[tuple[float, int, int]]] = {"train": [], "val": [], "test": []}
+    for i, (text, label) in enumerate(zip(examples.texts, examples.labels, strict=True)):
+        name, u = split_of(text, val_fraction, test_fraction, seed)
+        placed[name].append((u, label, i))
+    return Splits(**{name: examples.take([i for _, _, i in sorted(rows)]) for name, rows in placed.items()})
 
 
 def load_splits(cfg: DataConfig) -> Splits:
     examples, test = load_source(cfg)
-    splits = split_examples(examples, cfg.val_fraction, cfg.test_fraction, cfg.split_seed, carve_test=test is None)
+    splits = split_examples(
+        examples, cfg.val_fraction, cfg.test_fraction, cfg.split_seed, carve_test=test is None, method=cfg.split
+    )
     if test is not None:
         splits = Splits(train=splits.train, val=splits.val, test=test)
     if cfg.max_train_samples and len(splits.train) > cfg.max_train_samples:

@@ -40,6 +40,43 @@ def test_split_determinism_and_disjointness():
     assert not set(s1.train.texts) & set(s1.test.texts)
 
 
+def test_the_quickstart_split_is_the_one_the_readme_shows():
+    """data.split's default (seeded) keeps the split of every existing config: the README's digest."""
+    from conftest import ROOT
+
+    from ray_jobs.config import load_config
+
+    cfg = load_config(ROOT / "tune_configs/quickstart.yaml")
+    assert cfg.data.split == "seeded"
+    assert load_splits(cfg.data).test.digest() == "196b7837c71a8452"
+
+
+def test_a_content_split_does_not_depend_on_the_order_it_reads():
+    """data.split=content: the same splits and digests whatever order (or blocks, or nodes) the examples
+    come in; repeats of a text land in one split; the fractions hold to within sampling noise; the seed
+    moves it."""
+    import random
+
+    ex = generate_reviews(3000, seed=0)
+    texts, labels = ex.texts + ex.texts[:200], ex.labels + ex.labels[:200]  # 200 texts twice
+    order = list(range(len(texts)))
+    random.Random(5).shuffle(order)
+    shuffled = Split([texts[i] for i in order], [labels[i] for i in order])
+    a = split_examples(Split(texts, labels), 0.1, 0.2, seed=7, method="content")
+    b = split_examples(shuffled, 0.1, 0.2, seed=7, method="content")
+    assert a == b and a.digests() == b.digests()
+    homes = {}
+    for name in ("train", "val", "test"):
+        for text in getattr(a, name).texts:
+            assert homes.setdefault(text, name) == name  # a repeat never straddles two splits
+    n = len(texts)
+    assert abs(len(a.test) - 0.2 * n) < 4 * (0.2 * 0.8 * n) ** 0.5 and abs(len(a.val) - 0.1 * n) < 4 * (0.09 * n) ** 0.5
+    assert len(a.train) + len(a.val) + len(a.test) == n
+    assert split_examples(Split(texts, labels), 0.1, 0.2, seed=8, method="content").test != a.test
+    seeded = split_examples(Split(texts, labels), 0.1, 0.2, seed=7)  # the default depends on order
+    assert seeded.digests() != split_examples(shuffled, 0.1, 0.2, seed=7).digests()
+
+
 def test_digest_sees_labels_and_order():
     s = Split(["a", "b"], [0, 1])
     assert s.digest() != Split(["a", "b"], [1, 1]).digest()
