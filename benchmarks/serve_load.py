@@ -709,6 +709,7 @@ def spread(results: dict[str, dict[int, dict]]) -> None:
         variant = key.partition(" ")[0]
         for level, r in per.items():
             by.setdefault((variant, level), []).append(r["of_bound"])
+    per_request = results.get("fastapi-per-request", {})
     for (variant, level), shares in by.items():
         if len(shares) > 1:
             s = sorted(shares)
@@ -716,6 +717,13 @@ def spread(results: dict[str, dict[int, dict]]) -> None:
                 f"{level} clients, {variant}: {s[len(s) // 2]:.0%} of the bound, median of {len(s)} rounds "
                 f"(min {s[0]:.0%}, max {s[-1]:.0%})"
             )
+            if level in per_request and variant != "fastapi-per-request":
+                x = sorted(
+                    per[level]["req_s"] / per_request[level]["req_s"]
+                    for key, per in results.items()
+                    if key.partition(" ")[0] == variant and level in per
+                )
+                print(f"  {x[len(x) // 2]:.2f}x the per-request server (median; min {x[0]:.2f}x, max {x[-1]:.2f}x)")
 
 
 def log_cost(results: dict[str, dict[int, dict]]) -> None:
