@@ -141,7 +141,7 @@ def init_ray(cfg: RayConfig, runtime_env: dict | None = None) -> None:
 
     if ray.is_initialized():
         return
-    connects = cfg.address not in (None, "local") or bool(os.environ.get("RAY_ADDRESS"))
+    connects = _connects(cfg.address)
     ingress_keys = {key for env in SERVE_INGRESS_ENV.values() for key in env}
     if cfg.serve_ingress == "auto" and (connects or ingress_keys & set(os.environ)):
         # `auto` defers: to the mode an existing cluster was started in, or to the shell's variables.
@@ -155,6 +155,21 @@ def init_ray(cfg: RayConfig, runtime_env: dict | None = None) -> None:
             " ".join(f"{k}={v}" for k, v in ingress_env.items()),
         )
     _init(cfg, runtime_env)
+
+
+def _connects(address: str | None) -> bool:
+    """Whether ray.init(address) joins an existing cluster rather than starting one: an address, or
+    RAY_ADDRESS, or (address None) a cluster that `ray start` left on this machine, found the way
+    ray.init itself finds it."""
+    if address == "local":
+        return False
+    if address is not None or os.environ.get("RAY_ADDRESS"):
+        return True
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:  # a Ray without it: assume a start, as before this check existed
+        return False
+    return canonicalize_bootstrap_address(None) is not None
 
 
 def _init(cfg: RayConfig, runtime_env: dict | None) -> None:

@@ -131,6 +131,13 @@ def test_the_default_ingress_is_haproxy_where_it_is_installed_else_serves_proxy(
         m.setattr(sys, "executable", "/nowhere/python")
         m.setenv("PATH", "/nowhere")  # no sentiment-haproxy command
         assert resolve_serve_ingress("auto") == "proxy"
+    # `auto` defers to an existing cluster's mode: init_ray applies nothing when ray.init will join one.
+    from ray_jobs.runtime import _connects
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert _connects("local") is False and _connects("10.0.0.1:6379") is True
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert _connects(None) is True and _connects("local") is False
 
 
 def test_the_serve_app_reads_the_same_settings_as_the_pipeline(tmp_path):

@@ -23,7 +23,8 @@ DOCS = sorted((ROOT / "docs").glob("*.md"))
 # Everything a user reads commands from.
 SOURCES = [README, *DOCS, ROOT / "Dockerfile", ROOT / "cluster.yaml", *sorted((ROOT / "tune_configs").glob("*.yaml"))]
 SOURCES.append(ROOT / "serve_app" / "serve_config.yaml")
-COMMAND = re.compile(r"python3? -m ray_jobs ([a-z][a-z_-]*)([^`\n]*)")
+# A command's arguments end where the line, the code span or a shell operator (`&&`, `|`, `;`, `)`) does.
+COMMAND = re.compile(r"python3? -m ray_jobs ([a-z][a-z_-]*)([^`\n&|;)]*)")
 DOCKER_CMD = re.compile(r"^CMD \[(.+)\]$", re.M)
 
 
