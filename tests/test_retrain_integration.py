@@ -48,8 +48,11 @@ def rt(serve_port, ray_cluster, tmp_path_factory, trained_tiny):
         "retrain.on_drift_alarm=false",  # the label trigger alone: one reason, known in advance
         "retrain.lock_lease_s=4",
         "tune.num_samples=1",
-        # Offline, a tolerance: v2 is one trial where v1 was the best of two. The live decision is what matters.
-        "gate.min_delta=-0.03",
+        # Offline, a tolerance: v2 is one trial where v1 was the best of two, and its training data moves
+        # with the holdout (a hash of each request id, new every run): five runs gave test F1 0.90, 0.93,
+        # 0.97, 0.977 and 0.98 against v1's 0.983. The live decision is what this test is about; the gate
+        # blocking a worse model offline is tested in test_gate.py and the pipeline tests.
+        "gate.min_delta=-0.1",
         f"gate.live_min_labelled={SAMPLE}",
         *small_app(serve_port, PREFIX, "rt"),
         "serve.log_texts=true",

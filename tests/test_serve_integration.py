@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import threading
 import time
 
 import httpx
@@ -227,8 +228,13 @@ def test_a_busy_explainer_holds_up_no_prediction_and_turns_its_overflow_away(app
     text = " ".join(["the acting was wonderful and the plot was dull."] * 6)  # the model's 64 tokens
     http.post(f"{app_url}/explain", json={"text": "warm up", "n_steps": 1}, timeout=90).raise_for_status()
 
+    # The six leave together: each client is built first (building one costs ~20 ms of CPU, more on a loaded
+    # machine), so the sends spread by scheduling only, not by set-up.
+    together = threading.Barrier(6)
+
     def explain():
         with httpx.Client(timeout=90) as c:
+            together.wait(timeout=60)
             sent = time.monotonic()
             r = c.post(f"{app_url}/explain", json={"text": text, "n_steps": 512})
             return r, sent, time.monotonic()
