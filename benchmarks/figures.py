@@ -28,7 +28,10 @@ def _pyplot():
 
 
 def kind_of(data: dict) -> str:
-    """chaos, serve_load, accuracy, drift, gpu_train or data_scale, from the keys each benchmark writes."""
+    """chaos, serve_load, accuracy, drift, gpu_train, data_scale or suite_profile, from the keys each
+    benchmark writes."""
+    if "by_kind" in data and "wall_bound_s" in data:
+        return "suite_profile"
     if "sizes" in data and "store_mb" in data.get("args", {}):
         return "data_scale"
     if "matmul_tflops" in data and "sections" in data:
@@ -270,6 +273,30 @@ def data_scale(data: dict, title: str):
     return fig
 
 
+def suite_profile(data: dict, title: str):
+    """benchmarks/suite_profile.py: CPU seconds per kind of process (bars, with the number of processes),
+    and the wall time beside the shortest wall time the machine's cores allow for that CPU."""
+    plt = _pyplot()
+    rows = list(data["by_kind"].items())[:14][::-1]  # the largest at the top
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 1]})
+    ax.barh([k for k, _ in rows], [r["cpu_s"] for _, r in rows], color="tab:blue")
+    for i, (_, r) in enumerate(rows):
+        ax.text(r["cpu_s"], i, f"  {r['cpu_s']:.0f} s, {r['processes']} proc.", va="center", fontsize=7)
+    ax.set_xlabel("CPU seconds", fontsize=8)
+    ax.set_title("where the CPU went, by kind of process", fontsize=9)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.grid(axis="x", alpha=0.3)
+    bars = [("wall", data["wall_s"]), (f"CPU / {data['cores']} cores", data["wall_bound_s"])]
+    bx.bar([b for b, _ in bars], [v for _, v in bars], color=["tab:gray", "tab:orange"])
+    for i, (_, v) in enumerate(bars):
+        bx.text(i, v, f"{v:.0f} s", ha="center", va="bottom", fontsize=8)
+    bx.set_title(f"wall time (machine {data['machine_busy']:.0%} busy)", fontsize=9)
+    bx.tick_params(axis="x", labelsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 DRAW = {
     "chaos": chaos,
     "serve_load": serve_load,
@@ -277,6 +304,7 @@ DRAW = {
     "drift": drift,
     "gpu_train": gpu_train,
     "data_scale": data_scale,
+    "suite_profile": suite_profile,
 }
 
 

@@ -223,17 +223,18 @@ def test_explain_answers_with_the_word_scores_of_the_served_model(app_url, regis
 
 
 def test_a_busy_explainer_holds_up_no_prediction_and_turns_its_overflow_away(app_url):
-    """Six slow explanations at once against one explainer replica that takes one at a time and queues
+    """Ten slow explanations at once against one explainer replica that takes one at a time and queues
     two: the rest get 503 with Retry-After at once, and /predict answers all along."""
     text = " ".join(["the acting was wonderful and the plot was dull."] * 6)  # the model's 64 tokens
     # The first warm-up starts the explainer's replica; the second finds it running, so that the ingress
-    # trusts it for a while and the six below go to its queue without asking Ray first (ExplainerRoom).
+    # trusts it for a while and the ten below go to its queue without asking Ray first (ExplainerRoom).
     for _ in range(2):
         http.post(f"{app_url}/explain", json={"text": "warm up", "n_steps": 1}, timeout=90).raise_for_status()
 
-    # The six leave together: each client is built first (building one costs ~20 ms of CPU, more on a loaded
+    # The ten leave together: each client is built first (building one costs ~20 ms of CPU, more on a loaded
     # machine), so the sends spread by scheduling only, not by set-up.
-    together = threading.Barrier(6)
+    burst = 10
+    together = threading.Barrier(burst)
 
     def explain():
         with httpx.Client(timeout=90) as c:
@@ -243,21 +244,24 @@ def test_a_busy_explainer_holds_up_no_prediction_and_turns_its_overflow_away(app
             return r, sent, time.monotonic()
 
     predicted: list[tuple[int, float]] = []
-    with cf.ThreadPoolExecutor(6) as pool:
-        explains = [pool.submit(explain) for _ in range(6)]
+    with cf.ThreadPoolExecutor(burst) as pool:
+        explains = [pool.submit(explain) for _ in range(burst)]
         with httpx.Client(timeout=30) as c:
             while not all(f.done() for f in explains):
                 r = c.post(f"{app_url}/predict", json={"text": "a wonderful film"})
                 predicted.append((r.status_code, time.monotonic()))
     done = [f.result() for f in explains]
     codes = sorted(r.status_code for r, _, _ in done)
-    # 1 running + 2 queued answer; under a loaded suite Serve's router was once seen to turn the third away
-    # (it may still count the running one as queued): the bound holds either way, and nothing waits past it.
-    # On a loaded machine an explanation can end before the last of the six is sent: its slot is free
-    # again, so each such one allows one more answer.
+    # 1 running + 2 queued answer. Serve's router counts its queue approximately, both ways: under a loaded
+    # suite it was seen to turn the third away (still counting the running one as queued) and, in two full
+    # suites on 2 cores, to admit a fourth (4 of 6 answered, none of them ended before the last was sent;
+    # the count is the router's, not this app's). So the bound is 2 to 4: an unbounded queue (all ten
+    # answered) or none (one answered) still fails. On a loaded machine an
+    # explanation can also end before the last of the ten is sent: its slot is free again, so each such one
+    # allows one more answer.
     last_sent = max(sent for _, sent, _ in done)
     freed = sum(r.status_code == 200 and end < last_sent for r, _, end in done)
-    assert set(codes) == {200, 503} and 2 <= codes.count(200) <= 3 + freed, (codes, freed)
+    assert set(codes) == {200, 503} and 2 <= codes.count(200) <= 4 + freed, (codes, freed)
     busy = next(r for r, _, _ in done if r.status_code == 503)
     assert busy.headers["retry-after"] and "explainer busy" in busy.json()["error"]
     last_explained = max(end for r, _, end in done if r.status_code == 200)
