@@ -71,7 +71,7 @@ def cpu_seconds(pid: str) -> float | None:
     return (int(fields[11]) + int(fields[12])) / HZ
 
 
-def machine_busy() -> tuple[int, int]:
+def jiffies() -> tuple[int, int]:
     """(all jiffies, idle jiffies) of the machine since boot."""
     with open("/proc/stat") as f:
         values = [int(v) for v in f.readline().split()[1:]]
@@ -81,7 +81,7 @@ def machine_busy() -> tuple[int, int]:
 def profile(command: list[str], interval_s: float = 0.5) -> dict:
     seen: dict[str, list] = {}  # pid -> [kind, cpu at first sample, latest cpu]
     first = True
-    total0, idle0 = machine_busy()
+    total0, idle0 = jiffies()
     start = time.monotonic()
     proc = subprocess.Popen(command)
     while True:
@@ -99,7 +99,7 @@ def profile(command: list[str], interval_s: float = 0.5) -> dict:
             break
         time.sleep(interval_s)
     wall = time.monotonic() - start
-    total1, idle1 = machine_busy()
+    total1, idle1 = jiffies()
     by_kind: dict[str, dict] = {}
     for kind, cpu0, cpu in seen.values():
         row = by_kind.setdefault(kind or "?", {"cpu_s": 0.0, "processes": 0})

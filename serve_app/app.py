@@ -36,7 +36,7 @@ from ray_jobs.onnx_runtime import RuntimeInfo
 from ray_jobs.registry import Registry, Rollout
 from serve_app.drift_monitor import drift_deployment
 from serve_app.evidence_store import evidence_deployment
-from serve_app.explainer import ExplainerRoom, explain_deployment
+from serve_app.explainer import explain_deployment, explainer_room
 from serve_app.http import (
     ERRORS,
     RETRY_AFTER_S,
@@ -76,7 +76,6 @@ class SentimentModel(ModelSlots):
         `drift`, `evidence`: see ModelSlots."""
         super().__init__(args, drift, evidence)
         self.explainer = explainer
-        self.explainer_room = ExplainerRoom(self.args)
         # /feedback and /challenger/evidence change or reveal other clients' data: a bearer token guards
         # them, read once here (a bad token file fails the replica's start, saying why).
         self.feedback_token = self.args.serve.feedback.token()
@@ -182,7 +181,7 @@ class SentimentModel(ModelSlots):
             info = self.info
             if info is None:
                 raise ApiError(503, self.load_error or "no model loaded")
-            room = await asyncio.to_thread(self.explainer_room.why_not)
+            room = await asyncio.to_thread(explainer_room, self.args)
             response = self.explainer.explain.remote(info.model_uri, info.version, req.text, n_steps)
             try:
                 if room is None:

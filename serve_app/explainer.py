@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from typing import Any
 
 from ray import serve
@@ -67,43 +66,29 @@ class ExplainModel:
 ExplainService = serve.deployment(max_ongoing_requests=1)(ExplainModel)
 
 
-class ExplainerRoom:
-    """Whether an /explain request can expect an explainer replica (blocking: two calls to Ray, the
-    controller and the GCS). A replica seen RUNNING is trusted for `trust_s` without asking again: every
-    explanation of a burst otherwise paid those calls before it reached the explainer's queue, and on a
-    loaded machine they spread its arrivals there by seconds. One per ingress replica."""
+def explainer_room(a: AppArgs) -> str | None:
+    """Blocking (two calls to Ray): None where an explainer replica runs or the cluster has the resources
+    to start one now; else why not, for a 503. An unknown state (another app name, the controller busy)
+    is None: the request then waits for a replica as before."""
+    import ray
 
-    def __init__(self, a: AppArgs, trust_s: float = 10.0):
-        self.args = a
-        self.trust_s = trust_s
-        self._running_until = 0.0
-
-    def why_not(self) -> str | None:
-        """None where an explainer replica runs or the cluster has the resources to start one now; else
-        why not, for a 503. An unknown state (another app name, the controller busy) is None: the request
-        then waits for a replica as before."""
-        import ray
-
-        if time.monotonic() < self._running_until:
+    e, s = a.serve.explain, a.serve
+    try:
+        states = serve.status().applications[s.app_name].deployments[f"{s.app_name}-explainer"].replica_states
+        if states.get("RUNNING", 0):
             return None
-        e, s = self.args.serve.explain, self.args.serve
-        try:
-            states = serve.status().applications[s.app_name].deployments[f"{s.app_name}-explainer"].replica_states
-            if states.get("RUNNING", 0):
-                self._running_until = time.monotonic() + self.trust_s
-                return None
-            free = ray.available_resources()
-        except Exception:  # noqa: BLE001 - no answer is no reason to refuse
-            return None
-        need = {"CPU": e.num_cpus, "GPU": e.num_gpus, **s.resources}
-        short = {k: v for k, v in need.items() if v and free.get(k, 0.0) < v}
-        if not short:
-            return None
-        wanted = ", ".join(f"{v:g} {k} ({free.get(k, 0.0):g} free)" for k, v in short.items())
-        return (
-            f"no explainer replica runs and the cluster has no room to start one (it needs {wanted}); "
-            "reserve one with serve.explain.min_replicas"
-        )
+        free = ray.available_resources()
+    except Exception:  # noqa: BLE001 - no answer is no reason to refuse
+        return None
+    need = {"CPU": e.num_cpus, "GPU": e.num_gpus, **s.resources}
+    short = {k: v for k, v in need.items() if v and free.get(k, 0.0) < v}
+    if not short:
+        return None
+    wanted = ", ".join(f"{v:g} {k} ({free.get(k, 0.0):g} free)" for k, v in short.items())
+    return (
+        f"no explainer replica runs and the cluster has no room to start one (it needs {wanted}); "
+        "reserve one with serve.explain.min_replicas"
+    )
 
 
 def explain_deployment(a: AppArgs):
