@@ -74,6 +74,13 @@ class DataConfig(_Strict):
         "`python -m ray_jobs retrain` gathers. Its texts that are also in validation or test, and duplicates, "
         "are dropped",
     )
+    extra_val: str | None = Field(
+        None,
+        description="a labelled file like extra_train, added to the validation split only: checkpoint selection and "
+        "early stopping then see its texts too (retraining puts a share of the production reviews here, so that "
+        "a checkpoint blind to the new domain is not the one kept). Its texts that are also in train or test, and "
+        "duplicates, are dropped; the test split and its digest stay",
+    )
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
@@ -611,6 +618,15 @@ class RetrainConfig(_Strict):
         description="labelled production texts never trained on (by a hash of the request id): both versions are "
         "scored on them and the scores recorded",
     )
+    val_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="labelled production texts (by the same hash of the request id, the next slice after the "
+        "holdout's) that join the validation split "
+        "(data.extra_val) instead of training: the checkpoint kept and the trials stopped early are chosen on data "
+        "that includes the new domain, not on the base data alone",
+    )
     min_production_texts: int = Field(
         1, ge=0, description="start only with at least this many labelled production texts to train on"
     )
@@ -621,6 +637,15 @@ class RetrainConfig(_Strict):
         description="the lease of the one-run-at-a-time lock: a second run waits 1.5x this before it says one is in "
         "flight; a run that died frees it after this",
     )
+
+    @model_validator(mode="after")
+    def _fractions(self) -> RetrainConfig:
+        if self.holdout_fraction + self.val_fraction >= 1:
+            raise ValueError(
+                f"holdout_fraction {self.holdout_fraction} + val_fraction {self.val_fraction} leave no production "
+                "text to train on: their sum must be below 1"
+            )
+        return self
 
 
 class ServeConfig(_Strict):
@@ -843,8 +868,9 @@ class PipelineConfig(_Strict):
         data = self.data
         if data.path and data.source in ("file", "aclimdb"):
             data = data.model_copy(update={"path": absolute_path(data.path)})
-        if data.extra_train:
-            data = data.model_copy(update={"extra_train": absolute_path(data.extra_train)})
+        for extra in ("extra_train", "extra_val"):
+            if getattr(data, extra):
+                data = data.model_copy(update={extra: absolute_path(getattr(data, extra))})
         return self.model_copy(
             update={
                 "data": data,

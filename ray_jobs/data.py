@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -226,14 +227,16 @@ def load_splits(cfg: DataConfig) -> Splits:
         splits = Splits(train=splits.train, val=splits.val, test=test)
     if cfg.max_train_samples and len(splits.train) > cfg.max_train_samples:
         splits = Splits(train=splits.train.take(range(cfg.max_train_samples)), val=splits.val, test=splits.test)
+    if cfg.extra_val:
+        splits = with_extra(splits, load_file(cfg.extra_val), "val")
     if cfg.extra_train:
-        splits = with_extra_train(splits, load_file(cfg.extra_train))
+        splits = with_extra(splits, load_file(cfg.extra_train), "train")
     return splits
 
 
-def with_extra_train(splits: Splits, extra: Split) -> Splits:
-    """`extra` appended to the train split only: texts already in any split, and repeats, are dropped (a
-    text in validation or test would leak into training)."""
+def with_extra(splits: Splits, extra: Split, into: Literal["train", "val"]) -> Splits:
+    """`extra` appended to one split (never to test): texts already in any split, and repeats, are dropped (a
+    text in two splits would leak between training and its scoring)."""
     seen = {text_key(t) for split in (splits.train, splits.val, splits.test) for t in split.texts}
     keep = []
     for i, text in enumerate(extra.texts):
@@ -242,8 +245,8 @@ def with_extra_train(splits: Splits, extra: Split) -> Splits:
             seen.add(key)
             keep.append(i)
     added = extra.take(keep)
-    train = Split(splits.train.texts + added.texts, splits.train.labels + added.labels)
-    return Splits(train=train, val=splits.val, test=splits.test)
+    base = getattr(splits, into)
+    return replace(splits, **{into: Split(base.texts + added.texts, base.labels + added.labels)})
 
 
 def text_key(text: str) -> str:

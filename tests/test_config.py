@@ -255,6 +255,7 @@ def test_gpu_serving_settings():
         ("train.ema_decay=0", "train.ema_decay"),
         ('train.init_from=""', "train.init_from"),
         ("gate.precision=fp16", "gate.precision"),
+        ("retrain.val_fraction=0.8", "leave no production text to train on"),
     ],
 )
 def test_bad_settings_are_refused_by_name(override, where):

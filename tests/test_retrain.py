@@ -43,7 +43,7 @@ def _labelled(log: EvidenceLog, ids: list[str], texts: list[str | None], labels:
     log.write(preds, [Label(i, y, t) for i, y in zip(ids, labels, strict=True)])
 
 
-def test_extra_training_texts_join_the_train_split_only(tmp_path):
+def test_extra_texts_join_the_train_or_the_validation_split_never_the_test_split(tmp_path):
     cfg = _cfg(tmp_path)
     base = load_splits(cfg.data)
     new = [f"an unheard-of review number {i}" for i in range(20)]
@@ -56,6 +56,15 @@ def test_extra_training_texts_join_the_train_split_only(tmp_path):
     assert splits.test.digest() == base.test.digest() and splits.val.digest() == base.val.digest()
     assert splits.train.texts == base.train.texts + new  # repeats and texts of any split dropped
     assert splits.train.labels[len(base.train) :] == [i % 2 for i in range(20)]
+
+    val_path = tmp_path / "extra-val.parquet"
+    val_new = [f"a validation review of a new kind {i}" for i in range(5)]
+    pd.DataFrame({"text": [*val_new, new[0], base.test.texts[2]], "label": [1] * 7}).to_parquet(val_path)
+    both = load_splits(cfg.data.model_copy(update={"extra_train": str(path), "extra_val": str(val_path)}))
+    assert both.test.digest() == base.test.digest()
+    assert both.val.texts == base.val.texts + [*val_new, new[0]]  # a test text never moves
+    assert new[0] not in both.train.texts  # a text validated on is not also trained on
+    assert both.train.texts == base.train.texts + new[1:]
 
 
 def test_the_label_trigger_counts_labels_since_the_last_run(tmp_path):
@@ -92,13 +101,16 @@ def test_production_data_is_deduplicated_with_a_stable_holdout(tmp_path):
     texts[150] = None  # served without serve.log_texts (and not repeated): nothing to train on
     _labelled(log, ids, texts, [i % 2 for i in range(400)])
 
-    prod = production_data(log, time.time(), 0.25)
-    assert len(prod.train) + len(prod.holdout) == 299  # 300 distinct texts, one without its text
-    assert 0.15 < len(prod.holdout) / 299 < 0.35
-    again = production_data(log, time.time(), 0.25)
+    prod = production_data(log, time.time(), 0.25, 0.2)
+    assert len(prod.train) + len(prod.val) + len(prod.holdout) == 299  # 300 distinct texts, one without its text
+    assert 0.15 < len(prod.holdout) / 299 < 0.35 and 0.1 < len(prod.val) / 299 < 0.3
+    again = production_data(log, time.time(), 0.25, 0.2)
     assert again.digests() == prod.digests()  # the same requests held out every time
-    assert not set(prod.train.texts) & set(prod.holdout.texts)
-    assert production_data(log, time.time() - 3600, 0.25).train.texts == []  # labels up to `until` only
+    parts = [set(prod.train.texts), set(prod.val.texts), set(prod.holdout.texts)]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    # The holdout does not move when the validation share changes: scores stay comparable across runs.
+    assert production_data(log, time.time(), 0.25, 0.0).holdout.digest() == prod.holdout.digest()
+    assert production_data(log, time.time() - 3600, 0.25, 0.2).train.texts == []  # labels up to `until` only
 
 
 def test_nothing_starts_while_another_run_holds_the_lock_or_a_rollout_runs(tmp_path):

@@ -118,9 +118,9 @@ def test_a_trigger_retrains_on_production_labels_into_shadow_and_live_labels_pro
     tags = run.data.tags
     assert tags[RETRAIN_TAG] == "finished" and tags["retrain.version"] == "2" and tags["retrain.gate"] == "shadow"
     assert "new labelled predictions" in tags["retrain.reasons"]
-    n_train, n_hold = int(tags["retrain.n_production_train"]), int(tags["retrain.n_production_holdout"])
-    assert n_train + n_hold == PRODUCTION and 0 < n_hold < PRODUCTION / 2
-    assert len(tags["retrain.digest.production_train"]) == 16 and len(tags["retrain.digest.production_holdout"]) == 16
+    n_train, n_val, n_hold = (int(tags[f"retrain.n_production_{p}"]) for p in ("train", "val", "holdout"))
+    assert n_train + n_val + n_hold == PRODUCTION and 0 < n_hold < PRODUCTION / 2 and 0 < n_val < PRODUCTION / 4
+    assert all(len(tags[f"retrain.digest.production_{p}"]) == 16 for p in ("train", "val", "holdout"))
     assert run.data.metrics["holdout_f1.challenger"] > run.data.metrics["holdout_f1.champion"]
     assert retrain(cfg, force=True).message.startswith("version 2 is in shadow")  # v2 is decided first
 
