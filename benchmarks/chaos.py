@@ -108,7 +108,9 @@ def replicas(root: int, procs: dict[int, str] | None = None) -> list[int]:
 
 
 def model_processes(root: int, procs: dict[int, str] | None = None) -> list[int]:
-    return find(root, "serve_app.model_worker", procs)
+    # Machine-wide, not below `root`: a model process forked by serve_app.fork_server is the server's
+    # child, and the server is init's. This benchmark runs one cluster at a time.
+    return find(1, "serve_app.model_worker")
 
 
 # ------------------------------------------------------------------------------------ load

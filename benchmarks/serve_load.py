@@ -246,7 +246,7 @@ def cpu_seconds() -> dict[str, float]:
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if b"serve_app.model_worker" in argv:
+        if any(b"serve_app.model_worker" in a for a in argv):  # a forked one's is one title (fork_server)
             name = "model process"
         elif int(pid) == os.getpid():
             name = "load generator"

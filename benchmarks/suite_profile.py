@@ -30,6 +30,7 @@ HZ = os.sysconf("SC_CLK_TCK")
 # in argv[0] as `ray::Class.method`, handled before these).
 KINDS = (
     "serve_app.model_worker",
+    "fork_server",
     "pytest",
     "gcs_server",
     "raylet/raylet",

@@ -733,6 +733,12 @@ class ServeConfig(_Strict):
         "the batch re-run. None: derived from the model's speed measured at start",
     )
     max_model_restarts: int = Field(3, ge=0, description="per minute, before the replica reports unhealthy")
+    fork_server: bool = Field(
+        True,
+        description="a replica forks its model processes from a per-machine process that has imported torch and "
+        "transformers once (serve_app.fork_server): a start or a restart after a crash costs the weights' load, "
+        "not ~3 s of imports. CPU replicas only; where it cannot (no pidfd, an unsafe /tmp), the plain start",
+    )
     trial_load: bool = Field(
         True,
         description="load the model once in a throwaway process before a deploy: one that cannot load or "

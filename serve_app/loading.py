@@ -46,11 +46,13 @@ def worker_factory(
     features: bool | None = None,
     device: str | None = None,
     test_digest: str | None = None,
+    fork_server: bool | None = None,
 ):
     """What starts one model process for `model_dir` (the supervisor calls it again to replace one).
     `features`: answers carry drift features (default: where drift monitoring is on). `device`: default
     cuda where the replica reserves a GPU (serve.num_gpus), else cpu. `test_digest`: the version's test
-    split as the registry records it (an ONNX export's guard must have scored it)."""
+    split as the registry records it (an ONNX export's guard must have scored it). `fork_server`: default
+    serve.fork_server."""
     s = args.serve
     return functools.partial(
         ModelWorker,
@@ -62,6 +64,7 @@ def worker_factory(
         runtime=RuntimeChoice.of(s, test_digest),
         device=device or serving_device(s),
         batch_size=max(64, s.max_batch_size),
+        fork_server=s.fork_server if fork_server is None else fork_server,
     )
 
 
@@ -97,8 +100,11 @@ def trial_load(args: AppArgs, model_uri: str, version: str) -> None:
     predict is refused here, before a deployment changes (ModelWorkerError says why)."""
     model_dir, info = locate_model(args, model_uri, version)
     # On the CPU: the deploying process (often a head node without a GPU) proves that the files load and
-    # predict; each GPU replica's process checks its own device when it starts.
-    worker = worker_factory(args, model_dir, features=False, device="cpu", test_digest=info.data_digest)()
+    # predict; each GPU replica's process checks its own device when it starts. Started the plain way: a
+    # command must not leave a fork server behind it.
+    worker = worker_factory(
+        args, model_dir, features=False, device="cpu", test_digest=info.data_digest, fork_server=False
+    )()
     try:
         worker.predict(["a trial prediction before deploying"])
     finally:

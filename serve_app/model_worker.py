@@ -104,6 +104,7 @@ class ModelWorker:
         runtime: RuntimeChoice = EAGER,
         device: str = "cpu",
         batch_size: int = 64,
+        fork_server: bool = False,
     ):
         """`deadline_s`: seconds a batch may take once the child starts it; None derives it per batch
         from the speed measured at start (see the module docstring). `features`: answers carry the
@@ -111,7 +112,10 @@ class ModelWorker:
         version's ONNX export (ray_jobs.onnx_runtime); `self.runtime` says what the child runs. `device`: cpu or
         cuda; the child inherits this process's CUDA_VISIBLE_DEVICES (inside a replica, the GPU Ray assigned
         it), and without a CUDA device it fails to start with that said. `batch_size`: the most texts of one
-        forward pass (a larger batch is computed in length-sorted parts)."""
+        forward pass (a larger batch is computed in length-sorted parts). `fork_server`: fork the process
+        from serve_app.fork_server, which has imported torch and transformers already (a start costs the
+        weights' load instead of ~3 s of imports; on the CPU only, and started the plain way wherever the
+        server cannot)."""
         parent_sock, child_sock = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the same imports as here
         options = {
@@ -122,10 +126,10 @@ class ModelWorker:
             "batch_size": batch_size,
             **runtime._asdict(),
         }
+        argv = ["serve_app.model_worker", str(child_sock.fileno()), str(model_dir), json.dumps(options)]
         try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "serve_app.model_worker", str(child_sock.fileno()), str(model_dir)]
-                + [json.dumps(options)],
+            self._proc = (fork_server and device == "cpu" and _forked(child_sock, argv)) or subprocess.Popen(
+                [sys.executable, "-m", *argv],
                 pass_fds=[child_sock.fileno()],
                 env=env,
                 # Its own session: a Ctrl-C meant for the parent's terminal reaches the parent only; the
@@ -142,7 +146,8 @@ class ModelWorker:
         try:
             kind, payload = self._conn.recv()
         except (EOFError, OSError):
-            kind, payload = "error", f"it exited (code {self._proc.wait()})"
+            code = self._proc.wait()
+            kind, payload = "error", "it exited" + (f" (code {code})" if self._proc.returncode is not None else "")
         if kind != "ready":
             self._kill()
             raise ModelWorkerError(f"model worker could not load {model_dir}: {payload}")
@@ -239,13 +244,18 @@ class ModelWorker:
                     if not self._stopping and self._error is None:
                         self._error = "model worker exited"
                 code = self._proc.wait()
+                known = self._proc.returncode is not None  # a forked process's code is its server's
+                with self._lock:
+                    # Without the code: a child asked to stop answers every batch before it leaves, so
+                    # a batch still pending means it died.
+                    clean = self._stopping and (code == 0 if known else not self._pending)
                 if killed:
                     reason = killed
-                elif self._stopping and code == 0:
+                elif clean:
                     reason = "model worker was closed"
                 else:
-                    reason = f"model worker exited (code {code})"
-                self._fail_pending(reason, head_lost=not (self._stopping and code == 0))
+                    reason = "model worker exited" + (f" (code {code})" if known else "")
+                self._fail_pending(reason, head_lost=not clean)
                 self._outbox.put(("stop", None))  # lets the sender leave too
                 return
             with self._lock:
@@ -293,6 +303,19 @@ class ModelWorker:
     def _kill(self) -> None:
         self._proc.kill()
         self._proc.wait()
+
+
+def _forked(child_sock: socket.socket, argv: list[str]):
+    """The model process forked by the fork server, or None (said in the log) where it cannot be."""
+    from serve_app.fork_server import ForkServerError, start_child
+
+    module, _, *rest = argv
+    title = " ".join([sys.executable, "-m", module, "<fork>", *rest[:1]])  # ps and pgrep find it as before
+    try:
+        return start_child([child_sock.fileno()], title, [module, "{fd0}", *rest])
+    except ForkServerError as err:
+        log.warning("starting the model process the plain way: %s", err)
+        return None
 
 
 def _poison_predictor(predictor, marker: str, kill: bool) -> None:

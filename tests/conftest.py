@@ -178,11 +178,12 @@ def store_pid(app: str) -> int:
 
 
 def model_process(model_dir: str) -> int | None:
-    """The pid of the model process serving `model_dir` (its command line names the folder)."""
+    """The pid of the model process serving `model_dir` (its command line names the folder; a forked
+    one's is a title of words, serve_app.fork_server)."""
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
+                argv = f.read().replace(b"\0", b" ").split()
         except OSError:
             continue
         if b"serve_app.model_worker" in argv and model_dir.encode() in argv:

@@ -102,12 +102,12 @@ def test_the_circle_check_finds_a_circle():
 
 def test_nothing_imports_the_commands_and_only_commands_parse_argv():
     """Commands (ray_jobs.cli) parse, call the library and print; the library never imports them, and no
-    library module builds an argument parser or reads sys.argv (the process entries of a model worker
-    and of the HAProxy wrapper read their own, documented arguments)."""
+    library module builds an argument parser or reads sys.argv (the process entries of a model worker,
+    of the fork server and of the HAProxy wrapper read their own, documented arguments)."""
     graph = _graph()
     importers = {m for m, deps in graph.items() if not m.startswith(CLI) and any(d.startswith(CLI) for d in deps)}
     assert importers == set()
-    entries = {"serve_app.model_worker", "serve_app.haproxy"}
+    entries = {"serve_app.model_worker", "serve_app.haproxy", "serve_app.fork_server"}
     parsing = {
         name
         for name, path in FILES.items()

@@ -1,5 +1,7 @@
 """The model in a process of its own (serve_app.model_worker): same answers as in-process, batches
-pipelined and answered in order, clear errors, and no process left behind."""
+pipelined and answered in order, clear errors, and no process left behind. Tests marked so start it from
+the fork server, as a replica does (serve.fork_server; what is particular to it: test_fork_server.py);
+the others start it the plain way, as the trial load before a deploy and a GPU replica do."""
 
 from __future__ import annotations
 
@@ -66,7 +68,7 @@ def test_answers_equal_the_in_process_predictor_and_pipelined_batches_keep_their
 
 
 def test_close_lets_submitted_batches_finish_then_refuses_new_ones(untrained_tiny):
-    worker = ModelWorker(untrained_tiny, num_threads=1, precision="fp32")
+    worker = ModelWorker(untrained_tiny, num_threads=1, precision="fp32", fork_server=True)
     futures = [worker.submit(TEXTS) for _ in range(4)]
     worker.close()
     assert all(len(f.result(timeout=0)[0]) == len(TEXTS) for f in futures)
@@ -82,7 +84,7 @@ def test_a_model_that_cannot_load_is_a_clear_error(tmp_path):
 
 
 def test_a_killed_model_process_fails_its_batches_and_reports_not_alive(untrained_tiny):
-    worker = ModelWorker(untrained_tiny, num_threads=1, precision="fp32")
+    worker = ModelWorker(untrained_tiny, num_threads=1, precision="fp32", fork_server=True)
     os.kill(worker.pid, signal.SIGKILL)
     with pytest.raises(ModelWorkerError, match="exited"):
         for _ in range(50):  # the first submits may race the receiver noticing the death
@@ -99,7 +101,7 @@ def test_only_the_batch_being_computed_is_blamed_for_a_dead_process(untrained_ti
     from serve_app.model_worker import POISON_KILL_ENV, ProcessLost
 
     monkeypatch.setenv(POISON_KILL_ENV, "DEADLY-MARKER")
-    worker = ModelWorker(untrained_tiny, precision="fp32")
+    worker = ModelWorker(untrained_tiny, precision="fp32", fork_server=True)
     try:
         first = worker.submit(TEXTS[:2])
         deadly = worker.submit(["DEADLY-MARKER here", *TEXTS[2:4]])
@@ -153,7 +155,7 @@ def test_a_killed_model_process_is_replaced_and_its_batches_rerun(untrained_tiny
 
     async def run():
         model = await SupervisedModel.create(
-            functools.partial(ModelWorker, untrained_tiny, num_threads=1, precision="fp32")
+            functools.partial(ModelWorker, untrained_tiny, num_threads=1, precision="fp32", fork_server=True)
         )
         first = model.worker.pid
         tasks = [asyncio.ensure_future(model.run(TEXTS)) for _ in range(20)]
@@ -223,7 +225,7 @@ def test_a_wedged_model_process_misses_its_deadline_and_is_replaced(untrained_ti
 
     async def run():
         model = await SupervisedModel.create(
-            functools.partial(ModelWorker, untrained_tiny, num_threads=1, precision="fp32")
+            functools.partial(ModelWorker, untrained_tiny, num_threads=1, precision="fp32", fork_server=True)
         )
         first = model.worker.pid
         deadline = model.worker.batch_deadline_s(len(TEXTS))
