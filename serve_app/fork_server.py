@@ -212,6 +212,13 @@ def _start_server(folder: Path, path: Path) -> socket.socket:
 # ---------------------------------------------------------------------- the server
 def serve(path: str) -> int:
     """Preload, listen on `path`, fork a child per request; leave after IDLE_S without one."""
+    with contextlib.suppress(ImportError):
+        import setproctitle
+
+        # Now, before any import sets an environment variable: setproctitle then claims the room of argv
+        # and of the environment block for the children's titles (later, only argv's is left, and a
+        # child's title with a long model folder was cut).
+        setproctitle.setproctitle(" ".join(sys.orig_argv))
     for name in PRELOAD:
         with contextlib.suppress(ImportError):  # a missing optional one only makes its children slower
             __import__(name)
@@ -291,7 +298,7 @@ def _become_child(request: dict, fds: list[int], server_fds: list[int]) -> None:
         os.setsid()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-        with contextlib.suppress(ImportError):  # before the environment changes: it moves environ's memory
+        with contextlib.suppress(ImportError):  # imported and set up by the server (see `serve`)
             import setproctitle
 
             setproctitle.setproctitle(request["title"])

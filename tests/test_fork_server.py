@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,10 +52,12 @@ def own_servers(tmp_path, monkeypatch):
 
 def test_forked_processes_answer_as_plain_ones_from_one_server_started_once(untrained_tiny, own_servers):
     expected = Predictor(untrained_tiny, precision="fp32").predict(TEXTS)
+    # A long folder: the title must hold it whole (it once was cut at the server's own command line's length).
+    folder = str(shutil.copytree(untrained_tiny, own_servers.parent / ("a-long-folder-name-" * 8) / "model"))
     # Three replicas asking at once, before any server runs: one server starts, all three are its children.
     workers: list[ModelWorker] = []
     threads = [
-        threading.Thread(target=lambda: workers.append(ModelWorker(untrained_tiny, precision="fp32", fork_server=True)))
+        threading.Thread(target=lambda: workers.append(ModelWorker(folder, precision="fp32", fork_server=True)))
         for _ in range(3)
     ]
     for t in threads:
@@ -76,7 +79,7 @@ def test_forked_processes_answer_as_plain_ones_from_one_server_started_once(untr
             assert [g["score"] for g in got] == pytest.approx([e["score"] for e in expected], abs=1e-5)
         # Named as a plain one is: the tests and the benchmarks find it by its model folder.
         assert "serve_app.model_worker" in _cmdline(workers[0].pid)
-        assert model_process(untrained_tiny) in {w.pid for w in workers}
+        assert model_process(folder) in {w.pid for w in workers}
         assert (os.stat(own_servers).st_mode & 0o777) == 0o700
     finally:
         for w in workers:
