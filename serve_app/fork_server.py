@@ -180,9 +180,13 @@ def _start_server(folder: Path, path: Path) -> socket.socket:
             return _connect(path)  # another replica started it meanwhile
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a dead server's socket
+        # Ray sets SPT_NOENV (setproctitle must not use the environment's room in its workers): without
+        # that room a child's title holds ~110 characters and a long model folder was cut from it.
+        env = {k: v for k, v in os.environ.items() if k != "SPT_NOENV"}
         with open(folder / f"{path.stem}.log", "ab") as log_file:
             starter = subprocess.Popen(
                 [sys.executable, "-I", __file__, str(path)],
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=log_file,
@@ -215,9 +219,8 @@ def serve(path: str) -> int:
     with contextlib.suppress(ImportError):
         import setproctitle
 
-        # Now, before any import sets an environment variable: setproctitle then claims the room of argv
-        # and of the environment block for the children's titles (later, only argv's is left, and a
-        # child's title with a long model folder was cut).
+        # Once, before the preload: the room of argv and of the environment block is then the
+        # children's titles' (their model folders can be long).
         setproctitle.setproctitle(" ".join(sys.orig_argv))
     for name in PRELOAD:
         with contextlib.suppress(ImportError):  # a missing optional one only makes its children slower

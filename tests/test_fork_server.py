@@ -38,9 +38,10 @@ def _cmdline(pid: int) -> str:
 @pytest.fixture
 def own_servers(tmp_path, monkeypatch):
     """A socket folder of this test's own (so the first start starts a server here), and its servers
-    stopped afterwards."""
+    stopped afterwards. The environment is a Ray worker's in the way that matters: SPT_NOENV is set."""
     folder = tmp_path / "sockets"
     monkeypatch.setenv(fork_server.DIR_ENV, str(folder))
+    monkeypatch.setenv("SPT_NOENV", "1")
     yield folder
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
