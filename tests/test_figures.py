@@ -24,6 +24,7 @@ import figures  # noqa: E402
         ("gpu_train_h200_run2.json", "gpu_train"),
         ("data_scale_imdb_after.json", "data_scale"),
         ("suite_profile_2core.json", "suite_profile"),
+        ("suite_profile_2core_fork.json", "suite_profile"),
     ],
 )
 def test_each_kind_of_committed_result_is_drawn(name, kind, tmp_path, monkeypatch):
