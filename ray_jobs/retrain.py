@@ -18,8 +18,9 @@ is never trained on: both versions are scored on it and the scores recorded. A `
 slice of the same hash) joins the validation split as `data.extra_val`: the checkpoint kept and the
 trials stopped early are chosen on data that includes the new domain. On the base data alone it
 cannot tell a checkpoint that has not learned the new domain (yet, or any more): on the tests' tiny
-model, 2 of 18 epochs (3 runs of 6) answered one class for every review of a new domain, one of them
-between epochs that got every one right, and one CI run put such a version into shadow. The labels that decide the
+model, 4 of 30 epochs (5 runs of 6) answered one class for every review of a new domain, one of them
+between epochs that got every one right; the checkpoint kept was such a one in 1 of 6 other runs, and
+in one CI run, which put that version into shadow. The labels that decide the
 live promotion are fresh by construction: the new version scores only requests made after it went into
 shadow.
 
