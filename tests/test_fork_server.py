@@ -1,6 +1,7 @@
 """Model processes forked from a pre-imported server (serve_app.fork_server): the same answers as a plain
 start, from one server however many ask at once, with the asker's environment, named as model processes,
-no orphans when the asker dies, and the plain start wherever the server cannot be used."""
+and the plain start wherever the server cannot be used. (No orphans when the asker dies:
+test_model_worker.py, both ways of starting.)"""
 
 from __future__ import annotations
 
@@ -9,13 +10,11 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, model_process
+from conftest import model_process
 from test_model_worker import TEXTS, _gone
 
 from ray_jobs.inference import Predictor
@@ -120,27 +119,6 @@ def test_a_killed_server_costs_no_running_model_process_and_is_started_again(unt
             again.close()
     finally:
         worker.close()
-
-
-def test_a_forked_process_leaves_when_its_asker_is_killed(untrained_tiny, own_servers):
-    """No orphans: the asker (a replica) killed with SIGKILL takes its model process along, although the
-    process is the server's child."""
-    code = (
-        "import sys, time; from serve_app.model_worker import ModelWorker; "
-        f"w = ModelWorker({untrained_tiny!r}, precision='fp32', fork_server=True); print(w.pid, flush=True); "
-        "time.sleep(600)"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    asker = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        child = int(asker.stdout.readline())
-        assert "fork_server.py" in _cmdline(_parent(child))
-        asker.kill()
-        asker.wait()
-        assert _gone(child, 15), "the forked model process outlived its asker"
-    finally:
-        if asker.poll() is None:
-            asker.kill()
 
 
 def test_a_folder_others_can_enter_means_the_plain_start(untrained_tiny, tmp_path, monkeypatch, caplog):

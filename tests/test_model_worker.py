@@ -117,12 +117,14 @@ def test_only_the_batch_being_computed_is_blamed_for_a_dead_process(untrained_ti
         worker.close()
 
 
-def test_the_model_process_leaves_when_its_parent_is_killed(untrained_tiny):
-    """No orphans: a replica killed with SIGKILL (no chance to clean up) takes its model process along."""
+@pytest.mark.parametrize("fork", [False, True], ids=["plain", "forked"])
+def test_the_model_process_leaves_when_its_parent_is_killed(untrained_tiny, fork):
+    """No orphans: a replica killed with SIGKILL (no chance to clean up) takes its model process along,
+    also a forked one, which is the fork server's child, not the replica's."""
     code = (
         "import sys, time; from serve_app.model_worker import ModelWorker; "
-        f"w = ModelWorker({untrained_tiny!r}, num_threads=1, precision='fp32'); print(w.pid, flush=True); "
-        "time.sleep(600)"
+        f"w = ModelWorker({untrained_tiny!r}, num_threads=1, precision='fp32', fork_server={fork}); "
+        "print(w.pid, flush=True); time.sleep(600)"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     parent = subprocess.Popen(
@@ -135,6 +137,10 @@ def test_the_model_process_leaves_when_its_parent_is_killed(untrained_tiny):
     try:
         child = int(parent.stdout.readline())
         os.kill(child, 0)  # running
+        with open(f"/proc/{child}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        with open(f"/proc/{ppid}/cmdline", "rb") as f:
+            assert (b"fork_server.py" in f.read()) == fork
         parent.kill()
         parent.wait()
         assert _gone(child, 15), "the model process outlived its parent"
