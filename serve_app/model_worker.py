@@ -20,7 +20,9 @@ The parent speaks to the child over a private socket pair (`multiprocessing.conn
 messages only ever cross between these two processes). The child leaves when the parent closes the
 socket, and also when the parent dies without closing it (the socket reads end-of-file): no orphans.
 It is a plain subprocess (`python -m serve_app.model_worker`), not `multiprocessing`'s spawn, which
-would re-run the parent's main module (inside Ray, the Ray worker's own script).
+would re-run the parent's main module (inside Ray, the Ray worker's own script); in a replica it is
+forked instead from serve_app.fork_server, which has imported torch and transformers already, and runs
+the same `_child` with the same socket protocol.
 
 Faults: a batch that the child does not answer by its deadline (the child alive but wedged: stopped,
 deadlocked, swapping) kills the child, and its batches fail like those of a child that died.
