@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -115,6 +116,7 @@ def socket_dir() -> Path:
     return folder
 
 
+@functools.cache  # fixed for a process's life: not worked out again at every start
 def server_key() -> str:
     """Which server fits this process: its interpreter, the preloaded packages' locations, this file."""
     import importlib.util

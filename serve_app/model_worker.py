@@ -148,8 +148,8 @@ class ModelWorker:
         try:
             kind, payload = self._conn.recv()
         except (EOFError, OSError):
-            code = self._proc.wait()
-            kind, payload = "error", "it exited" + (f" (code {code})" if self._proc.returncode is not None else "")
+            code = self._exit_code()
+            kind, payload = "error", "it exited" + (f" (code {code})" if code is not None else "")
         if kind != "ready":
             self._kill()
             raise ModelWorkerError(f"model worker could not load {model_dir}: {payload}")
@@ -245,18 +245,17 @@ class ModelWorker:
                     killed = self._error  # set by kill(): the reason says more than an exit code
                     if not self._stopping and self._error is None:
                         self._error = "model worker exited"
-                code = self._proc.wait()
-                known = self._proc.returncode is not None  # a forked process's code is its server's
+                code = self._exit_code()
                 with self._lock:
                     # Without the code: a child asked to stop answers every batch before it leaves, so
                     # a batch still pending means it died.
-                    clean = self._stopping and (code == 0 if known else not self._pending)
+                    clean = self._stopping and (code == 0 if code is not None else not self._pending)
                 if killed:
                     reason = killed
                 elif clean:
                     reason = "model worker was closed"
                 else:
-                    reason = "model worker exited" + (f" (code {code})" if known else "")
+                    reason = "model worker exited" + (f" (code {code})" if code is not None else "")
                 self._fail_pending(reason, head_lost=not clean)
                 self._outbox.put(("stop", None))  # lets the sender leave too
                 return
@@ -305,6 +304,11 @@ class ModelWorker:
     def _kill(self) -> None:
         self._proc.kill()
         self._proc.wait()
+
+    def _exit_code(self) -> int | None:
+        """Waits for the child to end: its exit code, or None for a forked one (its server reaps it)."""
+        code = self._proc.wait()
+        return code if self._proc.returncode is not None else None
 
 
 def _forked(child_sock: socket.socket, argv: list[str]):
