@@ -737,12 +737,13 @@ class ServeConfig(_Strict):
         True,
         description="a replica forks its model processes from a per-machine process that has imported torch and "
         "transformers once (serve_app.fork_server): a start or a restart after a crash costs the weights' load, "
-        "not ~3 s of imports. CPU replicas only; where it cannot (no pidfd, an unsafe /tmp), the plain start",
+        "not ~3 s of imports. CPU replicas only; where it cannot (no pidfd, an unsafe /tmp), the plain start. "
+        "A deploy's trial load forks from it only where one runs already (a command never leaves one behind)",
     )
     trial_load: bool = Field(
         True,
         description="load the model once in a throwaway process before a deploy: one that cannot load or "
-        "predict is refused before Serve changes anything",
+        "predict is refused before Serve changes anything (on the CPU, forked where a fork server runs)",
     )
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     explain: ExplainConfig = ExplainConfig()

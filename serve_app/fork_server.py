@@ -70,6 +70,10 @@ class ForkServerError(RuntimeError):
     """The fork server cannot start this process: start it the plain way."""
 
 
+class NoForkServer(ForkServerError):
+    """No server is running, and the caller asked not to start one."""
+
+
 class ForkedProcess:
     """A forked model process, driven as a `subprocess.Popen` is (poll, wait, kill), through a pidfd."""
 
@@ -129,11 +133,12 @@ def server_key() -> str:
     return h.hexdigest()[:16]
 
 
-def start_child(fds: list[int], title: str, argv: list[str]) -> ForkedProcess:
+def start_child(fds: list[int], title: str, argv: list[str], start_server: bool = True) -> ForkedProcess:
     """Fork a model process: `argv` is what `python -m` would get (module first), `fds` the descriptors
     it needs (an argument "{fd0}" becomes the child's number of fds[0], and so on), `title` its command
     line in `ps`. It inherits this process's stdout and stderr. Raises ForkServerError where the server
-    cannot do it."""
+    cannot do it. `start_server=False`: only a server that runs already (NoForkServer where none does),
+    for a command that must not leave a server behind it."""
     if not hasattr(os, "pidfd_open"):
         raise ForkServerError("no pidfd on this system")
     folder = socket_dir()
@@ -149,7 +154,9 @@ def start_child(fds: list[int], title: str, argv: list[str]) -> ForkedProcess:
     }
     try:
         conn = _connect(path)
-    except OSError:
+    except OSError as err:
+        if not start_server:
+            raise NoForkServer(f"no fork server at {path}: {err}") from err
         conn = _start_server(folder, path)
     with conn:
         try:

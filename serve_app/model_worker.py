@@ -107,6 +107,7 @@ class ModelWorker:
         device: str = "cpu",
         batch_size: int = 64,
         fork_server: bool = False,
+        start_fork_server: bool = True,
     ):
         """`deadline_s`: seconds a batch may take once the child starts it; None derives it per batch
         from the speed measured at start (see the module docstring). `features`: answers carry the
@@ -117,7 +118,7 @@ class ModelWorker:
         forward pass (a larger batch is computed in length-sorted parts). `fork_server`: fork the process
         from serve_app.fork_server, which has imported torch and transformers already (a start costs the
         weights' load instead of ~3 s of imports; on the CPU only, and started the plain way wherever the
-        server cannot)."""
+        server cannot). `start_fork_server=False`: use a server only where one runs already."""
         parent_sock, child_sock = socket.socketpair()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the same imports as here
         options = {
@@ -130,7 +131,9 @@ class ModelWorker:
         }
         argv = ["serve_app.model_worker", str(child_sock.fileno()), str(model_dir), json.dumps(options)]
         try:
-            self._proc = (fork_server and device == "cpu" and _forked(child_sock, argv)) or subprocess.Popen(
+            self._proc = (
+                fork_server and device == "cpu" and _forked(child_sock, argv, start_fork_server)
+            ) or subprocess.Popen(
                 [sys.executable, "-m", *argv],
                 pass_fds=[child_sock.fileno()],
                 env=env,
@@ -311,14 +314,17 @@ class ModelWorker:
         return code if self._proc.returncode is not None else None
 
 
-def _forked(child_sock: socket.socket, argv: list[str]):
+def _forked(child_sock: socket.socket, argv: list[str], start_server: bool):
     """The model process forked by the fork server, or None (said in the log) where it cannot be."""
-    from serve_app.fork_server import ForkServerError, start_child
+    from serve_app.fork_server import ForkServerError, NoForkServer, start_child
 
     module, _, *rest = argv
     title = " ".join([sys.executable, "-m", module, "<fork>", *rest[:1]])  # ps and pgrep find it as before
     try:
-        return start_child([child_sock.fileno()], title, [module, "{fd0}", *rest])
+        return start_child([child_sock.fileno()], title, [module, "{fd0}", *rest], start_server)
+    except NoForkServer as err:
+        log.debug("starting the model process the plain way: %s", err)  # asked for, not a fault
+        return None
     except ForkServerError as err:
         log.warning("starting the model process the plain way: %s", err)
         return None

@@ -121,6 +121,29 @@ def test_a_killed_server_costs_no_running_model_process_and_is_started_again(unt
         worker.close()
 
 
+def test_a_command_forks_only_from_a_running_server_and_never_starts_one(untrained_tiny, own_servers, caplog):
+    # A deploy's trial load (start_fork_server=False): with no server, the plain start, quietly, and no server.
+    with caplog.at_level(logging.WARNING, logger="serve_app.model_worker"):
+        plain = ModelWorker(untrained_tiny, precision="fp32", fork_server=True, start_fork_server=False)
+    try:
+        assert _parent(plain.pid) == os.getpid() and len(plain.predict(TEXTS)) == len(TEXTS)
+        assert "plain way" not in caplog.text  # asked for, not a fault to warn of
+    finally:
+        plain.close()
+    assert not list(own_servers.glob("*.sock"))
+    # Once a replica has started one, the same call forks from it.
+    replica = ModelWorker(untrained_tiny, precision="fp32", fork_server=True)
+    try:
+        trial = ModelWorker(untrained_tiny, precision="fp32", fork_server=True, start_fork_server=False)
+        try:
+            assert _parent(trial.pid) == _parent(replica.pid) != os.getpid()
+            assert len(trial.predict(TEXTS)) == len(TEXTS)
+        finally:
+            trial.close()
+    finally:
+        replica.close()
+
+
 def test_a_folder_others_can_enter_means_the_plain_start(untrained_tiny, tmp_path, monkeypatch, caplog):
     folder = tmp_path / "open"
     folder.mkdir()
