@@ -107,10 +107,13 @@ def replicas(root: int, procs: dict[int, str] | None = None) -> list[int]:
     return find(root, f"ServeReplica:{APP}:{APP}-model", procs)  # not the explainer's or the drift monitor's
 
 
-def model_processes(root: int, procs: dict[int, str] | None = None) -> list[int]:
-    # Machine-wide, not below `root`: a model process forked by serve_app.fork_server is the server's
-    # child, and the server is init's. This benchmark runs one cluster at a time.
-    return find(1, "serve_app.model_worker")
+def model_processes(root: int, procs: dict[int, str] | None = None, folders: tuple[str, ...] = ()) -> list[int]:
+    """Machine-wide, not below `root`: a model process forked by serve_app.fork_server is the server's
+    child, and the server is init's. This benchmark runs one cluster at a time; where other clusters may
+    run (the tests, in two processes), `folders` keeps those serving one of these model folders."""
+    everything = descendants(1)
+    found = find(1, "serve_app.model_worker", everything)
+    return [pid for pid in found if not folders or any(f" {folder}" in everything[pid] for folder in folders)]
 
 
 # ------------------------------------------------------------------------------------ load

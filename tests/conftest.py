@@ -167,14 +167,22 @@ def labels_survive(url: str, restart, n: int = 20) -> dict:
     return after
 
 
-def store_pid(app: str) -> int:
-    """The process of an app's live evidence store replica."""
+def live_actor_pid(class_name: str) -> int:
+    """The process of the one live actor of `class_name` on this process's Ray cluster. The address is
+    explicit: without one, Ray's state API asks the cluster started last on the machine, which is another
+    test process's where the suite runs in two (pytest-xdist)."""
+    import ray
     from ray.util.state import list_actors
 
-    name = f"ServeReplica:{app}:{app}-evidence"
-    store = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == name]
-    assert len(store) == 1, store
-    return store[0].pid
+    address = ray.get_runtime_context().gcs_address
+    found = [a for a in list_actors(address=address, filters=[("state", "=", "ALIVE")]) if a.class_name == class_name]
+    assert len(found) == 1, found
+    return found[0].pid
+
+
+def store_pid(app: str) -> int:
+    """The process of an app's live evidence store replica."""
+    return live_actor_pid(f"ServeReplica:{app}:{app}-evidence")
 
 
 def model_process(model_dir: str) -> int | None:
@@ -243,16 +251,31 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def no_session_cluster() -> None:
-    """For tests that start Ray clusters of their own: the tests' shared cluster (and any app left on it)
-    is shut down first, as its idle processes slow a second cluster by about 1.6x on 2 cores. Once
-    stopped it stays stopped, so pytest_collection_modifyitems runs these tests last."""
+    """For tests that start Ray clusters of their own (`ray start`, several nodes): they run first, before
+    any test of this process has started the shared cluster (pytest_collection_modifyitems), and need
+    nothing of it. Should one run anyway (a test run in another order), it is shut down first, as its
+    idle processes slow a second cluster by about 1.6x on 2 cores; once stopped it stays stopped."""
     _stop_session_cluster()
+
+
+OWN_CLUSTERS = "own_clusters"
+
+
+def pytest_itemcollected(item) -> None:
+    """pytest-xdist's group of each test (`--dist loadgroup`, pyproject.toml): a module's tests share its
+    fixtures (a deployed app, a trained model), so they run in one process; the tests with clusters of
+    their own run one after another in one process, which starts them first (see below). Marked at
+    collection: xdist reads the groups in its own pytest_collection_modifyitems."""
+    own = "no_session_cluster" in getattr(item, "fixturenames", ())
+    item.add_marker(pytest.mark.xdist_group(OWN_CLUSTERS if own else item.nodeid.split("::")[0]))
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own reordering
 def pytest_collection_modifyitems(items) -> None:
-    # Stable sort: collection order otherwise, tests that stop the shared cluster after all that use it.
-    items.sort(key=lambda item: "no_session_cluster" in getattr(item, "fixturenames", ()))
+    # Stable sort: collection order otherwise, the tests with clusters of their own first. With
+    # `-n 2` (and --no-loadscope-reorder), their group is then the first one process takes: it runs
+    # beside the other process's shared cluster from the start, not alone at the end.
+    items.sort(key=lambda item: "no_session_cluster" not in getattr(item, "fixturenames", ()))
 
 
 def _pg_bindir() -> str | None:
@@ -351,6 +374,21 @@ def untrained_tiny(session_tmp) -> str:
     cfg = tiny_config(session_tmp / "untrained")
     model, tok = build_model(cfg.model, seed=1)
     return str(save_model(model, tok, session_tmp / "untrained-model", {"max_length": 64, "truncation": "head_tail"}))
+
+
+@pytest.fixture(scope="session")
+def leaning_tiny(session_tmp) -> str:
+    """A second tiny model with random weights, its classifier's bias set to lean one way: every answer's
+    score differs from untrained_tiny's, so a swap from one to the other shows in each answer. (Neither
+    needs Ray: the tests with clusters of their own use these, before any shared cluster runs.)"""
+    import torch
+
+    from ray_jobs.model import build_model, save_model
+
+    model, tok = build_model(tiny_config(session_tmp / "leaning").model, seed=2)
+    with torch.no_grad():
+        model.classifier.bias.copy_(torch.tensor([-1.5, 1.5]))
+    return str(save_model(model, tok, session_tmp / "leaning-model", {"max_length": 64, "truncation": "head_tail"}))
 
 
 @pytest.fixture

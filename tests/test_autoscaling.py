@@ -43,7 +43,7 @@ def _listening(pid: int) -> set[tuple[str, int]]:
     return found
 
 
-def test_one_to_two_to_one_replica_loses_no_request(tmp_path, trained_tiny, no_session_cluster):
+def test_one_to_two_to_one_replica_loses_no_request(tmp_path, untrained_tiny, no_session_cluster):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from chaos import auth_token, cluster_env, descendants, find, running_replicas, start_head, stop_head
 
@@ -57,7 +57,7 @@ def test_one_to_two_to_one_replica_loses_no_request(tmp_path, trained_tiny, no_s
         *TINY,
         f"ray.address=127.0.0.1:{gcs}",  # ray.serve_ingress stays at its default
         f"serve.port={port}",
-        f"serve.model_uri={trained_tiny[2]}",
+        f"serve.model_uri={untrained_tiny}",
         f"serve.app_name={app}",
         "serve.num_cpus=0.5",
         "serve.precision=fp32",

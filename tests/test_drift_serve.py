@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import http, labels_survive, request_stream, store_pid
+from conftest import http, labels_survive, live_actor_pid, request_stream, store_pid
 
 pytestmark = pytest.mark.integration
 
@@ -168,19 +168,12 @@ def test_a_killed_monitor_costs_no_request_and_comes_back_empty(drift_app):
     import os
     import signal
 
-    from ray.util.state import list_actors
-
     url = drift_app[0]
-    monitor = [
-        a
-        for a in list_actors(filters=[("state", "=", "ALIVE")])
-        if a.class_name == "ServeReplica:driftapp:driftapp-drift"
-    ]
-    assert len(monitor) == 1, monitor
+    monitor = live_actor_pid("ServeReplica:driftapp:driftapp-drift")
     with request_stream(url, "a fine film with a dull ending", "label") as (answers, failures):
         time.sleep(1.0)
         before = http.get(f"{url}/drift", timeout=30).json()["texts_seen"]
-        os.kill(monitor[0].pid, signal.SIGKILL)
+        os.kill(monitor, signal.SIGKILL)
         deadline, statuses, fresh = time.time() + 90, [], False
         while time.time() < deadline and not fresh:
             r = http.get(f"{url}/drift", timeout=30)

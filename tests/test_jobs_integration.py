@@ -229,9 +229,16 @@ def _submit(
     cmd += [f"--entrypoint-resources={json.dumps({driver: 1})}", *([] if wait else ["--no-wait"])]
     entry = [sys.executable, "-m", "ray_jobs", "pipeline", "--config", "tune_configs/quickstart.yaml"]
     entry += [] if deploy else ["--no-deploy"]
-    return subprocess.run(
-        [*cmd, "--", *entry, *args], cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=600
-    )
+    for _ in range(12):
+        done = subprocess.run(
+            [*cmd, "--", *entry, *args], cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=600
+        )
+        # The Jobs API waits 10 s for the head's agent to register: a cluster that started on a busy
+        # machine (the suite in two processes) can take longer. Nothing was submitted then: try again.
+        if done.returncode == 0 or "No available agent" not in done.stdout + done.stderr:
+            return done
+        time.sleep(5)
+    return done
 
 
 def test_the_jobs_api_refuses_requests_without_the_token(job_cluster):

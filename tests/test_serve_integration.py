@@ -494,7 +494,7 @@ def test_metrics_reach_prometheus(app_url, ray_cluster):
 
 
 @pytest.mark.slow
-def test_direct_ingress_mode_serves_on_the_proxy_and_the_replica_port(tmp_path, trained_tiny, no_session_cluster):
+def test_direct_ingress_mode_serves_on_the_proxy_and_the_replica_port(tmp_path, untrained_tiny, no_session_cluster):
     """`ray.serve_ingress=direct` reaches a cluster that `ray_jobs.deploy` starts itself (a second,
     private Ray cluster in a subprocess): the app answers through Serve's proxy on serve.port and
     directly on the replica's own port, with the same prediction."""
@@ -513,7 +513,7 @@ def test_direct_ingress_mode_serves_on_the_proxy_and_the_replica_port(tmp_path, 
         "ray.address=local",
         "ray.serve_ingress=direct",
         f"serve.port={port}",
-        f"serve.model_uri={trained_tiny[2]}",
+        f"serve.model_uri={untrained_tiny}",
         "serve.num_cpus=0.5",
         "serve.app_name=direct",
         "serve.autoscaling.min_replicas=1",
@@ -559,7 +559,7 @@ def test_direct_ingress_mode_serves_on_the_proxy_and_the_replica_port(tmp_path, 
 
 @pytest.mark.slow
 def test_haproxy_ingress_survives_faults_with_zero_failed_requests(
-    tmp_path, trained_tiny, untrained_tiny, no_session_cluster
+    tmp_path, leaning_tiny, untrained_tiny, no_session_cluster
 ):
     """The production shape: a `ray start` cluster in `haproxy` mode (with the retry policy of
     ray_jobs.runtime.serve_ingress_env), two replicas, a stream of requests through HAProxy on
@@ -630,7 +630,8 @@ def test_haproxy_ingress_survives_faults_with_zero_failed_requests(
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             below = descendants(head.pid)
-            procs = set(find(head.pid, "ServeReplica:hs:hs-model", below)) | set(model_processes(head.pid, below))
+            models = model_processes(head.pid, below, folders=(leaning_tiny, untrained_tiny))
+            procs = set(find(head.pid, "ServeReplica:hs:hs-model", below)) | set(models)
             if (
                 len(procs) == 4
                 and not procs & old
@@ -646,12 +647,13 @@ def test_haproxy_ingress_survives_faults_with_zero_failed_requests(
 
     url = f"http://127.0.0.1:{port}"
     text = "a dull and lifeless film, but the ending was wonderful"
-    old, new = (Predictor(m, precision="auto").predict([text])[0] for m in (trained_tiny[2], untrained_tiny))
+    old, new = (Predictor(m, precision="auto").predict([text])[0] for m in (leaning_tiny, untrained_tiny))
+    assert abs(old["score"] - new["score"]) > 0.1  # the swap shows in every answer
     # The cluster's processes are this test's to stop, leaving the tests' own cluster alone.
     head, gcs, temp_dir = start_head(env, num_cpus=3, dashboard_port=dashboard)
     token = auth_token(env)
     try:
-        assert deploy(trained_tiny[2]).returncode == 0
+        assert deploy(leaning_tiny).returncode == 0
         full_strength()
 
         with request_stream(url, text, "score") as (answers, failures):
