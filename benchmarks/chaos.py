@@ -202,12 +202,18 @@ def _ray_start(
     """`ray start --block ARGS` in a temp dir of its own (short: Ray puts sockets under it); returns once the
     cluster at `gcs` answers `ray status` and lists `resources`: (process, temp dir)."""
     temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    # Ports of their own for the node's agent (the Jobs API submits through the head's) and the head's Ray
+    # Client server: their defaults (52365, 10001) belong to whichever cluster on the machine took them
+    # first (the tests run clusters side by side).
+    ports = [f"--dashboard-agent-listen-port={free_port()}"]
+    ports += [f"--ray-client-server-port={free_port()}"] if "--head" in args else []
     node = subprocess.Popen(
         [
             "ray",
             "start",
             "--block",
             *args,
+            *ports,
             f"--num-cpus={num_cpus}",
             "--disable-usage-stats",
             f"--temp-dir={temp_dir}",
@@ -219,7 +225,7 @@ def _ray_start(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    for _ in range(60):
+    for _ in range(120):
         status = subprocess.run(
             ["ray", "status", f"--address=127.0.0.1:{gcs}"], env=env, capture_output=True, text=True
         )
@@ -227,7 +233,7 @@ def _ray_start(
             return node, temp_dir
         time.sleep(1)
     stop_head(node, temp_dir)
-    raise RuntimeError(f"the Ray node ({' '.join(args)}, {resources}) did not come up within 60 s")
+    raise RuntimeError(f"the Ray node ({' '.join(args)}, {resources}) did not come up within 120 s")
 
 
 def start_head(

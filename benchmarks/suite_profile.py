@@ -2,7 +2,7 @@
 process on the machine twice a second, then report CPU seconds per kind of process and the bound that
 the machine's cores put on the suite's wall time.
 
-    python benchmarks/suite_profile.py --out benchmarks/results/suite_profile_2core.json   # python -m pytest -q
+    python benchmarks/suite_profile.py --out benchmarks/results/suite_profile_2core.json   # python -m pytest -q -n 2
     python benchmarks/suite_profile.py -- python -m pytest -q tests/test_faults.py
 
 Why: a suite of scenario tests is a mix of waiting (process starts, polls, deadlines) and computing. If
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write the report here as JSON")
     p.add_argument("command", nargs="*", help="the command to profile (after --)")
     args = p.parse_args(argv)
-    report = profile(args.command or [sys.executable, "-m", "pytest", "-q"])
+    report = profile(args.command or [sys.executable, "-m", "pytest", "-q", "-n", "2"])
     print(f"\nwall {report['wall_s']} s on {report['cores']} cores, machine busy {report['machine_busy']:.0%}")
     print(f"CPU {report['cpu_s']} s: no schedule of this work takes less than {report['wall_bound_s']} s")
     for kind, row in list(report["by_kind"].items())[:20]:

@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -251,31 +252,66 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def no_session_cluster() -> None:
-    """For tests that start Ray clusters of their own (`ray start`, several nodes): they run first, before
-    any test of this process has started the shared cluster (pytest_collection_modifyitems), and need
-    nothing of it. Should one run anyway (a test run in another order), it is shut down first, as its
-    idle processes slow a second cluster by about 1.6x on 2 cores; once stopped it stays stopped."""
+    """For the tests that start Ray clusters of their own (`ray start`, several nodes), which live in
+    modules named test_cluster_*: they run first, before any test of their process has started the
+    shared cluster, and need nothing of it (untrained models, not trained_tiny). Should one run after it
+    anyway (an explicit order), the shared cluster is shut down first, as its idle processes slow a
+    second cluster by about 1.6x on 2 cores; once stopped it stays stopped."""
     _stop_session_cluster()
 
 
-OWN_CLUSTERS = "own_clusters"
+OWN_CLUSTERS = "test_cluster_"  # the modules whose tests start Ray clusters of their own
 
 
-def pytest_itemcollected(item) -> None:
-    """pytest-xdist's group of each test (`--dist loadgroup`, pyproject.toml): a module's tests share its
-    fixtures (a deployed app, a trained model), so they run in one process; the tests with clusters of
-    their own run one after another in one process, which starts them first (see below). Marked at
-    collection: xdist reads the groups in its own pytest_collection_modifyitems."""
-    own = "no_session_cluster" in getattr(item, "fixturenames", ())
-    item.add_marker(pytest.mark.xdist_group(OWN_CLUSTERS if own else item.nodeid.split("::")[0]))
+def _module(nodeid: str) -> str:
+    return nodeid.split("::")[0]
+
+
+def _own_clusters(nodeid: str) -> bool:
+    return os.path.basename(_module(nodeid)).startswith(OWN_CLUSTERS)
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own reordering
 def pytest_collection_modifyitems(items) -> None:
-    # Stable sort: collection order otherwise, the tests with clusters of their own first. With
-    # `-n 2` (and --no-loadscope-reorder), their group is then the first one process takes: it runs
-    # beside the other process's shared cluster from the start, not alone at the end.
-    items.sort(key=lambda item: "no_session_cluster" not in getattr(item, "fixturenames", ()))
+    wrong = [
+        item.nodeid
+        for item in items
+        if ("no_session_cluster" in getattr(item, "fixturenames", ())) != _own_clusters(item.nodeid)
+    ]
+    if wrong:
+        raise pytest.UsageError(f"only and all tests in {OWN_CLUSTERS}* modules use no_session_cluster: {wrong}")
+    # Stable sort, collection order otherwise: the test_cluster_* modules first, then the modules with
+    # integration tests, then the rest. With -n 2 (`pytest_xdist_make_scheduler`) one process starts on
+    # the first group while the other takes the integration modules, and the quick tests fill the end.
+    integration = {_module(item.nodeid) for item in items if item.get_closest_marker("integration")}
+    items.sort(key=lambda item: (not _own_clusters(item.nodeid), _module(item.nodeid) not in integration))
+
+
+def pytest_configure(config) -> None:
+    """With -n N, before any test process starts: the Ray token all clusters of the run share
+    (~/.ray/auth_token), made here once if there is none. Otherwise the first `ray start` (which makes it)
+    and the first `ray.init()` of another process (which makes one too) could each write their own."""
+    if hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
+        return
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    subprocess.run([ray, "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: only called with -n
+def pytest_xdist_make_scheduler(config, log):
+    """With -n N: each module's tests in one process, in order (they share its fixtures: a deployed app,
+    a PostgreSQL server), and all test_cluster_* modules in one process, one after another (each of their
+    tests starts clusters on this machine; two at once would halve the machine for both). The groups go
+    out in collection order (see above), not largest first."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return OWN_CLUSTERS if _own_clusters(nodeid) else _module(nodeid)
+
+    config.option.loadscopereorder = False
+    return ModuleGroups(config, log)
 
 
 def _pg_bindir() -> str | None:

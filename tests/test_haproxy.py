@@ -1,6 +1,6 @@
 """`sentiment-haproxy` (serve_app/haproxy.py): Ray's HAProxy, run on Ray's config with request buffering added.
 The end-to-end check (a request whose replica is killed under it is replayed, for a client that sends the
-body in a write of its own) is test_serve_integration.py::test_haproxy_ingress_survives_faults_..."""
+body in a write of its own) is test_cluster_ingress.py::test_haproxy_ingress_survives_faults_..."""
 
 import os
 import subprocess

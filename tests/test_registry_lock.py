@@ -1,7 +1,7 @@
 """The gate lock is held in the registry, so it excludes drivers in other processes (other nodes and
 clusters behave alike: all they share is the registry). Real processes, real stores: a sqlite file, and
 for what rests on the database's own atomicity a PostgreSQL server of its own too (skipped where this
-machine has none); the tracking-server and multi-node case is in tests/test_jobs_integration.py."""
+machine has none); the tracking-server and multi-node case is in tests/test_cluster_jobs.py."""
 
 from __future__ import annotations
 
