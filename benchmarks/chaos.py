@@ -173,11 +173,16 @@ class Load:
 
 
 # ------------------------------------------------------------------------------------ the cluster
-def cluster_env(mode: str) -> dict[str, str]:
-    """The environment of a private cluster in ingress `mode` (and of every command that talks to it)."""
+def cluster_env(mode: str, dashboard_port: int | None = None) -> dict[str, str]:
+    """The environment of a private cluster in ingress `mode` (and of every command that talks to it).
+    With the `dashboard_port` it will have: its processes' state API is this cluster's, not the one
+    Ray's discovery picks, which is the last one started on the machine where several run."""
     from ray_jobs.runtime import serve_ingress_env
 
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith(("RAY_SERVE_", "RAY_AUTH_"))}
+    drop = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")  # another cluster's (the tests' shared one)
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("RAY_SERVE_", "RAY_AUTH_"))}
+    if dashboard_port is not None:
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     env.update(serve_ingress_env(mode))
     # Token auth on, and said so: with RAY_AUTH_MODE unset, `ray start` turns it on by itself once any
     # `ray.init()` has left ~/.ray/auth_token, while the `ray status` CLI then cannot authenticate.
@@ -318,8 +323,8 @@ class Cluster:
     def __init__(self, mode: str, tmp: Path, args):
         self.mode, self.tmp, self.args = mode, tmp, args
         self.port = free_port()
-        self.env = cluster_env(mode)
         dashboard_port = free_port()
+        self.env = cluster_env(mode, dashboard_port)
         self.dashboard = f"http://127.0.0.1:{dashboard_port}"
         self.head, self.gcs, self.temp_dir = start_head(self.env, args.cluster_cpus, dashboard_port=dashboard_port)
         self.token = auth_token(self.env)

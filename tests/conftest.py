@@ -210,6 +210,9 @@ def terminate(proc: subprocess.Popen, timeout_s: float = 60) -> None:
         proc.wait()
 
 
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"  # where Ray's state and job clients look first
+
+
 def _stop_session_cluster() -> None:
     import ray
 
@@ -220,6 +223,7 @@ def _stop_session_cluster() -> None:
             serve.shutdown()
         finally:
             ray.shutdown()
+            os.environ.pop(API_SERVER_ENV, None)
 
 
 @pytest.fixture(scope="session")
@@ -237,12 +241,21 @@ def ray_cluster():
     # The feedback token (serve.feedback.token_env): the replicas inherit it from here, and so does
     # `registry promote` in this process. The tests send it as FEEDBACK_AUTH.
     os.environ.setdefault("SENTIMENT_FEEDBACK_TOKEN", FEEDBACK_TOKEN)
+    # This cluster's own state API, for every process of it (they inherit this environment): Ray's state
+    # API finds "the" local cluster by itself, which is the one started last on the machine where
+    # several run (the suite in two processes, a test's `ray start` cluster). Ray Train's
+    # PlacementGroupCleaner asks it whether its controller lives: asking another cluster, it was told
+    # no, and worker groups' placement groups leaked until no task could be scheduled.
+    dashboard = free_port()
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{dashboard}"
     # address="local": a cluster of its own, never one that `ray start` left on this machine.
     ray.init(
         address="local",
         num_cpus=4,
         num_gpus=1,
         include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=dashboard,
         log_to_driver=False,
         _metrics_export_port=free_port(),
     )

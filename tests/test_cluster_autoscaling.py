@@ -47,9 +47,9 @@ def test_one_to_two_to_one_replica_loses_no_request(tmp_path, untrained_tiny, no
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from chaos import auth_token, cluster_env, descendants, find, running_replicas, start_head, stop_head
 
-    env = cluster_env("auto")
-    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"  # what the default stands for on this (Linux) install
     port, dashboard = free_port(), free_port()
+    env = cluster_env("auto", dashboard)
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"  # what the default stands for on this (Linux) install
     head, gcs, temp_dir = start_head(env, num_cpus=3, dashboard_port=dashboard)
     token = auth_token(env)
     app = "scale"

@@ -41,7 +41,8 @@ def test_direct_ingress_mode_serves_on_the_proxy_and_the_replica_port(tmp_path, 
         "serve.autoscaling.max_replicas=1",
         f"registry.root={tmp_path}/mlflow",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_SERVE_")}
+    drop = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")  # a cluster of its own, not the tests' shared one
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("RAY_SERVE_")}
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -112,8 +113,8 @@ def test_haproxy_ingress_survives_faults_with_zero_failed_requests(
         stop_head,
     )
 
-    env = cluster_env("haproxy")
     port, dashboard = free_port(), free_port()
+    env = cluster_env("haproxy", dashboard)
 
     def deploy(model_dir: str) -> subprocess.CompletedProcess:
         sets = [

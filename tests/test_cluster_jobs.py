@@ -132,11 +132,11 @@ def job_cluster(tmp_path_factory):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from chaos import auth_token, cluster_env, start_head, start_worker, stop_head
 
-    env = cluster_env("proxy")
+    dash = free_port()
+    env = cluster_env("proxy", dash)
     work = tmp_path_factory.mktemp("nodes")
     for role in NODES:
         (work / role).mkdir()
-    dash = free_port()
     cpus, resources = NODES["head"]
     head, gcs, head_temp = start_head(env, cpus, dashboard_port=dash, resources=resources, cwd=str(work / "head"))
     nodes = [(head, head_temp)]

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import tempfile
 import threading
 from pathlib import Path
 
@@ -35,13 +36,16 @@ def _cmdline(pid: int) -> str:
 
 
 @pytest.fixture
-def own_servers(tmp_path, monkeypatch):
+def own_servers(monkeypatch):
     """A socket folder of this test's own (so the first start starts a server here), and its servers
     stopped afterwards. The environment is a Ray worker's in the way that matters: SPT_NOENV is set."""
-    folder = tmp_path / "sockets"
+    # Short, under /tmp: a socket's path must fit AF_UNIX's ~100 bytes, which a pytest-xdist worker's
+    # tmp_path (…/popen-gw0/<test name>/…) can exceed.
+    folder = Path(tempfile.mkdtemp(prefix="fs-", dir="/tmp")) / "sockets"
     monkeypatch.setenv(fork_server.DIR_ENV, str(folder))
     monkeypatch.setenv("SPT_NOENV", "1")
     yield folder
+    shutil.rmtree(folder.parent, ignore_errors=True)
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             if "fork_server.py" in _cmdline(int(pid)) and str(folder) in _cmdline(int(pid)):
@@ -107,6 +111,7 @@ def test_a_killed_server_costs_no_running_model_process_and_is_started_again(unt
     worker = ModelWorker(untrained_tiny, precision="fp32", fork_server=True)
     try:
         server = _parent(worker.pid)
+        assert server != os.getpid() and "fork_server.py" in _cmdline(server)  # never SIGKILL this process
         os.kill(server, signal.SIGKILL)
         assert _gone(server, 10)
         assert worker.alive() and len(worker.predict(TEXTS)) == len(TEXTS)  # its children live on
