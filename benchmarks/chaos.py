@@ -183,6 +183,10 @@ def cluster_env(mode: str, dashboard_port: int | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("RAY_SERVE_", "RAY_AUTH_"))}
     if dashboard_port is not None:
         env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+    # HAProxy's stats and metrics listeners default to fixed ports (8404, 9101) that a second cluster on
+    # the machine, or an HAProxy a killed run left behind, holds: its start then fails. Ports of its own.
+    env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port())
+    env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())
     env.update(serve_ingress_env(mode))
     # Token auth on, and said so: with RAY_AUTH_MODE unset, `ray start` turns it on by itself once any
     # `ray.init()` has left ~/.ray/auth_token, while the `ray status` CLI then cannot authenticate.
