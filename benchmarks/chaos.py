@@ -323,6 +323,21 @@ def stop_head(head: subprocess.Popen, temp_dir: str, graceful: bool = True) -> N
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def deploy_command(sets: list[str], *extra: str) -> list[str]:
+    """`python -m ray_jobs deploy` on the quickstart config with `--set` for each of `sets`."""
+    config = str(ROOT / "tune_configs/quickstart.yaml")
+    return [
+        sys.executable,
+        "-m",
+        "ray_jobs",
+        "deploy",
+        "--config",
+        config,
+        *[x for kv in sets for x in ("--set", kv)],
+        *extra,
+    ]
+
+
 class Cluster:
     def __init__(self, mode: str, tmp: Path, args):
         self.mode, self.tmp, self.args = mode, tmp, args
@@ -346,15 +361,7 @@ class Cluster:
             f"registry.root={self.tmp}/mlflow",
         ]
         return subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "ray_jobs",
-                "deploy",
-                "--config",
-                str(ROOT / "tune_configs/quickstart.yaml"),
-                *[x for kv in sets for x in ("--set", kv)],
-            ],
+            deploy_command(sets),
             cwd=ROOT,
             env=self.env,
             capture_output=True,

@@ -27,6 +27,9 @@ def test_direct_ingress_mode_serves_on_the_proxy_and_the_replica_port(tmp_path, 
 
     from ray_jobs.deploy import direct_ingress_port
 
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from chaos import deploy_command
+
     port = free_port()
     sets = [
         *TINY,
@@ -44,16 +47,7 @@ def test_direct_ingress_mode_serves_on_the_proxy_and_the_replica_port(tmp_path, 
     drop = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")  # a cluster of its own, not the tests' shared one
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("RAY_SERVE_")}
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ray_jobs",
-            "deploy",
-            "--config",
-            str(ROOT / "tune_configs/quickstart.yaml"),
-            *[x for kv in sets for x in ("--set", kv)],
-            "--block",
-        ],
+        deploy_command(sets, "--block"),
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -105,6 +99,7 @@ def test_haproxy_ingress_survives_faults_with_zero_failed_requests(
     from chaos import (
         auth_token,
         cluster_env,
+        deploy_command,
         descendants,
         find,
         model_processes,
@@ -130,15 +125,7 @@ def test_haproxy_ingress_survives_faults_with_zero_failed_requests(
             f"registry.root={tmp_path}/mlflow",
         ]
         return subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "ray_jobs",
-                "deploy",
-                "--config",
-                str(ROOT / "tune_configs/quickstart.yaml"),
-                *[x for kv in sets for x in ("--set", kv)],
-            ],
+            deploy_command(sets),
             cwd=ROOT,
             env=env,
             capture_output=True,
