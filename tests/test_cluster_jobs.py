@@ -134,6 +134,9 @@ def job_cluster(tmp_path_factory):
 
     dash = free_port()
     env = cluster_env("proxy", dash)
+    # `ray job stop`: SIGTERM, then SIGKILL after this long (Ray's default, 3 s, once cut the driver's
+    # clean-up short while the other test process loaded the machine), as cluster.yaml's head has it.
+    env["RAY_JOB_STOP_WAIT_TIME_S"] = "30"
     work = tmp_path_factory.mktemp("nodes")
     for role in NODES:
         (work / role).mkdir()
