@@ -1,7 +1,8 @@
 """Autoscaling behind the default ingress (`ray.serve_ingress: auto`, HAProxy on Linux): a load that starts
 brings a second replica, a load that stops takes it away again, and no request fails on the way up or down,
 though each change reloads HAProxy under kept-alive connections (issue 31). A real `ray start` cluster
-started with `python -m ray_jobs ingress-env`'s variables, real HTTP, the tiny trained model."""
+started with `python -m ray_jobs ingress-env`'s variables, real HTTP, the untrained tiny model (what is
+measured is serving, not answers)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,16 @@ def _listening(pid: int) -> set[tuple[str, int]]:
 
 def test_one_to_two_to_one_replica_loses_no_request(tmp_path, untrained_tiny, no_session_cluster):
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from chaos import auth_token, cluster_env, descendants, find, running_replicas, start_head, stop_head
+    from chaos import (
+        auth_token,
+        cluster_env,
+        deploy_command,
+        descendants,
+        find,
+        running_replicas,
+        start_head,
+        stop_head,
+    )
 
     port, dashboard = free_port(), free_port()
     env = cluster_env("auto", dashboard)
@@ -82,8 +92,7 @@ def test_one_to_two_to_one_replica_loses_no_request(tmp_path, untrained_tiny, no
 
     try:
         deployed = subprocess.run(
-            [sys.executable, "-m", "ray_jobs", "deploy", "--config", str(ROOT / "tune_configs/quickstart.yaml")]
-            + [x for kv in sets for x in ("--set", kv)],
+            deploy_command(sets),
             cwd=ROOT,
             env=env,
             capture_output=True,

@@ -16,23 +16,13 @@ from pathlib import Path
 
 import pytest
 from conftest import model_process
-from test_model_worker import TEXTS, _gone
+from test_model_worker import TEXTS, _cmdline, _gone, _parent
 
 from ray_jobs.inference import Predictor
 from serve_app import fork_server
 from serve_app.model_worker import POISON_ENV, ModelWorker, ModelWorkerError
 
 pytestmark = pytest.mark.integration  # real processes, real signals
-
-
-def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
-
-
-def _cmdline(pid: int) -> str:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return f.read().replace(b"\0", b" ").decode()
 
 
 @pytest.fixture

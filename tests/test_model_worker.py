@@ -47,6 +47,16 @@ def _gone(pid: int, within_s: float) -> bool:
     return False
 
 
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode()
+
+
 def test_answers_equal_the_in_process_predictor_and_pipelined_batches_keep_their_order(untrained_tiny):
     expected = Predictor(untrained_tiny, precision="fp32").predict(TEXTS)
     worker = ModelWorker(untrained_tiny, num_threads=1, precision="fp32")
@@ -137,10 +147,7 @@ def test_the_model_process_leaves_when_its_parent_is_killed(untrained_tiny, fork
     try:
         child = int(parent.stdout.readline())
         os.kill(child, 0)  # running
-        with open(f"/proc/{child}/stat") as f:
-            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        with open(f"/proc/{ppid}/cmdline", "rb") as f:
-            assert (b"fork_server.py" in f.read()) == fork
+        assert ("fork_server.py" in _cmdline(_parent(child))) == fork
         parent.kill()
         parent.wait()
         assert _gone(child, 15), "the model process outlived its parent"
