@@ -190,12 +190,13 @@ def attention_kernels(lengths=(128, 256, 384, 512), batch: int = 16, heads: int 
 def ray_rates(cfg, train, val) -> dict[str, float]:
     import ray
 
-    from ray_jobs.train import fit, prepare_data, system_settings
+    from ray_jobs.ingest import tokenize_splits
+    from ray_jobs.train import fit, system_settings
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     out = {}
     try:
-        data = prepare_data(cfg, train, val)
+        data = tokenize_splits(train, val, cfg.model)
         for kernel in KERNELS:
             c = cfg.model_copy(deep=True)
             c.train.attention = kernel

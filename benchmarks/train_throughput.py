@@ -48,14 +48,17 @@ def plain_loop(cfg, train: Split, threads: int) -> float:
 
 
 def ray_train(cfg, train: Split, val: Split, workers: int, cpus_per_worker: int) -> tuple[float, float]:
-    from ray_jobs.train import fit, prepare_data, system_settings
+    from ray_jobs.ingest import tokenize_splits
+    from ray_jobs.train import fit, system_settings
 
     c = cfg.model_copy(deep=True)
     c.train.num_workers, c.train.cpus_per_worker, c.train.threads_per_worker = workers, cpus_per_worker, cpus_per_worker
     # Ray Train's per-worker batch: keep the global batch equal to the plain loop's.
     c.train.batch_size = cfg.train.batch_size // workers
     t0 = time.time()
-    result = fit(c, system_settings(c, prepare_data(c, train, val)), run_name=f"throughput-{workers}w-{int(t0)}")
+    result = fit(
+        c, system_settings(c, tokenize_splits(train, val, c.model)), run_name=f"throughput-{workers}w-{int(t0)}"
+    )
     return result.metrics["train_samples_per_s"], len(train) / (time.time() - t0)
 
 

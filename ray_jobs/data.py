@@ -24,6 +24,9 @@ from ray_jobs.errors import DataError
 class Split:
     texts: list[str]
     labels: list[int]
+    # A content split's rows are placed and ordered by their own hashes; its digest is of the rows as a
+    # multiset, so that it can be summed block by block in any order (ray_jobs.ingest streams it).
+    order_free: bool = False
 
     def __post_init__(self) -> None:
         if len(self.texts) != len(self.labels):
@@ -33,15 +36,43 @@ class Split:
         return len(self.texts)
 
     def digest(self) -> str:
-        """Content hash (order-sensitive): two runs with equal digests saw exactly the same examples."""
+        """Content hash: two runs with equal digests saw exactly the same examples (in the same order,
+        unless the split is order-free)."""
+        if self.order_free:
+            return multiset_digest(*row_sum(self.texts, self.labels))
         h = hashlib.sha256()
         for text, label in zip(self.texts, self.labels, strict=True):
-            h.update(f"{label}\t{len(text)}\t".encode())
+            h.update(_row_prefix(text, label))
             h.update(text.encode("utf-8", "surrogatepass"))
         return h.hexdigest()[:16]
 
     def take(self, indices: Sequence[int]) -> Split:
-        return Split([self.texts[i] for i in indices], [self.labels[i] for i in indices])
+        return Split([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.order_free)
+
+
+def _row_prefix(text: str, label: int) -> bytes:
+    return f"{label}\t{len(text)}\t".encode()
+
+
+def row_hash(text: str, label: int) -> int:
+    """One row's 128-bit hash (the same bytes an ordered digest hashes)."""
+    h = hashlib.sha256(_row_prefix(text, label))
+    h.update(text.encode("utf-8", "surrogatepass"))
+    return int.from_bytes(h.digest()[:16], "big")
+
+
+ROW_SUM_MOD = 2**128
+
+
+def row_sum(texts: Sequence[str], labels: Sequence[int]) -> tuple[int, int]:
+    """(rows, sum of their row hashes mod 2**128): adds up over any partition of the rows, in any order."""
+    return len(texts), sum(row_hash(t, int(y)) for t, y in zip(texts, labels, strict=True)) % ROW_SUM_MOD
+
+
+def multiset_digest(count: int, total: int) -> str:
+    """An order-free split's digest from its `row_sum` (a sum of hashes: adding or dropping rows, or
+    changing a label, moves it; the order of rows does not)."""
+    return hashlib.sha256(f"multiset:{count}:{total:032x}".encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -52,6 +83,9 @@ class Splits:
 
     def digests(self) -> dict[str, str]:
         return {"train": self.train.digest(), "val": self.val.digest(), "test": self.test.digest()}
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
 
 def generate_reviews(n: int, seed: int = 0) -> Split:
@@ -106,6 +140,8 @@ def load_file(path: str | Path, text_column: str = "text", label_column: str = "
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file not found: {path}")
+    if path.is_dir():
+        return _load_folder(path, text_column, label_column)
     if not path.is_file():
         raise DataError(f"not a file: {path}")
     suffix = path.suffix.lower()
@@ -127,6 +163,18 @@ def load_file(path: str | Path, text_column: str = "text", label_column: str = "
     return _frame_to_split(df, text_column, label_column, str(path))
 
 
+def _load_folder(path: Path, text_column: str, label_column: str) -> Split:
+    """A folder of labelled files of one kind (as a dataset's parts are written), in file-name order."""
+    files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith((".", "_")))
+    if not files:
+        raise DataError(f"{path}: no data files in the folder")
+    kinds = {".jsonl" if f.suffix.lower() == ".json" else f.suffix.lower() for f in files}
+    if len(kinds) > 1:
+        raise DataError(f"{path}: unsupported file type(s) {sorted(kinds)} (use one of .parquet, .csv or .jsonl)")
+    parts = [load_file(f, text_column, label_column) for f in files]
+    return Split([t for p in parts for t in p.texts], [y for p in parts for y in p.labels])
+
+
 def load_aclimdb(path: str | Path) -> Split:
     """The original aclImdb layout: `<path>/pos/*.txt` and `<path>/neg/*.txt` (e.g. path=aclImdb/train)."""
     root = Path(path)
@@ -146,18 +194,23 @@ def load_aclimdb(path: str | Path) -> Split:
     return Split(texts, labels)
 
 
-def load_hf(dataset_id: str, split: str, text_column: str, label_column: str) -> Split:
-    """A Hugging Face hub dataset (needs network access to the hub, or its local cache)."""
+def load_hf_dataset(dataset_id: str, split: str):
+    """A Hugging Face hub dataset split (needs network access to the hub, or its local cache)."""
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets is a core dependency
         raise DataError("data.source 'hf' needs the 'datasets' package: pip install datasets") from None
     try:
-        ds = datasets.load_dataset(dataset_id, split=split)
+        return datasets.load_dataset(dataset_id, split=split)
     except Exception as err:
         raise DataError(
             f"cannot load hub dataset '{dataset_id}' split '{split}': {type(err).__name__}: {err}"
         ) from None
+
+
+def load_hf(dataset_id: str, split: str, text_column: str, label_column: str) -> Split:
+    """A Hugging Face hub dataset's split as a Split."""
+    ds = load_hf_dataset(dataset_id, split)
     return _frame_to_split(ds.to_pandas(), text_column, label_column, f"{dataset_id}[{split}]")
 
 
@@ -200,22 +253,60 @@ def split_examples(
     return splits
 
 
-def split_of(text: str, val_fraction: float, test_fraction: float, seed: int) -> tuple[str, float]:
-    """data.split=content for one text: (train, val or test; its place in that split). Both come from a
-    hash of the text alone, so any reader of any block of the data, in any order, on any node, puts the
-    text in the same split at the same place."""
-    u = unit_hash(text_key(text), f"split:{seed}")
-    return ("test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"), u
+def split_of(text: str, val_fraction: float, test_fraction: float, seed: int) -> tuple[str, int]:
+    """data.split=content for one text: (train, val or test; the text's 64-bit hash). Both come from the
+    text alone, so any reader of any block of the data, in any order, on any node, puts the text in the
+    same split (and, by order_key, at the same place)."""
+    digest = hashlib.blake2b(f"split:{seed}:{text_key(text)}".encode(), digest_size=8).digest()
+    h = int.from_bytes(digest, "big")
+    u = h / 2**64  # unit_hash(text_key(text), f"split:{seed}")
+    return ("test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"), h
+
+
+# Order keys of an order-free split: rows from the data below 2**63 (by text hash, then label), rows a
+# split gained from data.extra_* after them, in the extra file's order.
+EXTRA_ORDER = 2**63
+
+
+def order_key(h: int, label: int) -> int:
+    """A content-split row's place in its split: by its text's hash (split_of), then by label; repeats of
+    one text with one label are the same row, so their relative order does not matter."""
+    return ((h >> 2) << 1) | int(label)
 
 
 def content_split(examples: Split, val_fraction: float, test_fraction: float, seed: int) -> Splits:
-    """Each example in the split its text hashes to (split_of), each split ordered by that hash (repeats
-    of one text by label): the result, and so each digest, does not depend on the examples' order."""
-    placed: dict[str, list[tuple[float, int, int]]] = {"train": [], "val": [], "test": []}
+    """Each example in the split its text hashes to (split_of), each split ordered by order_key: the
+    result, and so each (order-free) digest, does not depend on the examples' order. ray_jobs.ingest
+    builds the same splits block by block on a cluster."""
+    placed: dict[str, list[tuple[int, int]]] = {"train": [], "val": [], "test": []}
     for i, (text, label) in enumerate(zip(examples.texts, examples.labels, strict=True)):
-        name, u = split_of(text, val_fraction, test_fraction, seed)
-        placed[name].append((u, label, i))
-    return Splits(**{name: examples.take([i for _, _, i in sorted(rows)]) for name, rows in placed.items()})
+        name, h = split_of(text, val_fraction, test_fraction, seed)
+        placed[name].append((order_key(h, label), i))
+    picked = {name: examples.take([i for _, i in sorted(rows)]) for name, rows in placed.items()}
+    return Splits(**{name: replace(split, order_free=True) for name, split in picked.items()})
+
+
+def order_keys(split: Split, seed: int) -> list[int]:
+    """Each row's order_key in a content split (split_of's hash does not depend on the fractions)."""
+    return [order_key(split_of(t, 0.5, 0.25, seed)[1], y) for t, y in zip(split.texts, split.labels, strict=True)]
+
+
+def order_cutoff(orders, n: int) -> int:
+    """data.max_train_samples on an order-free split: rows whose order key is below the returned value
+    are kept, at most `n` of them (repeats of a row straddling the cut are all dropped, so a streamed
+    split, which cannot count them in place, keeps the same rows)."""
+    keys = np.asarray(orders, dtype=np.uint64)
+    return int(np.partition(keys, n)[n]) if n < len(keys) else 2**64 - 1
+
+
+def first_rows(split: Split, n: int, seed: int) -> Split:
+    """`split` cut to data.max_train_samples: its first `n` rows, or for an order-free split the rows
+    below order_cutoff."""
+    if not split.order_free:
+        return split.take(range(n))
+    keys = order_keys(split, seed)
+    cutoff = order_cutoff(keys, n)
+    return split.take([i for i, k in enumerate(keys) if k < cutoff])
 
 
 def load_splits(cfg: DataConfig) -> Splits:
@@ -225,8 +316,11 @@ def load_splits(cfg: DataConfig) -> Splits:
     )
     if test is not None:
         splits = Splits(train=splits.train, val=splits.val, test=test)
+        if cfg.split == "content":  # the separate test split ordered (and digested) like the others
+            keys = order_keys(test, cfg.split_seed)
+            splits = replace(splits, test=replace(test.take(np.argsort(keys, kind="stable")), order_free=True))
     if cfg.max_train_samples and len(splits.train) > cfg.max_train_samples:
-        splits = Splits(train=splits.train.take(range(cfg.max_train_samples)), val=splits.val, test=splits.test)
+        splits = replace(splits, train=first_rows(splits.train, cfg.max_train_samples, cfg.split_seed))
     if cfg.extra_val:
         splits = with_extra(splits, load_file(cfg.extra_val), "val")
     if cfg.extra_train:
@@ -246,7 +340,7 @@ def with_extra(splits: Splits, extra: Split, into: Literal["train", "val"]) -> S
             keep.append(i)
     added = extra.take(keep)
     base = getattr(splits, into)
-    return replace(splits, **{into: Split(base.texts + added.texts, base.labels + added.labels)})
+    return replace(splits, **{into: Split(base.texts + added.texts, base.labels + added.labels, base.order_free)})
 
 
 def text_key(text: str) -> str:

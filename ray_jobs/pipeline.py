@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from ray_jobs.behaviour import REPORT_FILE, Report, run_on_model
 from ray_jobs.config import PipelineConfig
-from ray_jobs.data import Split, load_splits
+from ray_jobs.data import Split, Splits
 from ray_jobs.drift import REFERENCE_FILE
 from ray_jobs.errors import GateError, PromotedNotDeployedError, RegistryError
 from ray_jobs.evaluate import evaluate_and_profile, evaluate_dir
@@ -24,7 +24,7 @@ from ray_jobs.model import read_meta
 from ray_jobs.registry import Registry, Rollout
 from ray_jobs.rollout import refuse_to_replace
 from ray_jobs.runtime import init_ray, interrupt_on_sigterm, sigterm_received, with_cluster_addresses
-from ray_jobs.train import local_checkpoint_dir, prepare_data
+from ray_jobs.train import load_data, local_checkpoint_dir, prepare_data, streams
 from ray_jobs.train_worker import RESUME_FILES
 from ray_jobs.tune import CHECKPOINT_KEY, SearchOutcome, run_search
 
@@ -254,26 +254,26 @@ def _plot_confusion(ev: Evaluation):
 
 
 def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str | None = None) -> Outcome:
-    splits = load_splits(cfg.data)
-    digests = splits.digests()
-    log.info(
-        "data: %d train / %d val / %d test, digests %s", len(splits.train), len(splits.val), len(splits.test), digests
-    )
+    # A driver-side split is loaded first (bad data fails before anything starts); a content split is
+    # built on the cluster once Ray is up (ray_jobs.train.load_data).
+    splits = None if streams(cfg) else load_data(cfg)
     cfg = with_cluster_addresses(cfg)  # connects to the cluster first only where the URI names its head
     reg = Registry(cfg.registry)
     reg.ping()  # fail before hours of training, not after
     init_ray(cfg.ray)
     interrupt_on_sigterm()  # again: ray.init replaced it with a plain exit that skips the cleanup below
+    if splits is None:
+        splits = load_data(cfg)
+    digests, sizes = splits.digests(), splits.sizes()
+    log.info("data: %d train / %d val / %d test, digests %s", sizes["train"], sizes["val"], sizes["test"], digests)
     run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    run_id = reg.start_pipeline_run(
-        cfg, digests, {k: len(getattr(splits, k)) for k in ("train", "val", "test")}, run_name
-    )
+    run_id = reg.start_pipeline_run(cfg, digests, sizes, run_name)
     status = "FAILED"
     try:
         meta = {"config_digest": cfg.digest(), "data_digests": digests, "pipeline_run": run_name}
         if resume_tune:
             reg.set_tags(run_id, {"resumed_tune": resume_tune})
-        data = prepare_data(cfg, splits.train, splits.val)
+        data = prepare_data(cfg, splits)
         outcome = run_search(cfg, data, meta, name=run_name, restore_path=resume_tune)
         if sigterm_received():  # Tune ended the search early on it: register nothing
             raise KeyboardInterrupt("SIGTERM")
@@ -305,12 +305,14 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
         )
 
         # One forward pass over the test split scores the challenger and profiles it for drift monitoring.
+        # The driver scores it: a content split's test rows come to the driver here, in their order.
+        test = splits.test if isinstance(splits, Splits) else splits.collect("test")
         challenger, reference = evaluate_and_profile(
-            ckpt, splits.test, batch_size=cfg.gate.eval_batch_size, precision=cfg.gate.precision, name="challenger"
+            ckpt, test, batch_size=cfg.gate.eval_batch_size, precision=cfg.gate.precision, name="challenger"
         )
         reg.log_metrics(run_id, {f"test_{k}": v for k, v in challenger.metrics.items()})
         reg.log_figure(run_id, _plot_confusion(challenger), "confusion_matrix.png")
-        onnx_files, onnx_tags = onnx_export(cfg, ckpt, splits.test, challenger)
+        onnx_files, onnx_tags = onnx_export(cfg, ckpt, test, challenger)
         version = reg.register(
             run_id,
             ckpt,
@@ -339,7 +341,7 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
         )
         reg.set_tags(run_id, {"registered_version": version})
         behaviour = run_behaviour(reg, cfg, run_id, version, ckpt)
-        decision, champ_before = run_gate(reg, cfg, version, challenger, splits.test, run_id, behaviour)
+        decision, champ_before = run_gate(reg, cfg, version, challenger, test, run_id, behaviour)
         log.info("%s", decision.summary())
         shadowed = shadows(cfg, decision, champ_before)
         result = Outcome(decision, version, champ_before, best_metrics=dict(val), shadowed=shadowed)

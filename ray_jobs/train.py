@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from ray_jobs.config import TUNABLE, PipelineConfig, absolute_path
-from ray_jobs.data import Split
+from ray_jobs.data import Splits
 from ray_jobs.errors import SentimentError
-from ray_jobs.ingest import TokenizedSplits
+from ray_jobs.ingest import StreamedSplits, TokenizedSplits
 from ray_jobs.train_worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -98,11 +98,28 @@ def system_settings(
     }
 
 
-def prepare_data(cfg: PipelineConfig, train: Split, val: Split) -> TokenizedSplits:
-    """The splits tokenized once (Ray Data, ray_jobs.ingest): every worker of every trial reads them."""
-    from ray_jobs.ingest import tokenize_splits
+def load_data(cfg: PipelineConfig) -> Splits | StreamedSplits:
+    """The run's splits: with data.split=content built on the cluster (ray_jobs.ingest.stream_splits;
+    Ray must be started), else on the driver (ray_jobs.data.load_splits)."""
+    from ray_jobs.data import load_splits
+    from ray_jobs.ingest import stream_splits
 
-    return tokenize_splits(train, val, cfg.model)
+    return stream_splits(cfg.data) if streams(cfg) else load_splits(cfg.data)
+
+
+def streams(cfg: PipelineConfig) -> bool:
+    """Whether the splits are built on the cluster: a content split does not depend on read order."""
+    return cfg.data.split == "content"
+
+
+def prepare_data(cfg: PipelineConfig, splits: Splits | StreamedSplits) -> TokenizedSplits:
+    """The train and validation splits tokenized once (Ray Data, ray_jobs.ingest): every worker of every
+    trial reads them."""
+    from ray_jobs.ingest import TRAIN, VAL, tokenize_splits
+
+    if isinstance(splits, StreamedSplits):
+        return tokenize_splits(splits.datasets[TRAIN], splits.datasets[VAL], cfg.model, splits.sizes())
+    return tokenize_splits(splits.train, splits.val, cfg.model)
 
 
 def fit(

@@ -409,7 +409,7 @@ def trained_tiny(ray_cluster, session_tmp):
 
     cfg = tiny_config(session_tmp / "trained", "train.num_workers=2")
     splits = load_splits(cfg.data)
-    data = prepare_data(cfg, splits.train, splits.val)
+    data = prepare_data(cfg, splits)
     result = fit(cfg, system_settings(cfg, data, {"data_digests": splits.digests()}))
     path, metrics = best_checkpoint(result, cfg.train.select_by)
     return cfg, result, path, metrics
@@ -458,3 +458,28 @@ def replica_context(monkeypatch):
     lazy_queue._queue = None
     yield
     lazy_queue._queue = None
+
+
+def repeated_reviews(n: int = 1500, repeats: int = 60, seed: int = 0):
+    """Synthetic reviews, `repeats` of them twice (real corpora repeat texts)."""
+    from ray_jobs.data import Split, generate_reviews
+
+    ex = generate_reviews(n, seed=seed)
+    return Split(ex.texts + ex.texts[:repeats], ex.labels + ex.labels[:repeats])
+
+
+def write_parts(split, folder, parts: int, kind: str = "parquet") -> None:
+    """`split` in `parts` files of one kind (columns review, y), rows dealt round-robin (each file a mix
+    of the whole)."""
+    import pandas as pd
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(parts):
+        frame = pd.DataFrame({"review": split.texts[k::parts], "y": split.labels[k::parts]})
+        path = folder / f"part-{k:03d}.{kind}"
+        if kind == "parquet":
+            frame.to_parquet(path)
+        elif kind == "csv":
+            frame.to_csv(path, index=False)
+        else:
+            frame.to_json(path, orient="records", lines=True)

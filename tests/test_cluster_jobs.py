@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, TINY, free_port, http, terminate
+from conftest import ROOT, TINY, free_port, http, repeated_reviews, terminate, write_parts
 
 # The whole module runs on clusters of its own (and after the tests that use the shared one).
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.usefixtures("no_session_cluster")]
@@ -453,3 +453,42 @@ def test_the_tracking_server_keeps_its_registry_in_postgresql(postgres, mlflow_s
         cur.execute("SELECT name FROM registered_models ORDER BY name")
         names = [row[0] for row in cur.fetchall()]
     assert "raced" in names and "sentiment-distilbert" in names, names
+
+
+def test_a_content_split_is_the_same_on_three_nodes_as_in_one_process(job_cluster, tmp_path):
+    """data.split=content built by Ray Data tasks on the nodes of a cluster: read twice, the splits' sizes
+    and digests are those of the same files split in one process (tests/test_ingest.py checks that a
+    one-node cluster's are, row by row), and the tasks ran on more than one node. The parts are csv: Ray
+    Data's parquet reader packs files this small into one read task."""
+    from ray_jobs.config import DataConfig
+    from ray_jobs.data import load_splits
+
+    folder = tmp_path / "parts"
+    write_parts(repeated_reviews(3000, 100, seed=5), folder, parts=12, kind="csv")
+    script = f"""
+import json, time
+import ray
+from ray.util.state import list_tasks
+from ray_jobs.config import DataConfig
+from ray_jobs.ingest import stream_splits
+ray.init(address="127.0.0.1:{job_cluster.gcs}", log_to_driver=False)
+cfg = DataConfig(source="file", path={str(folder)!r}, split="content", text_column="review", label_column="y")
+runs = [stream_splits(cfg) for _ in range(2)]
+time.sleep(2)  # task events reach the state API within a second or so
+tasks = list_tasks(filters=[("state", "=", "FINISHED")], detail=True, limit=10000)
+nodes = sorted({{t.node_id for t in tasks if "_checked_sums" in t.name}})
+result = {{"digests": [r.digests() for r in runs], "sizes": runs[0].sizes(), "nodes": nodes}}
+result["tasks"] = [(t.name, t.node_id) for t in tasks]
+open({str(tmp_path / "out.json")!r}, "w").write(json.dumps(result))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=job_cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    local = load_splits(
+        DataConfig(source="file", path=str(folder), split="content", text_column="review", label_column="y")
+    )
+    assert got["digests"] == [local.digests(), local.digests()]
+    assert got["sizes"] == local.sizes()
+    assert len(got["nodes"]) >= 2, got["tasks"]  # the CPU nodes (train, serve) both placed rows

@@ -157,8 +157,22 @@ def test_bad_data_errors(tmp_path):
     garbage.write_bytes(b"not a parquet file")
     with pytest.raises(DataError, match="cannot read"):
         load_file(garbage)
-    with pytest.raises(DataError, match="not a file"):
-        load_file(tmp_path)
+    with pytest.raises(DataError, match="unsupported file type"):
+        load_file(tmp_path)  # a folder of .csv and .parquet files
+    (tmp_path / "none").mkdir()
+    with pytest.raises(DataError, match="no data files"):
+        load_file(tmp_path / "none")
+
+
+def test_a_folder_is_its_files_in_name_order(tmp_path):
+    """A dataset written in parts (part-0.parquet, ...): the rows of every part, the parts by name."""
+    ex = generate_reviews(50, seed=2)
+    for k, rows in enumerate((range(0, 20), range(20, 50))):
+        pd.DataFrame({"text": [ex.texts[i] for i in rows], "label": [ex.labels[i] for i in rows]}).to_parquet(
+            tmp_path / f"part-{k}.parquet"
+        )
+    (tmp_path / "_SUCCESS").write_text("")  # a writer's marker file is no data
+    assert load_file(tmp_path) == ex
 
 
 def test_unsupported_extension(tmp_path):

@@ -58,7 +58,7 @@ def _fit_with_fault(tmp_path, max_failures, *overrides):
     )
     splits = load_splits(cfg.data)
     marker = tmp_path / "killed"
-    data = prepare_data(cfg, splits.train, splits.val)
+    data = prepare_data(cfg, splits)
     result = fit(cfg, system_settings(cfg, data, callbacks=[FaultInjection(str(marker), at_epoch=0)]))
     return result, marker, cfg, data
 
@@ -115,12 +115,15 @@ def test_killed_worker_fails_the_run_without_retries(ray_cluster, tmp_path):
 
 
 def test_time_budget_stops_early_and_keeps_a_checkpoint(ray_cluster, tmp_path):
-    from ray_jobs.data import load_splits
-    from ray_jobs.train import best_checkpoint, fit, prepare_data, system_settings
+    """On a content split built on the cluster (data.split=content): the workers read shards of its
+    hash-ordered rows."""
+    from ray_jobs.ingest import StreamedSplits
+    from ray_jobs.train import best_checkpoint, fit, load_data, prepare_data, system_settings
 
-    cfg = tiny_config(tmp_path, "train.epochs=50", "train.time_budget_s=4")
-    splits = load_splits(cfg.data)
-    result = fit(cfg, system_settings(cfg, prepare_data(cfg, splits.train, splits.val)))
+    cfg = tiny_config(tmp_path, "train.epochs=50", "train.time_budget_s=4", "data.split=content")
+    splits = load_data(cfg)
+    assert isinstance(splits, StreamedSplits)
+    result = fit(cfg, system_settings(cfg, prepare_data(cfg, splits)))
     assert result.metrics["stopped_by_budget"] is True
     assert result.metrics["epoch"] < 50
     path, _ = best_checkpoint(result, cfg.train.select_by)
@@ -149,7 +152,7 @@ def test_training_starts_from_the_champion_or_a_model_folder(ray_cluster, tmp_pa
     version = reg.register(reg.start_run("init-from-test"), trained_path, {"test_f1": "0.9"})
     reg.set_aliases(version, None)
     splits = load_splits(cfg.data)
-    system = system_settings(cfg, prepare_data(cfg, splits.train, splits.val))
+    system = system_settings(cfg, prepare_data(cfg, splits))
     assert system["meta"]["init_from"] == f"models:/{cfg.registry.model_name}/{version}"
     result = fit(cfg, system)
     assert result.metrics["val_loss"] == pytest.approx(trained_metrics["val_loss"], abs=1e-3), result.metrics

@@ -78,6 +78,52 @@ def test_shards_are_equal_disjoint_and_the_same_whatever_the_blocks():
         shard_rows(_tokenized_blocks(generate_reviews(2, seed=1), tok, cfg, 2, 0), 0, 3, equal=True)
 
 
+def test_shards_of_a_content_split_follow_its_hash_order_whatever_the_blocks():
+    """A content split's rows carry order keys from their texts' hashes (ray_jobs.data.order_key), not
+    positions, and repeats of a text share one: a rank gets places rank, rank + world, ... of the rows
+    in key order (the split's own order), whatever the blocks and their order."""
+    import random
+
+    import pyarrow as pa
+
+    from ray_jobs.config import ModelConfig
+    from ray_jobs.data import Split, content_split, encode, order_keys
+    from ray_jobs.ingest import _encode_batch, shard_rows
+    from ray_jobs.model import build_tokenizer
+
+    ex = generate_reviews(120, seed=4)
+    repeated = Split(ex.texts + ex.texts[:30], ex.labels + ex.labels[:30])  # 30 texts twice
+    train = content_split(repeated, 0.05, 0.05, seed=3).train
+    keys = order_keys(train, 3)
+    assert keys == sorted(keys) and len(set(keys)) < len(keys)  # in key order, with repeats
+    cfg = ModelConfig(source="tiny", max_length=32)
+    tok = build_tokenizer(cfg)
+    for seed, rows in ((0, 7), (1, 40)):
+        idx = list(range(len(train)))
+        random.Random(seed).shuffle(idx)
+        blocks = [
+            _encode_batch(
+                pa.table(
+                    {
+                        "text": [train.texts[i] for i in idx[b : b + rows]],
+                        "label": pa.array([train.labels[i] for i in idx[b : b + rows]], pa.int8()),
+                        "order": pa.array([keys[i] for i in idx[b : b + rows]], pa.uint64()),
+                    }
+                ),
+                tok,
+                cfg.max_length,
+                cfg.truncation,
+                cfg.head_fraction,
+            )
+            for b in range(0, len(idx), rows)
+        ]
+        for rank in range(3):
+            places = list(range(rank, len(train), 3))[: len(train) // 3]
+            expected = encode(tok, [train.texts[i] for i in places], 32, cfg.truncation, cfg.head_fraction)
+            ids, labels = shard_rows(blocks, rank, 3, equal=True)
+            assert [row.tolist() for row in ids] == expected and labels == [train.labels[i] for i in places]
+
+
 def test_a_checkpoint_on_remote_storage_is_downloaded_for_the_driver(tmp_path):
     """Ray reports a checkpoint on s3://-style storage without its scheme; the driver gets a local copy.
     file:// storage takes the same path through pyarrow's filesystem as s3:// does."""

@@ -92,20 +92,18 @@ def run(body: Callable[[], int], what: str, usage_errors: tuple[type[Exception],
 
 def start_training(args: argparse.Namespace) -> tuple[PipelineConfig, TokenizedSplits, dict]:
     """For `train` and `tune`: config and splits loaded, Ray started, the splits tokenized once into Ray
-    Datasets. Returns (config, tokenized splits, run metadata)."""
-    from ray_jobs.data import load_splits
+    Datasets. Returns (config, tokenized splits, run metadata). A driver-side split is loaded before Ray
+    starts (bad data fails fast); a content split is built on the cluster, so after."""
     from ray_jobs.runtime import init_ray
-    from ray_jobs.train import prepare_data
+    from ray_jobs.train import load_data, prepare_data, streams
 
     cfg = load_from_args(args)
-    splits = load_splits(cfg.data)
-    digests = splits.digests()
-    log.info(
-        "data: %d train / %d val / %d test examples, digests %s",
-        len(splits.train),
-        len(splits.val),
-        len(splits.test),
-        digests,
-    )
+    splits = None if streams(cfg) else load_data(cfg)
     init_ray(cfg.ray)
-    return cfg, prepare_data(cfg, splits.train, splits.val), {"config_digest": cfg.digest(), "data_digests": digests}
+    if splits is None:
+        splits = load_data(cfg)
+    digests, sizes = splits.digests(), splits.sizes()
+    log.info(
+        "data: %d train / %d val / %d test examples, digests %s", sizes["train"], sizes["val"], sizes["test"], digests
+    )
+    return cfg, prepare_data(cfg, splits), {"config_digest": cfg.digest(), "data_digests": digests}
