@@ -37,6 +37,7 @@ from chaos import cluster_env, free_port, start_head, start_worker, stop_head  #
 
 STEP_LINE = re.compile(r"epoch \d+ step 1/\d+")
 TOKENIZED_LINE = re.compile(r"tokenized (\d+) texts once .* in ([\d.]+)s")  # ray_jobs.ingest, once per run
+SPLIT_LINE = re.compile(r"split on the cluster in ([\d.]+)s")  # ray_jobs.ingest.stream_splits (data.split=content)
 
 
 def write_corpus(source: str | None, n: int, path: Path) -> dict:
@@ -125,6 +126,7 @@ def run_job(env: dict, gcs: int, corpus: Path, work: Path, args, metrics_ports: 
         "model.max_length=128",
         "data.source=file",
         f"data.path={corpus}",
+        f"data.split={args.split}",
         "data.val_fraction=0.01",
         "data.test_fraction=0.01",
         f"ray.address=127.0.0.1:{gcs}",
@@ -155,12 +157,14 @@ def run_job(env: dict, gcs: int, corpus: Path, work: Path, args, metrics_ports: 
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     sampler = Sampler(proc.pid, metrics_ports)
     sampler.start()
-    first_steps, tokenized, tail = [], None, []
+    first_steps, tokenized, split_s, tail = [], None, None, []
     for line in proc.stdout:
         if STEP_LINE.search(line):
             first_steps.append(round(time.time() - t0, 1))
         if tokenized is None and (m := TOKENIZED_LINE.search(line)):
             tokenized = float(m.group(2))
+        if split_s is None and (m := SPLIT_LINE.search(line)):
+            split_s = float(m.group(1))
         tail = (tail + [line.rstrip()])[-40:]
         if args.verbose:
             print(line, end="")
@@ -175,6 +179,8 @@ def run_job(env: dict, gcs: int, corpus: Path, work: Path, args, metrics_ports: 
         "first_step_s": first_steps[0] if first_steps else None,
         # Once per run (Ray Data map tasks), or None where each worker tokenizes its own shard in each trial.
         "tokenize_once_s": tokenized,
+        # data.split=content: counting, placing and digesting the corpus on the cluster, before tokenizing.
+        "split_on_cluster_s": split_s,
     }
     # The command prints the best checkpoint's folder; Ray's own shutdown lines may follow it.
     checkpoint = next((line for line in reversed(tail) if line.startswith("/") and Path(line).is_dir()), None)
@@ -195,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[25_000, 250_000, 2_500_000])
     p.add_argument("--store-mb", type=int, default=300, help="object store of each node, in MiB")
     p.add_argument("--train-seconds", type=float, default=20, help="each run's time budget (train.time_budget_s)")
+    p.add_argument(
+        "--split",
+        choices=["content", "seeded"],
+        default="content",
+        help="data.split: content builds the splits on the cluster; seeded on the driver (as before issue 34)",
+    )
     p.add_argument("--trials", type=int, default=0, help="run a search of this many one-worker trials instead")
     p.add_argument("--work", default="/tmp/data_scale", help="corpora and checkpoints go here")
     p.add_argument("--out", required=True)

@@ -67,7 +67,7 @@ class TokenizedSplits:
         return f"tokenized {n} texts once for every worker and trial in {self.seconds:.1f}s ({n / self.seconds:.0f}/s)"
 
 
-def _quiet_data_context() -> None:
+def quiet_data_context() -> None:
     """Ray Data's progress bars and execution banners would fill the job's log on every run (the driver's
     and, once per dataset, each worker's)."""
     from ray.data import DataContext
@@ -122,7 +122,7 @@ def tokenize_splits(
     references for as long as the run needs them. `sizes`: the datasets' rows (a Split knows its own)."""
     from ray_jobs.model import build_tokenizer
 
-    _quiet_data_context()
+    quiet_data_context()
     sizes = sizes or {TRAIN: len(train), VAL: len(val)}
     t0 = time.perf_counter()
     kwargs = {
@@ -147,6 +147,24 @@ def tokenize_splits(
 
 
 @dataclass(frozen=True)
+class StreamedTest:
+    """A test split left on the cluster (ray_jobs.ingest.StreamedSplits): a dataset of text, label and
+    order, its size and its digest. Scored where its blocks are (ray_jobs.evaluate.score_streamed); only labels,
+    predictions and drift features come back to the driver, a few bytes a text."""
+
+    dataset: Any
+    n: int
+    digest: str
+
+    def __len__(self) -> int:
+        return self.n
+
+    def collect(self) -> Split:
+        """The texts themselves on the driver, for what scores only there (the ONNX guard)."""
+        return collect_split(self.dataset)
+
+
+@dataclass(frozen=True)
 class StreamedSplits:
     """A content split built block by block (`stream_splits`): per split a lazy dataset (text, label,
     order), its size and its order-free digest. Nothing of the corpus is held by the driver."""
@@ -163,21 +181,30 @@ class StreamedSplits:
         return dict(self.counts)
 
     def collect(self, name: str) -> Split:
-        """One split's rows on the driver, in their split's order (what content_split would give): for
-        scoring in the driver (the gate's test split)."""
-        import numpy as np
+        """One split's rows on the driver, in their split's order (what content_split would give)."""
+        return collect_split(self.datasets[name])
 
-        texts, labels, orders = [], [], []
-        for batch in self.datasets[name].iter_batches(batch_size=BLOCK_ROWS, batch_format="pyarrow"):
-            texts += batch["text"].to_pylist()
-            labels += batch["label"].to_pylist()
-            orders.append(batch["order"].to_numpy())
-        split = Split(texts, labels, order_free=True)
-        return split.take(np.argsort(np.concatenate(orders), kind="stable")) if orders else split
+    def test_set(self) -> StreamedTest:
+        """The test split as ray_jobs.evaluate scores it where it is."""
+        return StreamedTest(self.datasets[TEST], self.counts[TEST], self.digest_of[TEST])
 
     def describe(self) -> str:
         sizes = " / ".join(f"{self.counts[k]} {k}" for k in (TRAIN, VAL, TEST))
         return f"split on the cluster in {self.seconds:.1f}s: {sizes}, digests {self.digest_of}"
+
+
+def collect_split(dataset) -> Split:
+    """A dataset of (text, label, order) rows on the driver, in order: an order-free split's rows as
+    ray_jobs.data.content_split gives them."""
+    import numpy as np
+
+    texts, labels, orders = [], [], []
+    for batch in dataset.iter_batches(batch_size=BLOCK_ROWS, batch_format="pyarrow"):
+        texts += batch["text"].to_pylist()
+        labels += batch["label"].to_pylist()
+        orders.append(batch["order"].to_numpy())
+    split = Split(texts, labels, order_free=True)
+    return split.take(np.argsort(np.concatenate(orders), kind="stable")) if orders else split
 
 
 def _absolute(path: str) -> str:
@@ -366,7 +393,7 @@ def stream_splits(cfg: DataConfig) -> StreamedSplits:
     import numpy as np
     import ray
 
-    _quiet_data_context()
+    quiet_data_context()
     t0 = time.perf_counter()
     carve = not (cfg.source == "hf" and cfg.hf_test_split)
     ds, columns, source = read_examples(cfg)
@@ -458,7 +485,7 @@ def read_shard(name: str, rank: int, world: int, equal: bool) -> tuple[TokenRows
     """This rank's rows of dataset `name`, inside a Ray Train worker (see `shard_rows`)."""
     import ray.train
 
-    _quiet_data_context()
+    quiet_data_context()
     shard = ray.train.get_dataset_shard(name)
     return shard_rows(_Batches(shard), rank, world, equal, orders=_Batches(shard, ["order"]))
 

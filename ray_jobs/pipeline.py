@@ -20,6 +20,7 @@ from ray_jobs.drift import REFERENCE_FILE
 from ray_jobs.errors import GateError, PromotedNotDeployedError, RegistryError
 from ray_jobs.evaluate import evaluate_and_profile, evaluate_dir
 from ray_jobs.gate import Decision, Evaluation, decide, policy_from_config
+from ray_jobs.ingest import StreamedTest
 from ray_jobs.model import read_meta
 from ray_jobs.registry import Registry, Rollout
 from ray_jobs.rollout import refuse_to_replace
@@ -54,7 +55,7 @@ def _sample_request(url: str) -> str:
     return r.text
 
 
-def _evaluate(cfg: PipelineConfig, model_dir: str, test: Split, name: str) -> Evaluation:
+def _evaluate(cfg: PipelineConfig, model_dir: str, test: Split | StreamedTest, name: str) -> Evaluation:
     return evaluate_dir(model_dir, test, batch_size=cfg.gate.eval_batch_size, precision=cfg.gate.precision, name=name)
 
 
@@ -76,7 +77,7 @@ def run_gate(
     cfg: PipelineConfig,
     version: str,
     challenger: Evaluation,
-    test: Split,
+    test: Split | StreamedTest,
     run_id: str | None = None,
     behaviour: Report | None = None,
 ) -> tuple[Decision, str | None]:
@@ -156,7 +157,9 @@ def run_gate(
     return decision, champ
 
 
-def onnx_export(cfg: PipelineConfig, ckpt: str, test: Split, challenger: Evaluation) -> tuple[dict, dict]:
+def onnx_export(
+    cfg: PipelineConfig, ckpt: str, test: Split | StreamedTest, challenger: Evaluation
+) -> tuple[dict, dict]:
     """(files for the version's model folder, version tags): the ONNX export that `serve.runtime: onnx`
     serves, made once here and scored against the gate's own eager predictions on the test split
     (ray_jobs.onnx_export). An export that fails costs the version nothing: replicas then serve it
@@ -166,6 +169,9 @@ def onnx_export(cfg: PipelineConfig, ckpt: str, test: Split, challenger: Evaluat
     from ray_jobs import onnx_export
 
     q = cfg.serve.quantization
+    if isinstance(test, StreamedTest):  # the guard scores texts on the driver: a content split's come here
+        log.info("the ONNX guard reads the %d test texts into the driver", len(test))
+        test = test.collect()
     try:
         files, guard = onnx_export.build(
             ckpt, test, q, challenger.predictions, cfg.gate.precision, cfg.gate.eval_batch_size
@@ -305,8 +311,8 @@ def run_pipeline(cfg: PipelineConfig, deploy_app: bool = True, resume_tune: str 
         )
 
         # One forward pass over the test split scores the challenger and profiles it for drift monitoring.
-        # The driver scores it: a content split's test rows come to the driver here, in their order.
-        test = splits.test if isinstance(splits, Splits) else splits.collect("test")
+        # A content split's test split stays on the cluster and is scored there (ray_jobs.evaluate).
+        test = splits.test if isinstance(splits, Splits) else splits.test_set()
         challenger, reference = evaluate_and_profile(
             ckpt, test, batch_size=cfg.gate.eval_batch_size, precision=cfg.gate.precision, name="challenger"
         )

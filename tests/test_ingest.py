@@ -111,3 +111,34 @@ def test_bad_data_on_the_cluster_is_the_loaders_error(ray_cluster, tmp_path):
     write_parts(generate_reviews(20, seed=0), tmp_path / "few", parts=1)
     with pytest.raises(DataError, match="too few"):
         stream_splits(cfg(path=str(tmp_path / "few"), val_fraction=0.01, test_fraction=0.01))
+
+
+def test_the_test_split_is_scored_on_the_cluster_as_in_the_driver(ray_cluster, tmp_path, untrained_tiny):
+    """A content split's test split is scored by Ray Data actors where its blocks are; the driver gets
+    labels, predictions and drift features only. The Evaluation and the drift reference are those of
+    the collected split scored in the driver."""
+    import numpy as np
+
+    from ray_jobs.evaluate import evaluate_and_profile
+    from ray_jobs.ingest import stream_splits
+
+    write_parts(repeated_reviews(2500, 30, seed=6), tmp_path / "parts", parts=4)
+    cfg = DataConfig(
+        source="file", path=str(tmp_path / "parts"), split="content", text_column="review", label_column="y"
+    )
+    test = stream_splits(cfg).test_set()
+    local = load_splits(cfg).test
+    ev, ref = evaluate_and_profile(untrained_tiny, test, batch_size=32, name="m")
+    ev0, ref0 = evaluate_and_profile(untrained_tiny, local, batch_size=32, name="m")
+    # Labels and confidences differ from text to text: equal in order means scored in the split's order.
+    assert len(set(ev0.labels)) == 2 and len(set(ref0.features.confidence.tolist())) > len(local) // 2
+    assert (ev.labels, ev.predictions, ev.digest, ev.f1) == (ev0.labels, ev0.predictions, ev0.digest, ev0.f1)
+    a, b = ref.features, ref0.features
+    for name in ("label", "length", "truncated"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    for name in ("confidence", "unk"):
+        assert np.allclose(getattr(a, name), getattr(b, name), atol=1e-4), name
+    # Fewer texts than the reference keeps: every [CLS] vector, in another order (a set for MMD).
+    assert a.embedding.shape == b.embedding.shape == (len(local), b.embedding.shape[1])
+    assert np.allclose(a.embedding.astype(np.float32).mean(0), b.embedding.astype(np.float32).mean(0), atol=1e-2)
+    assert ref.meta["n"] == ref0.meta["n"] == len(local) and ref.meta["data_digest"] == local.digest()
