@@ -38,10 +38,15 @@ class DataConfig(_Strict):
 
     source: Literal["synthetic", "file", "aclimdb", "hf"] = Field(
         "synthetic",
-        description="synthetic: generated reviews; file: a .parquet/.csv/.jsonl file; aclimdb: an aclImdb "
+        description="synthetic: generated reviews; file: a .parquet/.csv/.jsonl file or a folder of them; aclimdb: "
+        "an aclImdb "
         "folder (pos/ and neg/); hf: a Hugging Face hub dataset id",
     )
-    path: str | None = Field(None, description="the file, folder or hub id (needed unless source is synthetic)")
+    path: str | None = Field(
+        None,
+        description="the file, folder of files of one kind, or hub id (needed unless source is synthetic); with "
+        "split content, a path every node sees (shared storage or s3://...)",
+    )
     hf_split: str = Field("train", description="hf: the hub split to read")
     hf_test_split: str | None = Field(
         None,
@@ -59,10 +64,11 @@ class DataConfig(_Strict):
     split: Literal["seeded", "content"] = Field(
         "seeded",
         description="how examples are assigned to train/val/test. seeded: a permutation by split_seed of the "
-        "examples in the order they are read (exact fractions; the split of every existing config); content: "
-        "each example by a hash of its text and split_seed, so the split does not depend on read order, file "
-        "layout or the number of nodes reading, repeats of a text never straddle train and test, and each split "
-        "is ordered by that hash (its digest is order-free too); the fractions then hold to within sampling noise",
+        "examples in the order they are read, on the driver (exact fractions; the split of every existing config); "
+        "content: each example by a hash of its text and split_seed, so the split does not depend on read order, "
+        "file layout or the number of nodes reading, and repeats of a text never straddle train and test; the "
+        "splits are then built on the cluster by Ray Data (the driver never holds the corpus), their digests are "
+        "order-free and the gate scores the test split where it lies; the fractions hold to within sampling noise",
     )
     val_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of the data held out for validation")
     test_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of the data held out for the gate's test")

@@ -331,16 +331,20 @@ def load_splits(cfg: DataConfig) -> Splits:
 def with_extra(splits: Splits, extra: Split, into: Literal["train", "val"]) -> Splits:
     """`extra` appended to one split (never to test): texts already in any split, and repeats, are dropped (a
     text in two splits would leak between training and its scoring)."""
-    seen = {text_key(t) for split in (splits.train, splits.val, splits.test) for t in split.texts}
+    added = new_texts(extra, {text_key(t) for split in (splits.train, splits.val, splits.test) for t in split.texts})
+    base = getattr(splits, into)
+    return replace(splits, **{into: Split(base.texts + added.texts, base.labels + added.labels, base.order_free)})
+
+
+def new_texts(extra: Split, seen: set[str]) -> Split:
+    """The rows of `extra` whose texts are not in `seen` (text_keys), repeats dropped; `seen` gains them."""
     keep = []
     for i, text in enumerate(extra.texts):
         key = text_key(text)
         if key not in seen:
             seen.add(key)
             keep.append(i)
-    added = extra.take(keep)
-    base = getattr(splits, into)
-    return replace(splits, **{into: Split(base.texts + added.texts, base.labels + added.labels, base.order_free)})
+    return extra.take(keep)
 
 
 def text_key(text: str) -> str:

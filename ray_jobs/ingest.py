@@ -35,6 +35,7 @@ from ray_jobs.data import (
     generate_reviews,
     load_file,
     multiset_digest,
+    new_texts,
     order_cutoff,
     order_key,
     row_hash,
@@ -46,8 +47,9 @@ from ray_jobs.errors import DataError
 
 log = logging.getLogger(__name__)
 
-# Rows per block of the text datasets built on the driver: the unit of one tokenization task (about 5 MB
-# of IMDB text).
+# Rows per block of the text datasets built on the driver, and per batch of every map over the data (about
+# 5 MB of IMDB text): what one call holds, whatever size of blocks a reader makes (Ray Data's are up to
+# 128 MiB: the tokenizer's full output for a block that size took 9.9 GB).
 BLOCK_ROWS = 4096
 TRAIN, VAL, TEST = "train", "val", "test"
 FILE_READERS = {".parquet": "read_parquet", ".csv": "read_csv", ".jsonl": "read_json", ".json": "read_json"}
@@ -133,7 +135,7 @@ def tokenize_splits(
     }
     datasets = {
         name: as_dataset(split)
-        .map_batches(_encode_batch, batch_format="pyarrow", batch_size=None, fn_kwargs=kwargs)
+        .map_batches(_encode_batch, batch_format="pyarrow", batch_size=BLOCK_ROWS, fn_kwargs=kwargs)
         .materialize()
         for name, split in ((TRAIN, train), (VAL, val))
     }
@@ -413,7 +415,7 @@ def stream_splits(cfg: DataConfig) -> StreamedSplits:
 
     def sums_of(dataset, fn, **kwargs):
         rows = dataset.map_batches(
-            fn, batch_format="pyarrow", batch_size=None, fn_kwargs={"extra_keys": extra_keys, **kwargs}
+            fn, batch_format="pyarrow", batch_size=BLOCK_ROWS, fn_kwargs={"extra_keys": extra_keys, **kwargs}
         ).take_all()
         return _totals(rows)
 
@@ -424,9 +426,11 @@ def stream_splits(cfg: DataConfig) -> StreamedSplits:
         for name in (TRAIN, VAL, TEST)
     }
     found = [f for p in parts for f in p[1]]
-    placed = sources[0][0].map_batches(_place, batch_format="pyarrow", fn_kwargs=sources[0][1])
+    placed = sources[0][0].map_batches(_place, batch_format="pyarrow", batch_size=BLOCK_ROWS, fn_kwargs=sources[0][1])
     for source_ds, place in sources[1:]:
-        placed = placed.union(source_ds.map_batches(_place, batch_format="pyarrow", fn_kwargs=place))
+        placed = placed.union(
+            source_ds.map_batches(_place, batch_format="pyarrow", batch_size=BLOCK_ROWS, fn_kwargs=place)
+        )
     n, n_val, n_test = sum(c for c, _ in sums.values()), sums[VAL][0], sums[TEST][0]
     if sums[TRAIN][0] < 2 or n_val < 1 or (carve and n_test < 1):
         raise DataError(
@@ -449,13 +453,7 @@ def stream_splits(cfg: DataConfig) -> StreamedSplits:
     # repeats, are dropped; the rest follow the split's own rows.
     seen = {key for _, _, key in found}
     for into, extra in extras.items():
-        keep = []
-        for i, text in enumerate(extra.texts):
-            key = text_key(text)
-            if key not in seen:
-                seen.add(key)
-                keep.append(i)
-        added = extra.take(keep)
+        added = new_texts(extra, seen)
         if len(added):
             datasets[into] = datasets[into].union(ray.data.from_arrow(text_blocks(added, first=EXTRA_ORDER)))
             count, total = row_sum(added.texts, added.labels)
