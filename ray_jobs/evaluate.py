@@ -102,11 +102,23 @@ def _model_files(model_dir: str) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in Path(model_dir).iterdir() if f.is_file() and f.name not in skip}
 
 
+# Texts per scoring actor at most: an actor costs seconds to start (torch, the model), worth it only for
+# that many texts or more.
+TEXTS_PER_SCORER = 20_000
+
+
+def _scorers(n: int) -> int:
+    """How many scoring actors for `n` texts: one per TEXTS_PER_SCORER, at most one per CPU of the cluster."""
+    import ray
+
+    return max(1, min(int(ray.cluster_resources().get("CPU", 1)), 1 + n // TEXTS_PER_SCORER))
+
+
 def score_streamed(
     model_dir: str, test: StreamedTest, batch_size: int, precision: str, name: str, profile: bool = False
 ) -> tuple[Evaluation, Features | None]:
-    """`model_dir` on a test split left on the cluster: Ray Data actors (one CPU each, as many as the
-    cluster gives) score its blocks; the driver gets each row's order, label and prediction (and with
+    """`model_dir` on a test split left on the cluster: Ray Data actors (one CPU each, `_scorers` of
+    them) score its blocks; the driver gets each row's order, label and prediction (and with
     `profile` the drift features, [CLS] vectors for about REFERENCE_EMBEDDINGS rows) and puts them in the
     split's order, so the Evaluation is the one scoring the collected split would give."""
     import ray
@@ -126,7 +138,7 @@ def score_streamed(
         batch_size=BLOCK_ROWS // 4,
         batch_format="pyarrow",
         num_cpus=1,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, int(ray.cluster_resources().get("CPU", 1)))),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_scorers(test.n)),
     )
     cols: dict[str, list] = {k: [] for k in ("order", "label", "pred", *_SCALARS)}
     embedded: list[tuple[int, list]] = []
