@@ -254,6 +254,44 @@ def test_the_jobs_api_refuses_requests_without_the_token(job_cluster):
     assert http.get(f"{url}/api/jobs/", headers={"Authorization": f"Bearer {token}"}, timeout=10).status_code == 200
 
 
+def test_a_content_split_is_the_same_on_three_nodes_as_in_one_process(job_cluster, tmp_path):
+    """data.split=content built by Ray Data tasks on a cluster of three nodes, twice: all of the first
+    build's tasks on one node, all of the second's on another. Both give the sizes and digests of the
+    same files split in one process (tests/test_ingest.py checks a one-node cluster's row by row). It runs
+    second in the module, while both nodes' CPUs are free: pinned tasks wait for their node's CPUs."""
+    from ray_jobs.config import DataConfig
+    from ray_jobs.data import load_splits
+
+    folder = tmp_path / "parts"
+    write_parts(repeated_reviews(3000, 100, seed=5), folder, parts=12)
+    script = f"""
+import json
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray_jobs.config import DataConfig
+from ray_jobs.ingest import stream_splits
+ray.init(address="127.0.0.1:{job_cluster.gcs}", log_to_driver=False)
+cfg = DataConfig(source="file", path={str(folder)!r}, split="content", text_column="review", label_column="y")
+ctx = ray.data.DataContext.get_current()
+runs = []
+for node in {[job_cluster.node_ids["train"], job_cluster.node_ids["serve"]]!r}:
+    ctx.scheduling_strategy = ctx.scheduling_strategy_large_args = NodeAffinitySchedulingStrategy(node, soft=False)
+    runs.append(stream_splits(cfg))
+result = {{"digests": [r.digests() for r in runs], "sizes": [r.sizes() for r in runs]}}
+open({str(tmp_path / "out.json")!r}, "w").write(json.dumps(result))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=job_cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    local = load_splits(
+        DataConfig(source="file", path=str(folder), split="content", text_column="review", label_column="y")
+    )
+    assert got["digests"] == [local.digests(), local.digests()]
+    assert got["sizes"] == [local.sizes(), local.sizes()]
+
+
 def test_a_jobs_status_follows_the_pipelines_exit_code(job_cluster, tmp_path):
     """A non-zero exit is a FAILED job whose message names the code (3 for a blocked gate, 2 here: a
     config error), and the job's log carries what the pipeline printed."""
@@ -453,40 +491,3 @@ def test_the_tracking_server_keeps_its_registry_in_postgresql(postgres, mlflow_s
         cur.execute("SELECT name FROM registered_models ORDER BY name")
         names = [row[0] for row in cur.fetchall()]
     assert "raced" in names and "sentiment-distilbert" in names, names
-
-
-def test_a_content_split_is_the_same_on_three_nodes_as_in_one_process(job_cluster, tmp_path):
-    """data.split=content built by Ray Data tasks on a cluster of three nodes, twice: all of the first
-    build's tasks on one node, all of the second's on another. Both give the sizes and digests of the
-    same files split in one process (tests/test_ingest.py checks a one-node cluster's row by row)."""
-    from ray_jobs.config import DataConfig
-    from ray_jobs.data import load_splits
-
-    folder = tmp_path / "parts"
-    write_parts(repeated_reviews(3000, 100, seed=5), folder, parts=12)
-    script = f"""
-import json
-import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-from ray_jobs.config import DataConfig
-from ray_jobs.ingest import stream_splits
-ray.init(address="127.0.0.1:{job_cluster.gcs}", log_to_driver=False)
-cfg = DataConfig(source="file", path={str(folder)!r}, split="content", text_column="review", label_column="y")
-ctx = ray.data.DataContext.get_current()
-runs = []
-for node in {[job_cluster.node_ids["train"], job_cluster.node_ids["serve"]]!r}:
-    ctx.scheduling_strategy = ctx.scheduling_strategy_large_args = NodeAffinitySchedulingStrategy(node, soft=False)
-    runs.append(stream_splits(cfg))
-result = {{"digests": [r.digests() for r in runs], "sizes": [r.sizes() for r in runs]}}
-open({str(tmp_path / "out.json")!r}, "w").write(json.dumps(result))
-"""
-    out = subprocess.run(
-        [sys.executable, "-c", script], env=job_cluster.env, cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads((tmp_path / "out.json").read_text())
-    local = load_splits(
-        DataConfig(source="file", path=str(folder), split="content", text_column="review", label_column="y")
-    )
-    assert got["digests"] == [local.digests(), local.digests()]
-    assert got["sizes"] == [local.sizes(), local.sizes()]
