@@ -100,8 +100,6 @@ def test_bad_data_on_the_cluster_is_the_loaders_error(ray_cluster, tmp_path):
     with pytest.raises(DataError, match="labels must be 0 or 1; found 3") as err:
         stream_splits(cfg(path=str(tmp_path / "parts")))
     assert type(err.value) is DataError and "Traceback" not in str(err.value)
-    with pytest.raises(DataError, match=r"missing column\(s\) \['text'\]"):
-        stream_splits(cfg(path=str(tmp_path / "parts"), text_column="text"))
     with pytest.raises(DataError, match="not found"):
         stream_splits(cfg(path=str(tmp_path / "nope")))
     (tmp_path / "parts" / "notes.txt").write_text("x")
