@@ -96,10 +96,11 @@ class _Scorer:
 
 
 def _model_files(model_dir: str) -> dict[str, bytes]:
-    """What a Predictor loads from a model folder (weights, tokenizer, config, meta): no checkpoints'
+    """What a Predictor loads from a model folder (weights, tokenizer, config, meta): no checkpoint's
     training state."""
-    skip = {"training_state.pt", "train_weights.safetensors"}
-    return {f.name: f.read_bytes() for f in Path(model_dir).iterdir() if f.is_file() and f.name not in skip}
+    from ray_jobs.train_worker import RESUME_FILES
+
+    return {f.name: f.read_bytes() for f in Path(model_dir).iterdir() if f.is_file() and f.name not in RESUME_FILES}
 
 
 # Texts per scoring actor at most: an actor costs seconds to start (torch, the model), worth it only for
