@@ -119,18 +119,30 @@ def _validate_labels(labels: list, source: str) -> list[int]:
 
 
 def _frame_to_split(df, text_column: str, label_column: str, source: str) -> Split:
-    missing = [c for c in (text_column, label_column) if c not in df.columns]
-    if missing:
-        raise DataError(f"{source}: missing column(s) {missing}; columns present: {list(df.columns)}")
+    _missing(list(df.columns), text_column, label_column, source)
     if len(df) == 0:
         raise DataError(f"{source}: no rows")
-    texts = df[text_column].tolist()
+    return Split(*checked_rows(list(df.columns), lambda c: df[c].tolist(), text_column, label_column, source))
+
+
+def _missing(present: list[str], text_column: str, label_column: str, source: str) -> None:
+    missing = [c for c in (text_column, label_column) if c not in present]
+    if missing:
+        raise DataError(f"{source}: missing column(s) {missing}; columns present: {present}")
+
+
+def checked_rows(present: list[str], column, text_column: str, label_column: str, source: str):
+    """(texts, labels) of a table whose columns are `present` and read by `column(name)`, checked as
+    every loader checks them (a file on the driver, a block on the cluster): both columns there, texts
+    that are text, labels 0 or 1."""
+    _missing(present, text_column, label_column, source)
+    texts = column(text_column)
     bad_text = [i for i, t in enumerate(texts) if not isinstance(t, str)]
     if bad_text:
         raise DataError(
             f"{source}: column '{text_column}' has {len(bad_text)} non-text value(s), e.g. row {bad_text[0]}"
         )
-    return Split(texts, _validate_labels(df[label_column].tolist(), source))
+    return texts, _validate_labels(column(label_column), source)
 
 
 def load_file(path: str | Path, text_column: str = "text", label_column: str = "label") -> Split:
@@ -163,14 +175,33 @@ def load_file(path: str | Path, text_column: str = "text", label_column: str = "
     return _frame_to_split(df, text_column, label_column, str(path))
 
 
+# Data file suffixes and the kind each is read as.
+DATA_KINDS = {".parquet": ".parquet", ".csv": ".csv", ".jsonl": ".jsonl", ".json": ".jsonl"}
+
+
+def is_data_file(name: str) -> bool:
+    """A folder's files that are data: not hidden, not a writer's marker (_SUCCESS, _metadata)."""
+    return not name.startswith((".", "_"))
+
+
+def data_kind(path: str | Path, names: Sequence[str]) -> str:
+    """The one kind (a DATA_KINDS value) of the data files named `names` (a file's, or a folder's data
+    files) at `path`; a folder of no files, of unknown or of mixed kinds is refused."""
+    if not names:
+        raise DataError(f"{path}: no data files in the folder")
+    suffixes = {Path(n).suffix.lower() for n in names}
+    unknown = sorted(suffixes - set(DATA_KINDS))
+    if unknown or len({DATA_KINDS[x] for x in suffixes}) > 1:
+        raise DataError(
+            f"{path}: unsupported file type(s) {unknown or sorted(suffixes)} (use one of .parquet, .csv or .jsonl)"
+        )
+    return DATA_KINDS[suffixes.pop()]
+
+
 def _load_folder(path: Path, text_column: str, label_column: str) -> Split:
     """A folder of labelled files of one kind (as a dataset's parts are written), in file-name order."""
-    files = sorted(f for f in path.rglob("*") if f.is_file() and not f.name.startswith((".", "_")))
-    if not files:
-        raise DataError(f"{path}: no data files in the folder")
-    kinds = {".jsonl" if f.suffix.lower() == ".json" else f.suffix.lower() for f in files}
-    if len(kinds) > 1:
-        raise DataError(f"{path}: unsupported file type(s) {sorted(kinds)} (use one of .parquet, .csv or .jsonl)")
+    files = sorted(f for f in path.rglob("*") if f.is_file() and is_data_file(f.name))
+    data_kind(path, [f.name for f in files])
     parts = [load_file(f, text_column, label_column) for f in files]
     return Split([t for p in parts for t in p.texts], [y for p in parts for y in p.labels])
 
@@ -257,9 +288,8 @@ def split_of(text: str, val_fraction: float, test_fraction: float, seed: int) ->
     """data.split=content for one text: (train, val or test; the text's 64-bit hash). Both come from the
     text alone, so any reader of any block of the data, in any order, on any node, puts the text in the
     same split (and, by order_key, at the same place)."""
-    digest = hashlib.blake2b(f"split:{seed}:{text_key(text)}".encode(), digest_size=8).digest()
-    h = int.from_bytes(digest, "big")
-    u = h / 2**64  # unit_hash(text_key(text), f"split:{seed}")
+    h = split_hash(text, seed)
+    u = h / 2**64  # unit_hash of the same key and salt
     return ("test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"), h
 
 
@@ -286,9 +316,16 @@ def content_split(examples: Split, val_fraction: float, test_fraction: float, se
     return Splits(**{name: replace(split, order_free=True) for name, split in picked.items()})
 
 
+def split_hash(text: str, seed: int) -> int:
+    """The 64-bit hash of a text that places it in a content split (split_of) and orders it (order_key)."""
+    return key_hash(text_key(text), f"split:{seed}")
+
+
 def order_keys(split: Split, seed: int) -> list[int]:
-    """Each row's order_key in a content split (split_of's hash does not depend on the fractions)."""
-    return [order_key(split_of(t, 0.5, 0.25, seed)[1], y) for t, y in zip(split.texts, split.labels, strict=True)]
+    """Each row's order_key in a content split."""
+    return [
+        order_key(key_hash(text_key(t), f"split:{seed}"), y) for t, y in zip(split.texts, split.labels, strict=True)
+    ]
 
 
 def order_cutoff(orders, n: int) -> int:
@@ -355,8 +392,12 @@ def text_key(text: str) -> str:
 def unit_hash(key: str, salt: str) -> float:
     """A uniform number in [0, 1) fixed by `key`: the same key always falls on the same side of a share
     (canary routing, mirroring, the retraining holdout), independently for each salt."""
-    digest = hashlib.blake2b(f"{salt}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
+    return key_hash(key, salt) / 2**64
+
+
+def key_hash(key: str, salt: str) -> int:
+    """A 64-bit hash of `key` under `salt` (unit_hash's, before scaling to [0, 1))."""
+    return int.from_bytes(hashlib.blake2b(f"{salt}:{key}".encode(), digest_size=8).digest(), "big")
 
 
 # --------------------------------------------------------------------------------------------------

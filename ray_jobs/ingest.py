@@ -30,9 +30,11 @@ from ray_jobs.data import (
     EXTRA_ORDER,
     ROW_SUM_MOD,
     Split,
-    _validate_labels,
+    checked_rows,
+    data_kind,
     encode,
     generate_reviews,
+    is_data_file,
     load_file,
     multiset_digest,
     new_texts,
@@ -52,7 +54,7 @@ log = logging.getLogger(__name__)
 # 128 MiB: the tokenizer's full output for a block that size took 9.9 GB).
 BLOCK_ROWS = 4096
 TRAIN, VAL, TEST = "train", "val", "test"
-FILE_READERS = {".parquet": "read_parquet", ".csv": "read_csv", ".jsonl": "read_json", ".json": "read_json"}
+FILE_READERS = {".parquet": "read_parquet", ".csv": "read_csv", ".jsonl": "read_json"}  # by data.DATA_KINDS kind
 
 
 @dataclass(frozen=True)
@@ -215,7 +217,7 @@ def _absolute(path: str) -> str:
 
 
 def _file_reader(path: str) -> str:
-    """The ray.data reader for `path`: a file by its suffix, a folder by its files' (one kind)."""
+    """The ray.data reader for `path`: a file by its suffix, a folder by its data files' (one kind)."""
     import pyarrow.fs as pafs
 
     try:
@@ -224,26 +226,17 @@ def _file_reader(path: str) -> str:
         if info.type == pafs.FileType.NotFound:
             raise DataError(f"data file not found: {path}")
         if info.type == pafs.FileType.File:
-            suffixes = {Path(root).suffix.lower()}
+            names = [Path(root).name]
         else:
             files = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-            suffixes = {
-                Path(f.path).suffix.lower()
-                for f in files
-                if f.type == pafs.FileType.File and not Path(f.path).name.startswith((".", "_"))
-            }
+            names = [
+                Path(f.path).name for f in files if f.type == pafs.FileType.File and is_data_file(Path(f.path).name)
+            ]
     except DataError:
         raise
     except Exception as err:  # a filesystem's own errors (credentials, an unknown scheme)
         raise DataError(f"{path}: cannot list ({type(err).__name__}: {err})") from None
-    if not suffixes:
-        raise DataError(f"{path}: no data files in the folder")
-    unknown = sorted(suffixes - set(FILE_READERS))
-    if unknown or len({FILE_READERS[x] for x in suffixes}) > 1:
-        raise DataError(
-            f"{path}: unsupported file type(s) {unknown or sorted(suffixes)} (use one of .parquet, .csv or .jsonl)"
-        )
-    return FILE_READERS[suffixes.pop()]
+    return FILE_READERS[data_kind(path, names)]
 
 
 def read_examples(cfg: DataConfig, hf_split: str | None = None) -> tuple[Any, tuple[str, str], str]:
@@ -290,15 +283,7 @@ def _place(batch, columns, source, val_fraction, test_fraction, seed, only=None)
     split and order key from its text (ray_jobs.data.split_of); `only` puts every row in that split."""
     import pyarrow as pa
 
-    text_column, label_column = columns
-    missing = [c for c in columns if c not in batch.column_names]
-    if missing:
-        raise DataError(f"{source}: missing column(s) {missing}; columns present: {batch.column_names}")
-    texts = batch[text_column].to_pylist()
-    bad = [t for t in texts if not isinstance(t, str)]
-    if bad:
-        raise DataError(f"{source}: column '{text_column}' has non-text value(s), e.g. {bad[0]!r}")
-    labels = _validate_labels(batch[label_column].to_pylist(), source)
+    texts, labels = checked_rows(batch.column_names, lambda c: batch[c].to_pylist(), *columns, source)
     names, orders = [], []
     for text, label in zip(texts, labels, strict=True):
         name, h = split_of(text, val_fraction, test_fraction, seed)
